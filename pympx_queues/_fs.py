@@ -1,0 +1,515 @@
+"""Low-level file-system mechanics: the only module that renames, links, unlinks or fsyncs.
+
+Queue classes speak in claims, leases and journals; this module turns those into system
+calls (like filelock's ``_unix.py`` beside its ``_api.py``).  A port to another platform or
+to a network file system touches this file only.
+
+Every primitive states which guarantee of ``shared/DESIGN.md`` it serves:
+
+* G1 no loss: data is written and (in fsync mode) synced *before* its name is published,
+  and the directory is synced after; an fsync failure raises, it is never retried.
+* G2 no corruption: names are published with a no-clobber primitive
+  (``renameat2(RENAME_NOREPLACE)``, falling back to ``link()`` + ``unlink()``), so a
+  half-written file is never visible under a message name and nothing is overwritten.
+
+The module also offers a tracing hook (:func:`set_tracer`) so the crash-state simulator
+in ``scripts/torture.py`` can record the exact sequence of durable operations a workload
+performs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+from typing import Callable, Iterator, Optional, Tuple, Union
+
+log = logging.getLogger("pympx_queues")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Durability modes.  ``flush``: survives a crash of any process (data reaches the OS
+#: page cache before ``put`` returns).  ``fsync``: also survives power loss / OS crash.
+FLUSH = "flush"
+FSYNC = "fsync"
+DURABILITY_MODES = (FLUSH, FSYNC)
+
+#: Default permission bits: owner-only (DESIGN.md section 5).  Pass ``0o770``/``0o660``
+#: for a folder shared by a group.
+DEFAULT_DIR_MODE = 0o700
+DEFAULT_FILE_MODE = 0o600
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+# --------------------------------------------------------------------------- tracing
+# The tracer sees every durable operation as (op, *paths).  Ops: "create", "write",
+# "fsync", "rename", "link", "unlink", "fsync_dir", "mkdir", "truncate".
+_Tracer = Callable[..., None]
+_tracer: Optional[_Tracer] = None
+
+
+def set_tracer(tracer: Optional[_Tracer]) -> None:
+    """Install (or remove with ``None``) a callback told of every durable operation."""
+    global _tracer
+    _tracer = tracer
+
+
+def _trace(op: str, *args: object) -> None:
+    if _tracer is not None:
+        _tracer(op, *args)
+
+
+# --------------------------------------------------------------------------- validation
+def check_durability(durability: str) -> str:
+    """Return ``durability`` if it is a known mode, else raise ``ValueError``."""
+    if durability not in DURABILITY_MODES:
+        raise ValueError(
+            f"durability must be one of {DURABILITY_MODES!r}, got {durability!r}"
+        )
+    return durability
+
+
+def check_timeout(timeout: Optional[float]) -> Optional[float]:
+    """Validate a timeout in seconds: ``None`` or a number >= 0 (like ``queue.Queue``)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if timeout < 0:
+        raise ValueError(f"'timeout' must be a non-negative number, got {timeout!r}")
+    return float(timeout)
+
+
+_RESERVED_NAMES = {"", ".", ".."}
+_WINDOWS_RESERVED = {
+    "con", "prn", "aux", "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
+
+
+def check_name(name: str, what: str = "message name") -> str:
+    """Validate a single file name supplied by a user or parsed back from disk.
+
+    Refuses path separators, ``.``/``..``, NUL and control characters, leading dots
+    (hidden files are litter to us), reserved device names and over-long names.
+    Raises ``ValueError`` naming the problem; returns the name unchanged.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {type(name).__name__}")
+    if name in _RESERVED_NAMES:
+        raise ValueError(f"{what} {name!r} is reserved")
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"{what} {name!r} contains a path separator")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"{what} {name!r} contains a control character")
+    if name.startswith("."):
+        raise ValueError(f"{what} {name!r} starts with '.' (hidden names are ignored)")
+    if name.split(".")[0].lower() in _WINDOWS_RESERVED:
+        raise ValueError(f"{what} {name!r} is a reserved device name")
+    if len(os.fsencode(name)) > 200:
+        raise ValueError(f"{what} {name!r} is longer than 200 bytes")
+    return name
+
+
+#: Names a person's tools leave behind: never messages, never claimed or deleted.
+_LITTER_PREFIXES = (".", "~$", "#")
+_LITTER_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp", ".part", ".crdownload")
+_LITTER_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
+
+
+def is_litter(name: str) -> bool:
+    """True for hidden files, ``.nfs*`` silly-renames, editor swap/backup and OS files."""
+    lower = name.lower()
+    return (
+        lower.startswith(_LITTER_PREFIXES)
+        or lower.endswith(_LITTER_SUFFIXES)
+        or lower in _LITTER_NAMES
+    )
+
+
+# --------------------------------------------------------------------------- directories
+def makedirs(path: PathLike, mode: int = DEFAULT_DIR_MODE) -> None:
+    """Create ``path`` and parents with ``mode`` (not subject to a lax umask)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent and not os.path.isdir(parent):
+        makedirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    os.chmod(path, mode)  # mkdir honours the umask; chmod makes the mode explicit
+    _trace("mkdir", path)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """fsync a directory so the names created, renamed or removed in it are durable (G1).
+
+    Raises ``OSError`` on failure: an fsync failure is fatal for the operation.
+    """
+    fd = os.open(os.fspath(path), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _trace("fsync_dir", os.fspath(path))
+
+
+def fsync_fd(fd: int, path: PathLike = "") -> None:
+    """fsync an open file (G1).  Never retried: a failure raises to the caller."""
+    os.fsync(fd)
+    _trace("fsync", os.fspath(path))
+
+
+def scandir(path: PathLike) -> Iterator[os.DirEntry]:
+    """Iterate the entries of ``path`` (one ``getdents`` pass, no stat per entry)."""
+    with os.scandir(os.fspath(path)) as it:
+        yield from it
+
+
+def entry_is_regular(entry: os.DirEntry) -> bool:
+    """True when a directory entry is a regular file, not following symlinks."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def is_regular_nofollow(path: PathLike) -> bool:
+    """True when ``path`` is a regular file itself (not a symlink to one, not a FIFO)."""
+    try:
+        return stat.S_ISREG(os.lstat(os.fspath(path)).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def lstat(path: PathLike) -> Optional[os.stat_result]:
+    """``os.lstat`` or ``None`` when the path does not exist."""
+    try:
+        return os.lstat(os.fspath(path))
+    except FileNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- renames
+_libc = None
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_renameat2_ok = True  # cleared the first time the file system says EINVAL/ENOSYS
+
+
+def _load_libc():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            _libc.renameat2  # noqa: B018 - attribute probe
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc
+
+
+def _renameat2_noreplace(src: str, dst: str) -> bool:
+    """Try ``renameat2(RENAME_NOREPLACE)``; True if it ran (success or raised error)."""
+    global _renameat2_ok
+    libc = _load_libc() if _renameat2_ok else False
+    if not libc:
+        return False
+    res = libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                         _RENAME_NOREPLACE)
+    if res == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        # The file system (NFS, some FUSE) does not support the flag: use link().
+        _renameat2_ok = False
+        return False
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def rename_noreplace(src: PathLike, dst: PathLike) -> None:
+    """Atomically move ``src`` to ``dst``; raise ``FileExistsError`` if ``dst`` exists (G2).
+
+    Uses ``renameat2(RENAME_NOREPLACE)``; where the file system lacks it, ``link()`` then
+    ``unlink()`` (a crash between the two leaves both names: the caller's recovery treats
+    a temp name with a published twin as already published).  Raises
+    ``FileNotFoundError`` when ``src`` vanished (a lost claim race).
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if _renameat2_noreplace(src, dst):
+        _trace("rename", src, dst)
+        return
+    os.link(src, dst, follow_symlinks=False)
+    _trace("link", src, dst)
+    os.unlink(src)
+    _trace("unlink", src)
+
+
+def rename_replace(src: PathLike, dst: PathLike) -> None:
+    """Atomic ``rename`` that may replace ``dst``; only for files we own (compaction)."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    os.rename(src, dst)
+    _trace("rename", src, dst)
+
+
+def claim(src: PathLike, dst: PathLike) -> bool:
+    """Claim a message: move ``src`` to the unique work-in-progress name ``dst``.
+
+    One atomic rename (DESIGN.md section 4).  Returns False when another consumer won the
+    race (``src`` is gone) or when ``src`` is not a regular file (symlinks, FIFOs and
+    devices are never claimed).  A symlink swapped in between the check and the rename is
+    moved back, never followed.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not is_regular_nofollow(src):
+        return False
+    try:
+        rename_noreplace(src, dst)
+    except FileNotFoundError:
+        return False
+    if not is_regular_nofollow(dst):  # lost a race with a hostile swap: undo, skip
+        try:
+            rename_noreplace(dst, src)
+        except OSError:
+            log.warning("non-regular file %s left at %s after a claim race", src, dst)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- files
+def write_new(path: PathLike, data: bytes, *, durable: bool,
+              mode: int = DEFAULT_FILE_MODE) -> None:
+    """Create ``path`` exclusively (O_EXCL, O_NOFOLLOW), write ``data``, optionally fsync.
+
+    For files that are not yet visible under a message name (temp area, sidecars).
+    Raises ``FileExistsError`` if the name is taken; on any error the partial file is
+    removed before the exception propagates (G2).
+    """
+    path = os.fspath(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                 mode)
+    _trace("create", path)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        _trace("write", path, len(data))
+        if durable:
+            fsync_fd(fd, path)
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(path)
+        raise
+    os.close(fd)
+
+
+def publish_bytes(tmp_path: PathLike, final_path: PathLike, data: bytes, *,
+                  durable: bool, mode: int = DEFAULT_FILE_MODE) -> None:
+    """Write ``data`` to ``tmp_path`` then publish it as ``final_path`` without clobbering.
+
+    The DESIGN.md section 3 order: data -> fsync(file) -> no-clobber publish ->
+    fsync(directory) -> return.  With ``durable=False`` the same order without the
+    fsyncs (process-crash safe).  Raises ``FileExistsError`` if ``final_path`` exists;
+    the temp file is removed on every failure, so nothing half-written stays visible.
+    """
+    write_new(tmp_path, data, durable=durable, mode=mode)
+    try:
+        rename_noreplace(tmp_path, final_path)  # G2: atomic, no-clobber publish
+    except BaseException:
+        _unlink_quiet(tmp_path)
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(os.fspath(final_path))))  # G1
+
+
+def read_bytes(path: PathLike) -> bytes:
+    """Read a whole regular file without following a symlink or blocking on a FIFO."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def open_append_exclusive(path: PathLike, mode: int = DEFAULT_FILE_MODE) -> int:
+    """Create a new journal file for appending; ``FileExistsError`` if it exists.
+
+    One writer per file, never ``'w'`` on an existing journal (DESIGN.md section 3):
+    a reused pid can never truncate an old journal.
+    """
+    path = os.fspath(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
+                 | _O_CLOEXEC, mode)
+    _trace("create", path)
+    return fd
+
+
+def open_append_existing(path: PathLike) -> int:
+    """Open an existing file of ours for appending (never creates, never truncates)."""
+    return os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC)
+
+
+def append(fd: int, data: bytes, path: PathLike = "") -> None:
+    """Append ``data`` fully to ``fd`` (handles short writes)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    _trace("write", os.fspath(path), len(data))
+
+
+def truncate(path: PathLike, length: int, *, durable: bool = True) -> None:
+    """Cut a torn journal tail at ``length`` bytes before appending again (G2)."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        os.ftruncate(fd, length)
+        _trace("truncate", path, length)
+        if durable:
+            fsync_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def unlink_regular(path: PathLike) -> bool:
+    """Delete a regular file (never a directory, never what a symlink points to).
+
+    Returns False if it was already gone.  A non-regular entry is refused with
+    ``OSError`` so that a planted symlink or FIFO is never treated as a message.
+    """
+    path = os.fspath(path)
+    st = lstat(path)
+    if st is None:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "refusing to delete a non-regular file", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    _trace("unlink", path)
+    return True
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+        _trace("unlink", path)
+    except OSError:
+        pass
+
+
+def touch(path: PathLike) -> bool:
+    """Renew a lease: set the mtime of ``path`` to now without following a symlink."""
+    try:
+        os.utime(os.fspath(path), follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def copy_to(src: PathLike, tmp_path: PathLike, *, durable: bool,
+            mode: int = DEFAULT_FILE_MODE) -> None:
+    """Copy a regular file's bytes into a new temp file (for ``put(copy=True)``)."""
+    write_new(tmp_path, read_bytes(src), durable=durable, mode=mode)
+
+
+# --------------------------------------------------------------------------- processes
+_HOST = socket.gethostname().replace("_", "-").replace(".", "-") or "localhost"
+_start_time_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def hostname() -> str:
+    """This host's name with ``_`` and ``.`` replaced, safe inside a file name."""
+    return _HOST
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), or None.
+
+    Together with the pid it identifies a process even after the pid is reused.
+    On platforms without ``/proc`` returns 0 for a live pid (pid reuse undetected).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0 if pid_exists(pid) else None
+    # The command name (field 2) may contain spaces and parentheses: split after it.
+    rest = data[data.rfind(b")") + 2:].split()
+    if rest and rest[0] in (b"Z", b"X"):  # zombie: it has exited, only not yet reaped
+        return None
+    return int(rest[19])
+
+
+def my_start_time() -> int:
+    """Start time of the calling process (cached per pid, fork-safe)."""
+    pid = os.getpid()
+    with _cache_lock:
+        value = _start_time_cache.get(pid)
+        if value is None:
+            value = process_start_time(pid) or 0
+            _start_time_cache.clear()
+            _start_time_cache[pid] = value
+    return value
+
+
+def pid_exists(pid: int) -> bool:
+    """True if a process with ``pid`` exists on this host (signal 0 probe)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_alive(pid: int, start_time: int) -> bool:
+    """True if the process ``(pid, start_time)`` still runs on this host.
+
+    A reused pid has a different start time and counts as dead.  ``start_time == 0``
+    (unknown) falls back to the pid alone.
+    """
+    current = process_start_time(pid)
+    if current is None:
+        return False
+    return start_time == 0 or current == 0 or current == start_time
+
+
+def random_id(nbytes: int = 4) -> str:
+    """A short random hex id for file names (pid reuse never collides)."""
+    return os.urandom(nbytes).hex()
+
+
+def owner_tag() -> Tuple[str, int, int]:
+    """(host, pid, start time) of the calling process: who owns a claim or journal."""
+    return _HOST, os.getpid(), my_start_time()

@@ -1,0 +1,26 @@
+"""Shared test helpers: deadlines instead of sleeps."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import pytest
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.01,
+             message: str = "condition") -> object:
+    """Poll ``condition`` until it returns a truthy value or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def deadline_wait():
+    return wait_for

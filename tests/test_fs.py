@@ -1,0 +1,90 @@
+import os
+import pickle
+
+import pytest
+
+from pympx_queues import _fs
+from pympx_queues.sentinels import DONE, FAILED
+
+
+def test_rename_noreplace_never_overwrites(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("new")
+    b.write_text("old")
+    with pytest.raises(FileExistsError):
+        _fs.rename_noreplace(a, b)
+    assert b.read_text() == "old" and a.read_text() == "new"
+
+
+def test_publish_bytes_leaves_no_temp_on_clash(tmp_path):
+    (tmp_path / "m.tsv").write_text("first")
+    with pytest.raises(FileExistsError):
+        _fs.publish_bytes(tmp_path / "t", tmp_path / "m.tsv", b"second", durable=True)
+    assert not (tmp_path / "t").exists()
+    assert (tmp_path / "m.tsv").read_text() == "first"
+
+
+def test_claim_skips_symlinks_and_fifos(tmp_path):
+    target = tmp_path / "secret"
+    target.write_text("x")
+    os.symlink(target, tmp_path / "link.tsv")
+    os.mkfifo(tmp_path / "fifo.tsv")
+    assert not _fs.claim(tmp_path / "link.tsv", tmp_path / "w1")
+    assert not _fs.claim(tmp_path / "fifo.tsv", tmp_path / "w2")
+    assert (tmp_path / "link.tsv").is_symlink() and target.read_text() == "x"
+
+
+def test_claim_loser_gets_false(tmp_path):
+    (tmp_path / "m").write_text("x")
+    assert _fs.claim(tmp_path / "m", tmp_path / "w1")
+    assert not _fs.claim(tmp_path / "m", tmp_path / "w2")
+
+
+def test_read_bytes_never_blocks_on_fifo(tmp_path):
+    os.mkfifo(tmp_path / "f")
+    with pytest.raises(OSError):
+        _fs.read_bytes(tmp_path / "f")
+
+
+def test_unlink_regular_refuses_symlink(tmp_path):
+    target = tmp_path / "t"
+    target.write_text("keep")
+    os.symlink(target, tmp_path / "l")
+    with pytest.raises(OSError):
+        _fs.unlink_regular(tmp_path / "l")
+    assert target.read_text() == "keep"
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "x\x00", ".hidden", "con", "NUL.txt"])
+def test_check_name_refuses_bad_names(bad):
+    with pytest.raises(ValueError):
+        _fs.check_name(bad)
+
+
+def test_check_timeout():
+    assert _fs.check_timeout(None) is None
+    with pytest.raises(ValueError):
+        _fs.check_timeout(-1)
+
+
+def test_process_alive_detects_dead_and_reused_pid():
+    host, pid, start = _fs.owner_tag()
+    assert _fs.process_alive(pid, start)
+    assert not _fs.process_alive(pid, start + 1)  # same pid, other start time = reused
+    assert not _fs.process_alive(2**22 + 12345, 0)
+
+
+def test_sentinels_survive_pickling_and_differ_from_falsy_values():
+    assert pickle.loads(pickle.dumps(DONE)) is DONE
+    assert pickle.loads(pickle.dumps(FAILED)) is FAILED
+    for v in (0, False, -1, None, "", "DONE", "FAILED"):
+        assert v != DONE and v != FAILED
+
+
+def test_makedirs_is_owner_only(tmp_path):
+    old = os.umask(0)
+    try:
+        _fs.makedirs(tmp_path / "x" / "y")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "x" / "y").st_mode & 0o777) == 0o700
