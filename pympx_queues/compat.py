@@ -1,0 +1,35 @@
+"""Drop-in names and signatures of the original ``pympx.queuing`` module.
+
+Users moving over can change one import line::
+
+    # from pympx.queuing import PersistentQueue, WritableFolderQueue, ReadableFolderQueue
+    from pympx_queues.compat import PersistentQueue, WritableFolderQueue, ReadableFolderQueue
+
+Where the main API differs (for example folder-queue ``get(timeout)`` in milliseconds in
+pympx, seconds in the main API) these classes keep pympx's meaning.  Everything else is the
+main implementation, with its guarantees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "PersistentQueue": "._compat_persistent",
+    "WritableFolderQueue": "._compat_folder",
+    "ReadableFolderQueue": "._compat_folder",
+    "ReadableGroupedFileFolderQueue": "._compat_folder",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pympx_queues.compat' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, "pympx_queues"), name)
+    globals()[name] = value
+    return value
