@@ -50,8 +50,13 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 # --------------------------------------------------------------------------- tracing
-# The tracer sees every durable operation as (op, *paths).  Ops: "create", "write",
-# "fsync", "rename", "link", "unlink", "fsync_dir", "mkdir", "truncate".
+# The tracer sees every durable operation as (op, *args), called just after the operation
+# succeeded.  Ops and arguments (the trailing ``fd`` lets a tracer ``fstat`` the inode):
+#   ("create", path[, fd])  ("write", path, nbytes[, fd])  ("fsync", path, fd)
+#   ("truncate", path, length, fd)  ("rename", src, dst)  ("link", src, dst)
+#   ("unlink", path)  ("fsync_dir", path)  ("mkdir", path)
+# Used only by the crash-state simulator (scripts/torture.py); tracers accept *args so
+# new trailing arguments never break them.
 _Tracer = Callable[..., None]
 _tracer: Optional[_Tracer] = None
 
@@ -171,7 +176,7 @@ def fsync_dir(path: PathLike) -> None:
 def fsync_fd(fd: int, path: PathLike = "") -> None:
     """fsync an open file (G1).  Never retried: a failure raises to the caller."""
     os.fsync(fd)
-    _trace("fsync", os.fspath(path))
+    _trace("fsync", os.fspath(path), fd)
 
 
 def scandir(path: PathLike) -> Iterator[os.DirEntry]:
@@ -301,13 +306,13 @@ def write_new(path: PathLike, data: bytes, *, durable: bool,
     path = os.fspath(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
                  mode)
-    _trace("create", path)
+    _trace("create", path, fd)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        _trace("write", path, len(data))
+        _trace("write", path, len(data), fd)
         if durable:
             fsync_fd(fd, path)
     except BaseException:
@@ -363,7 +368,7 @@ def open_append_exclusive(path: PathLike, mode: int = DEFAULT_FILE_MODE) -> int:
     path = os.fspath(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
                  | _O_CLOEXEC, mode)
-    _trace("create", path)
+    _trace("create", path, fd)
     return fd
 
 
@@ -378,7 +383,7 @@ def append(fd: int, data: bytes, path: PathLike = "") -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-    _trace("write", os.fspath(path), len(data))
+    _trace("write", os.fspath(path), len(data), fd)
 
 
 def truncate(path: PathLike, length: int, *, durable: bool = True) -> None:
@@ -387,7 +392,7 @@ def truncate(path: PathLike, length: int, *, durable: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
     try:
         os.ftruncate(fd, length)
-        _trace("truncate", path, length)
+        _trace("truncate", path, length, fd)
         if durable:
             fsync_fd(fd, path)
     finally:
