@@ -1,15 +1,538 @@
 """The ``pympx-queues`` command line (click).  Thin: each command parses arguments, calls
-one library function and prints.  Exit codes: 0 ok, 1 problem found, 2 usage error."""
+one library function (:mod:`pympx_queues.admin`) and prints the result.
+
+Output: a human table by default, ``--json`` on every read command for scripts.
+Expected errors (missing folder, permission denied, not a queue, bad message name) are
+one line on stderr, never a traceback.
+
+Exit codes:
+
+* 0 - ok.
+* 1 - a problem was found or remains (``verify`` found corruption, ``status --check``
+  found stale claims, ``repair`` could not fix everything), or the operation failed on the
+  queue (disk full, corrupt journal, cancelled confirmation).
+* 2 - usage: bad options or arguments, the path is missing, unreadable or not a queue.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
 import click
 
+from . import admin
+from .errors import JournalCorruptError, NotAQueueError, PympxQueueError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+
+PROG = "pympx-queues"
+
+
+# --------------------------------------------------------------------------- errors
+class CliError(click.ClickException):
+    """An expected error: printed as one line on stderr, with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_PROBLEM) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"{PROG}: error: {self.format_message()}", err=True)
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    return f"{where}: {what.lower()}" if where else what
+
+
+def translate_error(exc: BaseException) -> Optional[CliError]:
+    """Map an expected library exception to a one-line :class:`CliError` (None: a bug)."""
+    if isinstance(exc, (admin.UnsupportedOperation, admin.NoSuchMessage, NotAQueueError)):
+        return CliError(str(exc), EXIT_USAGE)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, PermissionError)):
+        return CliError(_os_error_line(exc), EXIT_USAGE)
+    if isinstance(exc, JournalCorruptError):
+        return CliError(f"{exc}; run `{PROG} repair` on the pickup dir to quarantine it",
+                        EXIT_PROBLEM)
+    if isinstance(exc, PympxQueueError):
+        return CliError(str(exc), EXIT_PROBLEM)
+    if isinstance(exc, OSError):
+        return CliError(_os_error_line(exc), EXIT_PROBLEM)
+    if isinstance(exc, ValueError):
+        return CliError(str(exc), EXIT_USAGE)
+    return None
+
+
+class _Group(click.Group):
+    """Turns expected exceptions of any subcommand into one line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated or re-raised unchanged
+            err = translate_error(exc)
+            if err is None:
+                raise
+            raise err from exc
+
+
+# --------------------------------------------------------------------------- output helpers
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def stdout_is_terminal() -> bool:
+    return _isatty(sys.stdout)
+
+
+def stderr_is_terminal() -> bool:
+    return _isatty(sys.stderr)
+
+
+def fmt_age(seconds: Optional[float]) -> str:
+    """``35s``, ``4m10s``, ``2h03m``, ``3d04h`` (empty for None)."""
+    if seconds is None:
+        return ""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], indent: str = "") -> str:
+    """Columns aligned with two spaces; numbers right-aligned."""
+    rows = [list(r) for r in rows]
+    cells = [list(headers)] + [[_cell(v) for v in r] for r in rows]
+    numeric = [all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
+                   for r in rows) and bool(rows) for i in range(len(headers))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
+        lines.append((indent + "  ".join(parts)).rstrip())
+    return "\n".join(lines)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def emit(data: Any, as_json: bool, render: Any) -> None:
+    """Print ``data`` as JSON or through the human ``render(data) -> str`` function."""
+    if as_json:
+        emit_json(data)
+    else:
+        text = render(data)
+        if text:
+            click.echo(text)
+
+
+class ProgressBar:
+    """``progress(done, total)`` callback drawing a bar on stderr, only on a terminal.
+
+    Piped or redirected (and under ``--json``), it prints nothing at all.
+    """
+
+    def __init__(self, label: str, enabled: Optional[bool] = None) -> None:
+        self.label = label
+        self.enabled = stderr_is_terminal() if enabled is None else enabled
+        self._bar: Any = None
+        self._pos = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 1:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(max(0, done - self._pos))
+        self._pos = max(self._pos, done)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+# --------------------------------------------------------------------------- renderers
+_COUNT_LABELS = [
+    ("ready", "ready"), ("wip", "in progress"), ("done", "done"), ("failed", "dead letters"),
+    ("tmp", "temp files"), ("requested", "requested"), ("completed", "completed"),
+    ("outstanding", "outstanding"),
+]
+
+
+def render_counts(report: Dict[str, Any]) -> List[str]:
+    counts = report.get("counts", {})
+    labels = dict(_COUNT_LABELS)
+    order = [k for k, _ in _COUNT_LABELS if k in counts]
+    order += [k for k in counts if k not in labels and not k.startswith("wip_")]
+    width = max([len(labels.get(k, k)) for k in order] or [0])
+    lines = []
+    for key in order:
+        line = f"  {labels.get(key, key).ljust(width)}  {counts[key]:>7}"
+        if key == "wip" and ("wip_live" in counts or "wip_stale" in counts):
+            line += f"  ({counts.get('wip_live', 0)} live, {counts.get('wip_stale', 0)} stale)"
+        lines.append(line)
+    return lines
+
+
+def render_status(report: Dict[str, Any]) -> str:
+    kind = {"folder": "folder queue", "pickup": "PersistentQueue pickup dir"}.get(
+        report.get("kind", ""), str(report.get("kind")))
+    out = [f"{kind} {report.get('path', '')}"]
+    out += render_counts(report)
+    claims = report.get("claims") or []
+    if claims:
+        out.append("claims")
+        out.append(table(
+            [(c.get("name"), c.get("state"), c.get("host"), c.get("pid"), fmt_age(c.get("age")))
+             for c in claims],
+            ["NAME", "STATE", "HOST", "PID", "AGE"], indent="  "))
+    producers = report.get("producers") or []
+    if producers:
+        out.append("producers")
+        out.append(table(
+            [(p.get("id"), p.get("state"), p.get("host"), p.get("pid"), fmt_age(p.get("age")))
+             for p in producers],
+            ["PRODUCER", "STATE", "HOST", "PID", "AGE"], indent="  "))
+    runs = report.get("runs") or []
+    if runs:
+        out.append("runs")
+        out.append(table(
+            [(r.get("run"), r.get("requested"), r.get("completed"), r.get("outstanding"),
+              r.get("state", "")) for r in runs],
+            ["RUN", "REQUESTED", "COMPLETED", "OUTSTANDING", "STATE"], indent="  "))
+    errors = report.get("journal_errors") or []
+    if errors:
+        out.append("journal errors")
+        out.append(table([(e.get("kind"), e.get("path"), e.get("offset"), e.get("detail"))
+                          for e in errors], ["KIND", "FILE", "OFFSET", "DETAIL"], indent="  "))
+    problems = report.get("problems") or []
+    out.append("problems" if problems else "no problems found")
+    out += [f"  {p}" for p in problems]
+    return "\n".join(out)
+
+
+def render_messages(messages: List[Dict[str, Any]]) -> str:
+    if not messages:
+        return "(no messages)"
+    return table(
+        [(m.get("name"), m.get("state"), m.get("size"), fmt_age(m.get("age")),
+          m.get("retries"), m.get("owner")) for m in messages],
+        ["NAME", "STATE", "SIZE", "AGE", "RETRIES", "OWNER"])
+
+
+def render_mapping(data: Dict[str, Any]) -> str:
+    width = max([len(k) for k in data] or [0])
+    lines = []
+    for key, value in data.items():
+        if key.endswith("age") and isinstance(value, (int, float)):
+            value = fmt_age(value)
+        if isinstance(value, dict):
+            value = json.dumps(value, default=str)
+        text = _cell(value)
+        if "\n" in text:
+            text = text.replace("\n", "\n" + " " * (width + 2))
+        lines.append(f"{key.ljust(width)}  {text}")
+    return "\n".join(lines)
+
+
+def render_moves(result: Dict[str, Any], verb: str) -> str:
+    moved = result.get("moved", [])
+    lines = [f"{'would ' if result.get('dry_run') else ''}{verb}: {name}" for name in moved]
+    for item in result.get("skipped", []):
+        if isinstance(item, dict):
+            lines.append(f"skipped: {item.get('name')} ({item.get('reason')})")
+        else:
+            lines.append(f"skipped: {item}")
+    n = len(moved)
+    summary = f"{n} message{'s' if n != 1 else ''} {'would be ' if result.get('dry_run') else ''}{verb}"
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+def render_check(result: Dict[str, Any]) -> str:
+    lines = [f"{a}" for a in result.get("actions", [])]
+    for issue in result.get("issues", []):
+        where = issue.get("path", "")
+        if issue.get("offset") is not None:
+            where += f" @{issue['offset']}"
+        lines.append(f"{issue.get('kind')}: {where}: {issue.get('detail', '')}".rstrip(": "))
+    lines.append("ok" if result.get("ok") else
+                 f"{len(result.get('issues', []))} problem(s) found")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the group
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pympx_queues")
 def main() -> None:
-    """Inspect, requeue and repair pympx_queues folder queues and pickup journals."""
+    """Inspect, requeue and repair pympx_queues folder queues and pickup journals.
+
+    PATH is a folder queue directory or a PersistentQueue pickup dir; the kind is
+    detected.  Exit codes: 0 ok, 1 problem found, 2 usage error (bad arguments, missing
+    path, not a queue).
+    """
+
+
+path_argument = click.argument("path", type=click.Path(path_type=str))
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Machine-readable JSON on stdout.")
+
+
+@main.command()
+@path_argument
+@json_option
+@click.option("--check", is_flag=True,
+              help="Exit 1 when a problem is found (stale claims, corrupt journal records...).")
+def status(path: str, as_json: bool, check: bool) -> None:
+    """Kind of queue, counts per state, claims, producers, journal runs and problems."""
+    report = admin.status(path)
+    emit(report, as_json, render_status)
+    if check and report.get("problems"):
+        sys.exit(EXIT_PROBLEM)
+
+
+@main.command(name="ls")
+@path_argument
+@click.option("--state", type=click.Choice(admin.STATES), default=None,
+              help="Only messages in this state (default: all).")
+@json_option
+def ls_command(path: str, state: Optional[str], as_json: bool) -> None:
+    """List messages with state, size, age, retries and owner."""
+    emit(admin.list_messages(path, state), as_json, render_messages)
+
+
+@main.command()
+@path_argument
+@click.argument("message")
+@json_option
+def show(path: str, message: str, as_json: bool) -> None:
+    """Everything known about one MESSAGE (name or id): retries, last error, owner, lease."""
+    emit(admin.show_message(path, message), as_json, render_mapping)
+
+
+@main.command()
+@path_argument
+@click.argument("files", nargs=-1, type=click.Path(path_type=str))
+@click.option("--data", default=None, help="Message content ('-' reads stdin).")
+@click.option("--name", default=None, help="Message name for --data.")
+@click.option("--copy", is_flag=True, help="Copy FILEs in and keep them (default: move).")
+@json_option
+def put(path: str, files: Sequence[str], data: Optional[str], name: Optional[str],
+        copy: bool, as_json: bool) -> None:
+    """Enqueue files (moved in, or copied with --copy), or --data TEXT --name NAME."""
+    if data is not None or name is not None:
+        if files or data is None or name is None:
+            raise CliError("use either FILE... or --data TEXT --name NAME", EXIT_USAGE)
+        payload: "bytes | str" = sys.stdin.buffer.read() if data == "-" else data
+        published = [admin.put_data(path, name, payload)]
+    elif not files:
+        raise CliError("nothing to put: give FILE... or --data TEXT --name NAME", EXIT_USAGE)
+    else:
+        with ProgressBar("put", enabled=None if not as_json else False) as bar:
+            published = admin.put_files(path, list(files), copy=copy, progress=bar)
+    emit({"published": published}, as_json, lambda r: "\n".join(r["published"]))
+
+
+@main.command()
+@path_argument
+@click.option("--all", "include_live", is_flag=True,
+              help="Also take claims whose owner is alive (requires --force).")
+@click.option("--force", is_flag=True, help="Confirm --all.")
+@click.option("--dry-run", is_flag=True, help="Show what would move; change nothing.")
+@json_option
+def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: bool) -> None:
+    """Return stale claims to the queue (folder) or requeue earlier runs' work (pickup)."""
+    if include_live and not force:
+        raise CliError("--all also takes claims whose owner is alive; add --force", EXIT_USAGE)
+    with ProgressBar("requeue", enabled=None if not as_json else False) as bar:
+        result = admin.requeue(path, include_live=include_live, dry_run=dry_run, progress=bar)
+    emit(result, as_json, lambda r: render_moves(r, "requeued"))
+
+
+@main.command()
+@path_argument
+@click.option("--pattern", default=None, metavar="GLOB",
+              help="Only dead letters whose name matches GLOB (default: all).")
+@click.option("--dry-run", is_flag=True, help="Show what would move; change nothing.")
+@json_option
+def retry(path: str, pattern: Optional[str], dry_run: bool, as_json: bool) -> None:
+    """Move dead letters back to ready."""
+    with ProgressBar("retry", enabled=None if not as_json else False) as bar:
+        result = admin.retry(path, pattern=pattern, dry_run=dry_run, progress=bar)
+    emit(result, as_json, lambda r: render_moves(r, "retried"))
+
+
+def _render_written(result: Dict[str, Any]) -> str:
+    written = result.get("written", [])
+    if not written:
+        return "nothing to do: no producer is left open"
+    return "\n".join(f"wrote {w.get('sentinel')} for producer {w.get('producer')}"
+                     for w in written)
+
+
+@main.command()
+@path_argument
+@click.option("--producer", default=None, help="Only this producer id (default: every "
+              "producer that registered and died without closing).")
+@json_option
+def close(path: str, producer: Optional[str], as_json: bool) -> None:
+    """Write DONE for a producer that died before closing the stream."""
+    emit(admin.close(path, producer=producer), as_json, _render_written)
+
+
+@main.command()
+@path_argument
+@click.option("--producer", default=None, help="Only this producer id (default: every "
+              "producer that registered and died without closing).")
+@json_option
+def fail(path: str, producer: Optional[str], as_json: bool) -> None:
+    """Write FAILED for a producer that died before closing; consumers stop."""
+    emit(admin.fail(path, producer=producer), as_json, _render_written)
+
+
+def _confirm(what: str, path: str, yes: bool) -> None:
+    if yes:
+        return
+    question = f"{what} {admin.describe_destruction(path)}?"
+    try:
+        ok = click.confirm(question, default=False, err=True)
+    except click.Abort:
+        ok = False
+    if not ok:
+        raise CliError(f"{what.lower()} cancelled; nothing was changed (use --yes to skip "
+                       "this question)", EXIT_PROBLEM)
+
+
+def _render_summary(result: Dict[str, Any]) -> str:
+    return render_mapping({k: (len(v) if isinstance(v, list) else v)
+                           for k, v in result.items()})
+
+
+@main.command()
+@path_argument
+@click.option("--force", is_flag=True, help="Also return claims whose owner is alive.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def reset(path: str, force: bool, yes: bool, as_json: bool) -> None:
+    """pympx reset: drop old control files, return claims to ready (live ones only with --force)."""
+    _confirm("Reset", path, yes)
+    with ProgressBar("reset", enabled=None if not as_json else False) as bar:
+        result = admin.reset(path, force=force, progress=bar)
+    emit(result, as_json, _render_summary)
+
+
+@main.command()
+@path_argument
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def purge(path: str, yes: bool, as_json: bool) -> None:
+    """pympx purge: delete every message and control file.  Permanent."""
+    _confirm("Purge", path, yes)
+    with ProgressBar("purge", enabled=None if not as_json else False) as bar:
+        result = admin.purge(path, progress=bar)
+    emit(result, as_json, _render_summary)
+
+
+@main.command()
+@path_argument
+@json_option
+def verify(path: str, as_json: bool) -> None:
+    """Check journal checksums and folder consistency; exit 1 if anything is wrong."""
+    result = admin.verify(path)
+    emit(result, as_json, render_check)
+    if not result.get("ok"):
+        sys.exit(EXIT_PROBLEM)
+
+
+@main.command()
+@path_argument
+@click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
+@json_option
+def repair(path: str, dry_run: bool, as_json: bool) -> None:
+    """Quarantine corrupt journal records, clean leftovers; never deletes a message."""
+    result = admin.repair(path, dry_run=dry_run)
+    emit(result, as_json, render_check)
+    if not result.get("ok"):
+        sys.exit(EXIT_PROBLEM)
+
+
+def render_watch(report: Dict[str, Any], rates: Dict[str, float], interval: float) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(report.get("wall_time", time.time())))
+    lines = [f"{stamp}  every {interval:g}s  (Ctrl-C to stop)", render_status(report)]
+    if rates:
+        shown = {k: v for k, v in rates.items() if not k.startswith("wip_")}
+        lines.append("rates (per second)")
+        lines += [f"  {k.ljust(12)} {v:+9.1f}" for k, v in shown.items()]
+    return "\n".join(lines)
+
+
+@main.command()
+@path_argument
+@click.option("--interval", type=click.FloatRange(min=0.01), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after N refreshes (default: until Ctrl-C).")
+@click.option("--once", is_flag=True, help="One refresh, then exit (same as --count 1).")
+@json_option
+def watch(path: str, interval: float, count: Optional[int], once: bool, as_json: bool) -> None:
+    """Live view of counts and rates, refreshed until Ctrl-C (one JSON line per refresh)."""
+    if once:
+        count = 1
+    redraw = stdout_is_terminal() and not as_json
+    previous: Optional[Dict[str, Any]] = None
+    shown = 0
+    try:
+        while True:
+            current = admin.snapshot(path)
+            rates = admin.rates(previous, current)
+            if as_json:
+                click.echo(json.dumps({"status": current, "rates": rates}, default=str))
+            else:
+                if redraw:
+                    click.clear()
+                elif shown:
+                    click.echo("")
+                click.echo(render_watch(current, rates, interval))
+            shown += 1
+            previous = current
+            if count is not None and shown >= count:
+                break
+            time.sleep(interval)  # pacing of the display, not a wait for a condition
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover
