@@ -160,9 +160,10 @@ class ProgressBar:
     Piped or redirected (and under ``--json``), it prints nothing at all.
     """
 
-    def __init__(self, label: str, enabled: Optional[bool] = None) -> None:
+    def __init__(self, label: str, enabled: Optional[bool] = None, file: Any = None) -> None:
         self.label = label
-        self.enabled = stderr_is_terminal() if enabled is None else enabled
+        self.file = sys.stderr if file is None else file
+        self.enabled = _isatty(self.file) if enabled is None else enabled
         self._bar: Any = None
         self._pos = 0
 
@@ -170,7 +171,7 @@ class ProgressBar:
         if not self.enabled or total <= 1:
             return
         if self._bar is None:
-            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self._bar = click.progressbar(length=total, label=self.label, file=self.file)
             self._bar.__enter__()
         self._bar.update(max(0, done - self._pos))
         self._pos = max(self._pos, done)
@@ -269,8 +270,11 @@ def render_mapping(data: Dict[str, Any]) -> str:
 
 
 def render_moves(result: Dict[str, Any], verb: str) -> str:
+    """``verb`` is the past participle ("requeued"); a dry run says "would requeue"."""
     moved = result.get("moved", [])
-    lines = [f"{'would ' if result.get('dry_run') else ''}{verb}: {name}" for name in moved]
+    dry = result.get("dry_run")
+    label = f"would {verb[:-1] if verb.endswith('ed') else verb}" if dry else verb
+    lines = [f"{label}: {name}" for name in moved]
     for item in result.get("skipped", []):
         if isinstance(item, dict):
             lines.append(f"skipped: {item.get('name')} ({item.get('reason')})")
