@@ -1,0 +1,761 @@
+#!/usr/bin/env python3
+"""Torture the queues with the failures they promise to survive (DESIGN.md G1..G6).
+
+One script, four modes, each run by real tools that really produce the failure::
+
+    python scripts/torture.py --mode kill        --queue both --size 200 --seed 1
+    python scripts/torture.py --mode powercut    --queue both --size 20  --seed 1   # root, Linux
+    python scripts/torture.py --mode enospc      --queue both --size 200 --seed 1   # root, Linux
+    python scripts/torture.py --mode crashstates --queue both --size 12  --seed 1
+
+* ``kill``: producer and consumer processes, SIGKILL at random moments, many iterations,
+  then recovery and a full check against what every process had been told.  Workers log
+  each acknowledged put / get / task_done to their own side file *after* the call returned
+  (flushed), so the checker knows exactly what was acknowledged.
+* ``powercut``: a loop-mounted ext4 image, workers in fsync mode (then in flush mode),
+  ``EXT4_IOC_SHUTDOWN`` with ``EXT4_GOING_FLAGS_NOLOGFLUSH`` mid-write (the file system
+  stops as if the power went: the journal is not flushed), umount, remount, recover,
+  check.  Acknowledgements travel through a pipe to the parent, outside the image.
+* ``enospc``: a tiny tmpfs fills up mid-run; every failed put must raise, nothing
+  half-written may be visible, and once space is freed the queue goes on and loses
+  nothing acknowledged.
+* ``crashstates``: record every durable file-system operation of a short workload through
+  the ``pympx_queues._fs`` tracer, enumerate the states a crash could leave, materialise
+  each in a fresh directory, run recovery (twice, and crashed in the middle), and check
+  the guarantees in every state.  Persistence models: ``fsync`` mode is checked against a
+  weak power-loss model (un-synced file data lost or torn, un-synced directory operations
+  lost or reordered; ``fsync(file)`` and ``fsync(dir)`` are the only barriers; a rename is
+  atomic); ``flush`` mode against a process crash after every single operation.
+
+Every run ends with one summary line per queue kind::
+
+    mode=kill queue=folder iterations=200 acked=... lost=0 corrupt=0 redelivered_done=0 dup_beyond_inflight=0
+
+Exit status: 0 all counts (other than acked / iterations / states / figures) are zero;
+1 a guarantee was violated; 2 usage error; 0 with ``skipped=<reason>`` in the summary
+when the mode cannot run here (not root, no loop devices, mount refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+
+from pympx_queues import _fs  # noqa: E402
+
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+
+#: Counts that must stay zero (anything else in a summary is a figure).
+VIOLATION_KEYS = (
+    "lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
+    "not_idempotent", "put_error_silent", "half_written_visible", "errors",
+)
+
+
+# =========================================================================== messages
+def make_payload(mid: str, size: int = 0) -> bytes:
+    """Message bytes that carry their own id and checksum (a torn copy never validates)."""
+    body = mid.encode()
+    pad = b"x" * max(0, size - len(body) - 20)
+    core = body + b"\t" + pad
+    return core + b"\t" + format(zlib.crc32(core), "08x").encode() + b"\n"
+
+
+def parse_payload(data: bytes) -> Optional[str]:
+    """The message id in ``data``, or None when it is torn, empty or not ours."""
+    if not data.endswith(b"\n"):
+        return None
+    try:
+        core, crc = data[:-1].rsplit(b"\t", 1)
+        if format(zlib.crc32(core), "08x").encode() != crc:
+            return None
+        return core.split(b"\t", 1)[0].decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class Summary(collections.OrderedDict):
+    """Ordered counters printed as ``key=value`` on one line."""
+
+    def add(self, key: str, n: int = 1) -> None:
+        self[key] = self.get(key, 0) + n
+
+    def violations(self) -> int:
+        return sum(int(self.get(k, 0)) for k in VIOLATION_KEYS)
+
+    def line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.items())
+
+
+def new_summary(mode: str, queue: str, **figures: Any) -> Summary:
+    s = Summary()
+    s["mode"] = mode
+    s["queue"] = queue
+    for k, v in figures.items():
+        s[k] = v
+    return s
+
+
+# =========================================================================== checking
+class Ledger:
+    """What the queue told its users: begun and acknowledged puts and task_dones."""
+
+    def __init__(self) -> None:
+        self.begun_put: set = set()
+        self.acked_put: set = set()
+        self.begun_done: set = set()
+        self.acked_done: set = set()
+
+    def apply(self, kind: str, mid: str) -> None:
+        getattr(self, kind).add(mid)
+
+    def copy(self) -> "Ledger":
+        c = Ledger()
+        for k in ("begun_put", "acked_put", "begun_done", "acked_done"):
+            setattr(c, k, set(getattr(self, k)))
+        return c
+
+
+def check_outstanding(ledger: Ledger, outstanding: "collections.Counter[str]", corrupt: int,
+                      summary: Summary, *, may_lose: bool = False) -> Dict[str, int]:
+    """Compare recovered outstanding work with the ledger; add violations to ``summary``.
+
+    * lost: acknowledged put, never task_done (not even begun), not outstanding (G1).
+    * redelivered_done: acknowledged task_done but outstanding again (G4).
+    * dup_beyond_inflight: a message outstanding twice (G3).
+    * corrupt: unreadable message, or one that was never put (G2).
+    """
+    found: Dict[str, int] = {}
+    lost = [m for m in ledger.acked_put
+            if m not in ledger.begun_done and outstanding.get(m, 0) == 0]
+    found["lost_unsynced" if may_lose else "lost"] = len(lost)
+    found["redelivered_done"] = sum(1 for m in ledger.acked_done if outstanding.get(m, 0))
+    found["dup_beyond_inflight"] = sum(c - 1 for c in outstanding.values() if c > 1)
+    found["corrupt"] = corrupt + sum(1 for m in outstanding if m not in ledger.begun_put)
+    for k, v in found.items():
+        summary.add(k, v)
+    return found
+
+
+# =========================================================================== crash states
+DIR = "D"  # directory entries are stored as this marker instead of a file id
+
+
+class FsRecorder:
+    """A ``_fs`` tracer that snapshots the tree under ``root`` after every durable op.
+
+    Each event keeps the directory-entry changes and file-content changes since the
+    previous event, and the barrier it represents (``fsync`` of a file, ``fsync_dir``).
+    Files are identified by inode (a virtual id, retired when the inode disappears), so
+    hard links and renames are followed exactly.  Writes that bypass ``_fs`` are still
+    captured: their bytes show up in the next snapshot.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.events: List[dict] = []
+        self._ino2vid: Dict[int, int] = {}
+        self._next_vid = 0
+        self._meta: Dict[int, tuple] = {}
+        self.content: Dict[int, bytes] = {}
+        self.dirs, _ = self._walk()
+        self.initial_dirs = {d: dict(e) for d, e in self.dirs.items()}
+        self.initial_content = dict(self.content)
+
+    # -- snapshot ----------------------------------------------------------------------
+    def _vid(self, ino: int) -> int:
+        vid = self._ino2vid.get(ino)
+        if vid is None:
+            vid = self._ino2vid[ino] = self._next_vid
+            self._next_vid += 1
+        return vid
+
+    def _walk(self) -> Tuple[Dict[str, Dict[str, Any]], Dict[int, bytes]]:
+        dirs: Dict[str, Dict[str, Any]] = {}
+        seen: Dict[int, int] = {}
+        changed: Dict[int, bytes] = {}
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            entries: Dict[str, Any] = {}
+            dirs[rel] = entries
+            try:
+                it = list(os.scandir(os.path.join(self.root, rel)))
+            except FileNotFoundError:
+                continue
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                child = os.path.join(rel, e.name) if rel else e.name
+                if e.is_dir(follow_symlinks=False):
+                    entries[e.name] = DIR
+                    stack.append(child)
+                elif e.is_file(follow_symlinks=False):
+                    vid = self._vid(st.st_ino)
+                    seen[st.st_ino] = vid
+                    entries[e.name] = vid
+                    meta = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    if self._meta.get(vid) != meta:
+                        try:
+                            with open(e.path, "rb") as f:
+                                data = f.read()
+                        except OSError:
+                            data = b""
+                        self._meta[vid] = meta
+                        if self.content.get(vid) != data:
+                            self.content[vid] = data
+                            changed[vid] = data
+        for ino in list(self._ino2vid):
+            if ino not in seen:  # unlinked: a reused inode number is a new file
+                del self._ino2vid[ino]
+        return dirs, changed
+
+    # -- tracer ------------------------------------------------------------------------
+    def _inside(self, path: object) -> bool:
+        if not isinstance(path, str) or not path:
+            return False
+        p = os.path.abspath(path)
+        return p == self.root or p.startswith(self.root + os.sep)
+
+    def __call__(self, op: str, *args: Any) -> None:
+        paths = [a for a in args if isinstance(a, str)]
+        if not any(self._inside(p) for p in paths) and op != "fsync":
+            return
+        barrier_vid = None
+        if op == "fsync":
+            fd = args[1] if len(args) > 1 and isinstance(args[1], int) else None
+            if fd is None:
+                if not self._inside(args[0] if args else ""):
+                    return
+                try:
+                    ino = os.lstat(args[0]).st_ino
+                except OSError:
+                    return
+            else:
+                ino = os.fstat(fd).st_ino
+        old_dirs = self.dirs
+        self.dirs, changed = self._walk()
+        if op == "fsync":
+            if ino not in self._ino2vid:
+                return  # not a file of ours
+            barrier_vid = self._ino2vid[ino]
+        changes = []
+        for d in set(old_dirs) | set(self.dirs):
+            a, b = old_dirs.get(d, {}), self.dirs.get(d, {})
+            for name in set(a) | set(b):
+                if a.get(name) != b.get(name):
+                    changes.append((d, name, b.get(name)))
+        barrier_dir = None
+        if op == "fsync_dir":
+            barrier_dir = os.path.relpath(os.path.abspath(args[0]), self.root)
+            barrier_dir = "" if barrier_dir == "." else barrier_dir
+        self.events.append({"op": op, "args": [a for a in args if isinstance(a, (str, int))],
+                            "changes": changes, "content": changed,
+                            "barrier_vid": barrier_vid, "barrier_dir": barrier_dir})
+
+    def mark(self, kind: str, mid: str) -> None:
+        """Record that the workload began / was acknowledged an operation on ``mid``."""
+        self.events.append({"op": "mark", "kind": kind, "mid": mid})
+
+    def dump(self) -> dict:
+        return {"initial_dirs": self.initial_dirs, "initial_content": self.initial_content,
+                "events": self.events}
+
+
+def _apply_changes(dirs: Dict[str, Dict[str, Any]], changes: Iterable[tuple]) -> None:
+    for d, name, new in changes:
+        entries = dirs.setdefault(d, {})
+        if new is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = new
+
+
+def _touches(ev: dict) -> set:
+    return {d for d, _n, _v in ev["changes"]}
+
+
+class CrashState:
+    __slots__ = ("dirs", "content", "label")
+
+    def __init__(self, dirs: Dict[str, Dict[str, Any]], content: Dict[int, bytes],
+                 label: str) -> None:
+        self.dirs = dirs
+        self.content = content
+        self.label = label
+
+    def reachable(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        stack = [""]
+        while stack:
+            d = stack.pop()
+            entries = self.dirs.get(d, {})
+            out[d] = entries
+            for name, v in entries.items():
+                if v == DIR:
+                    stack.append(os.path.join(d, name) if d else name)
+        return out
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        for d, entries in sorted(self.reachable().items()):
+            for name, v in sorted(entries.items(), key=lambda kv: kv[0]):
+                h.update(f"{d}/{name}=".encode())
+                if v == DIR:
+                    h.update(b"<dir>")
+                else:
+                    h.update(str(v).encode() + b":" + hashlib.sha1(self.content.get(v, b"")).digest())
+                h.update(b"\0")
+        return h.hexdigest()
+
+    def materialise(self, dest: str) -> None:
+        """Write this state as a real tree at ``dest`` (hard links kept as links)."""
+        first: Dict[int, str] = {}
+        for d, entries in sorted(self.reachable().items(), key=lambda kv: kv[0].count(os.sep)):
+            base = os.path.join(dest, d) if d else dest
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            for name, v in sorted(entries.items()):
+                p = os.path.join(base, name)
+                if v == DIR:
+                    os.makedirs(p, mode=0o700, exist_ok=True)
+                elif v in first:
+                    os.link(first[v], p)
+                else:
+                    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        os.write(fd, self.content.get(v, b""))
+                    finally:
+                        os.close(fd)
+                    first[v] = p
+
+
+def enumerate_crash_states(trace: dict, *, weak: bool, rng: random.Random,
+                           max_full: int = 5, samples: int = 8
+                           ) -> Iterable[Tuple[int, Ledger, CrashState]]:
+    """Yield ``(crash_point, ledger_at_that_point, state)`` for every crash point.
+
+    ``weak=False`` (process crash): everything done before the crash point persisted.
+    ``weak=True`` (power loss): durable = initial tree + directory operations synced by a
+    later ``fsync_dir`` of a directory they touch (and, with them, every earlier pending
+    operation on the same directories) + file data synced by ``fsync``.  On top of that,
+    subsets of the pending directory operations (all subsets when at most ``max_full``
+    are pending; otherwise every in-order prefix, every single drop, and ``samples``
+    random subsets) and per-file data variants: all un-synced data persisted, all lost,
+    and for each file with un-synced data a torn tail (half the new bytes) or a zero-filled
+    tail (size updated, data not).
+    """
+    base = {d: dict(e) for d, e in trace["initial_dirs"].items()}
+    live = {d: dict(e) for d, e in trace["initial_dirs"].items()}
+    synced: Dict[int, bytes] = dict(trace["initial_content"])
+    current: Dict[int, bytes] = dict(trace["initial_content"])
+    pending: List[dict] = []
+    ledger = Ledger()
+    events = trace["events"]
+    for k, ev in enumerate(events):
+        if ev["op"] == "mark":
+            ledger.apply(ev["kind"], ev["mid"])
+            if k + 1 < len(events) and events[k + 1]["op"] == "mark":
+                continue  # same file-system state: check once, with the most marks
+        else:
+            _apply_changes(live, ev["changes"])
+            current.update(ev["content"])
+            if ev["changes"]:
+                pending.append(ev)
+            if ev["barrier_vid"] is not None:
+                synced[ev["barrier_vid"]] = current.get(ev["barrier_vid"], b"")
+            if ev["barrier_dir"] is not None:
+                touched = {ev["barrier_dir"]}
+                flushed = []
+                # Closure: an op is flushed with its directory; earlier pending ops on the
+                # same directories go with it (a journal commits in order).
+                for p in reversed(pending):
+                    if _touches(p) & touched:
+                        flushed.append(p)
+                        touched |= _touches(p)
+                flushed_ids = {id(p) for p in flushed}
+                for p in pending:
+                    if id(p) in flushed_ids:
+                        _apply_changes(base, p["changes"])
+                pending = [p for p in pending if id(p) not in flushed_ids]
+        snap = ledger.copy()
+        if not weak:
+            yield k, snap, CrashState({d: dict(e) for d, e in live.items()}, dict(current),
+                                      f"after op {k} ({ev['op']})")
+            continue
+        for subset_label, subset in _pending_subsets(pending, rng, max_full, samples):
+            dirs = {d: dict(e) for d, e in base.items()}
+            for p in subset:
+                _apply_changes(dirs, p["changes"])
+            vids = {v for e in dirs.values() for v in e.values() if v != DIR}
+            unsynced = sorted(v for v in vids if current.get(v, b"") != synced.get(v, b""))
+            all_cur = {v: current.get(v, b"") for v in vids}
+            all_syn = {v: synced.get(v, b"") for v in vids}
+            yield k, snap, CrashState(dirs, all_cur, f"op {k} {subset_label} data=all")
+            if not unsynced:
+                continue
+            yield k, snap, CrashState(dirs, all_syn, f"op {k} {subset_label} data=synced")
+            if subset_label not in ("none", "all"):
+                continue
+            for v in unsynced:
+                old, new = synced.get(v, b""), current.get(v, b"")
+                if new.startswith(old) and len(new) > len(old):
+                    delta = new[len(old):]
+                    for tag, tail in (("torn", delta[: max(1, len(delta) // 2)]),
+                                      ("zeros", b"\0" * len(delta))):
+                        c = dict(all_cur)
+                        c[v] = old + tail
+                        yield k, snap, CrashState(dirs, c, f"op {k} {subset_label} {tag}={v}")
+                else:  # truncated or rewritten: either version may have survived
+                    c = dict(all_cur)
+                    c[v] = old
+                    yield k, snap, CrashState(dirs, c, f"op {k} {subset_label} old={v}")
+
+
+def _pending_subsets(pending: List[dict], rng: random.Random, max_full: int, samples: int):
+    n = len(pending)
+    yield "none", []
+    if n == 0:
+        return
+    yield "all", list(pending)
+    if n <= max_full:
+        for mask in range(1, (1 << n) - 1):
+            yield f"mask={mask}", [p for i, p in enumerate(pending) if mask >> i & 1]
+        return
+    for j in range(1, n):
+        yield f"prefix={j}", pending[:j]
+    for i in range(n):
+        yield f"drop={i}", pending[:i] + pending[i + 1:]
+    for s in range(samples):
+        mask = rng.getrandbits(n)
+        yield f"sample={s}", [p for i, p in enumerate(pending) if mask >> i & 1]
+
+
+# =========================================================================== adapters
+class Outcome:
+    """What recovery found: outstanding message ids (with counts) and corrupt ones."""
+
+    def __init__(self, outstanding: "collections.Counter[str]", corrupt: int = 0,
+                 error: Optional[str] = None) -> None:
+        self.outstanding = outstanding
+        self.corrupt = corrupt
+        self.error = error
+
+
+class Adapter:
+    """How torture.py drives one queue kind.  Subclasses fill in the queue calls."""
+
+    name = "?"
+
+    def available(self) -> Optional[str]:
+        """None if the queue kind can be imported, else the reason it cannot."""
+        return None
+
+    # crash-state workload (runs in a child process, tracer installed by the caller)
+    def crash_workload(self, root: str, durability: str, rec: FsRecorder, n: int,
+                       rng: random.Random) -> None:
+        raise NotImplementedError
+
+    def prepare(self, root: str, durability: str) -> None:
+        """Create the empty queue at ``root`` before tracing starts."""
+        raise NotImplementedError
+
+    def recover_and_list(self, root: str, durability: str) -> Outcome:
+        """Run recovery on the tree at ``root`` and list outstanding work."""
+        raise NotImplementedError
+
+
+# -- a toy folder queue built straight on _fs: proves the simulator has teeth ---------
+class ToyAdapter(Adapter):
+    """A 40-line folder queue on ``_fs`` primitives; ``buggy=True`` skips the dir fsyncs.
+
+    The correct toy must pass every crash state; the buggy one must be caught (the
+    self-test of the simulator, ``--queue toy`` / ``--queue toy-buggy``).
+    """
+
+    def __init__(self, buggy: bool = False) -> None:
+        self.buggy = buggy
+        self.name = "toy-buggy" if buggy else "toy"
+
+    def prepare(self, root: str, durability: str) -> None:
+        for sub in ("", "tmp", "wip"):
+            _fs.makedirs(os.path.join(root, sub))
+
+    def _sync_dir(self, path: str, durability: str) -> None:
+        if durability == _fs.FSYNC and not self.buggy:
+            _fs.fsync_dir(path)
+
+    def crash_workload(self, root, durability, rec, n, rng):
+        durable = durability == _fs.FSYNC
+        ready: List[str] = []
+        claimed: List[Tuple[str, str]] = []
+        for i in range(n):
+            mid = f"m{i:04d}"
+            rec.mark("begun_put", mid)
+            tmp = os.path.join(root, "tmp", mid)
+            _fs.write_new(tmp, make_payload(mid), durable=durable and not self.buggy)
+            _fs.rename_noreplace(tmp, os.path.join(root, mid + ".msg"))
+            self._sync_dir(root, durability)
+            rec.mark("acked_put", mid)
+            ready.append(mid)
+            while ready and rng.random() < 0.5:
+                m = ready.pop(0)
+                wip = os.path.join(root, "wip", f"{m}.msg.{os.getpid()}")
+                _fs.claim(os.path.join(root, m + ".msg"), wip)
+                self._sync_dir(os.path.join(root, "wip"), durability)
+                claimed.append((m, wip))
+            while claimed and rng.random() < 0.5:
+                m, wip = claimed.pop(0)
+                rec.mark("begun_done", m)
+                _fs.unlink_regular(wip)
+                self._sync_dir(os.path.join(root, "wip"), durability)
+                rec.mark("acked_done", m)
+
+    def recover_and_list(self, root, durability):
+        wip = os.path.join(root, "wip")
+        for e in _fs.scandir(wip):
+            name, _dot, pid = e.name.rpartition(".")
+            if pid.isdigit() and not _fs.pid_exists(int(pid)):
+                try:
+                    _fs.rename_noreplace(e.path, os.path.join(root, name))
+                except FileExistsError:
+                    _fs.unlink_regular(e.path)
+        self._sync_dir(root, durability)
+        for e in _fs.scandir(os.path.join(root, "tmp")):
+            _fs.unlink_regular(e.path)
+        out: collections.Counter = collections.Counter()
+        corrupt = 0
+        for e in _fs.scandir(root):
+            if e.name.endswith(".msg"):
+                mid = parse_payload(_fs.read_bytes(e.path))
+                if mid is None:
+                    corrupt += 1
+                else:
+                    out[mid] += 1
+        return Outcome(out, corrupt)
+
+
+ADAPTERS: Dict[str, Callable[[], Adapter]] = {
+    "toy": lambda: ToyAdapter(False),
+    "toy-buggy": lambda: ToyAdapter(True),
+}
+
+
+def get_adapter(name: str) -> Adapter:
+    return ADAPTERS[name]()
+
+
+# =========================================================================== crashstates
+def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: int,
+                 out_path: str) -> None:
+    """Child process: run the workload under the tracer, dump the trace, exit."""
+    adapter = get_adapter(adapter_name)
+    adapter.prepare(root, durability)
+    rec = FsRecorder(root)
+    _fs.set_tracer(rec)
+    try:
+        adapter.crash_workload(root, durability, rec, n, random.Random(seed))
+    finally:
+        _fs.set_tracer(None)
+    with open(out_path, "wb") as f:
+        pickle.dump(rec.dump(), f)
+    os._exit(0)  # no atexit/close handlers: the process "dies" with its claims held
+
+
+def record_workload(adapter_name: str, workdir: str, durability: str, n: int,
+                    seed: int) -> dict:
+    import multiprocessing
+
+    root = os.path.join(workdir, "q")
+    out_path = os.path.join(workdir, "trace.pkl")
+    ctx = multiprocessing.get_context("spawn")
+    p = ctx.Process(target=_crash_child, args=(adapter_name, root, durability, n, seed,
+                                               out_path))
+    p.start()
+    p.join(300)
+    if p.exitcode != 0 or not os.path.exists(out_path):
+        raise RuntimeError(f"crash-state workload failed (exit {p.exitcode})")
+    with open(out_path, "rb") as f:
+        return pickle.load(f)
+
+
+def _inspect(adapter: Adapter, state_dir: str, durability: str) -> Outcome:
+    try:
+        return adapter.recover_and_list(state_dir, durability)
+    except Exception as exc:  # recovery must not fail on a crash state: count it
+        return Outcome(collections.Counter(), 0,
+                       f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+
+
+def run_crashstates(adapter: Adapter, durability: str, size: int, seed: int,
+                    recovery_crash_every: int, verbose: bool, max_examples: int = 5
+                    ) -> Summary:
+    weak = durability == _fs.FSYNC
+    model = "power-loss(weak)" if weak else "process-crash"
+    summary = new_summary("crashstates", adapter.name, durability=durability, model=model)
+    rng = random.Random(seed)
+    examples: List[str] = []
+    with tempfile.TemporaryDirectory(prefix="pqt-crash-") as work:
+        trace = record_workload(adapter.name, work, durability, size, seed)
+        ops = sum(1 for e in trace["events"] if e["op"] != "mark")
+        summary["ops"] = ops
+        summary["states"] = 0
+        summary["recovery_states"] = 0
+        cache: Dict[str, Tuple[Outcome, Optional[dict]]] = {}
+        counter = 0
+        checked = set()
+        for k, ledger, state in enumerate_crash_states(trace, weak=weak, rng=rng):
+            fp = state.fingerprint()
+            key = (fp, len(ledger.acked_put), len(ledger.begun_done), len(ledger.acked_done),
+                   len(ledger.begun_put))
+            if key in checked:
+                continue
+            checked.add(key)
+            counter += 1
+            if fp not in cache:
+                summary.add("states")
+                d = os.path.join(work, f"s{counter}")
+                state.materialise(d)
+                rec = FsRecorder(d)
+                _fs.set_tracer(rec)
+                try:
+                    outcome = _inspect(adapter, d, durability)
+                finally:
+                    _fs.set_tracer(None)
+                again = _inspect(adapter, d, durability)  # G5: recovery twice
+                idem = (again.outstanding == outcome.outstanding
+                        and again.error == outcome.error)
+                rtrace = rec.dump() if (recovery_crash_every and
+                                        summary["states"] % recovery_crash_every == 0) else None
+                cache[fp] = (outcome, rtrace)
+                if not idem:
+                    summary.add("not_idempotent")
+                    _example(examples, max_examples, f"{state.label}: recovery twice differs "
+                             f"{sorted(outcome.outstanding)} vs {sorted(again.outstanding)}")
+                shutil.rmtree(d, ignore_errors=True)
+            outcome, rtrace = cache[fp]
+            before = summary.violations()
+            _check_outcome(outcome, ledger, summary)
+            if summary.violations() > before:
+                _example(examples, max_examples,
+                         f"{state.label}: outstanding={sorted(outcome.outstanding)} "
+                         f"acked_put={sorted(ledger.acked_put)} "
+                         f"acked_done={sorted(ledger.acked_done)} error={outcome.error}")
+            if rtrace is not None and rtrace["events"]:
+                # G5: crash in the middle of recovery, then recover again.
+                for _rk, _l, rstate in enumerate_crash_states(rtrace, weak=weak, rng=rng):
+                    rfp = rstate.fingerprint()
+                    if rfp in cache:
+                        routcome = cache[rfp][0]
+                    else:
+                        summary.add("recovery_states")
+                        d = os.path.join(work, f"r{counter}")
+                        rstate.materialise(d)
+                        routcome = _inspect(adapter, d, durability)
+                        cache[rfp] = (routcome, None)
+                        shutil.rmtree(d, ignore_errors=True)
+                    before = summary.violations()
+                    _check_outcome(routcome, ledger, summary)
+                    if summary.violations() > before:
+                        _example(examples, max_examples,
+                                 f"{state.label} then crash in recovery {rstate.label}: "
+                                 f"outstanding={sorted(routcome.outstanding)} "
+                                 f"error={routcome.error}")
+    for key in ("lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
+                "not_idempotent"):
+        summary.setdefault(key, 0)
+    if verbose or summary.violations():
+        for e in examples:
+            print(f"  violation: {e}", file=sys.stderr)
+    return summary
+
+
+def _example(examples: List[str], limit: int, text: str) -> None:
+    if len(examples) < limit:
+        examples.append(text)
+
+
+def _check_outcome(outcome: Outcome, ledger: Ledger, summary: Summary) -> None:
+    if outcome.error is not None:
+        summary.add("unrecoverable")
+        return
+    check_outstanding(ledger, outcome.outstanding, outcome.corrupt, summary)
+
+
+# =========================================================================== main
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", required=True,
+                    choices=["kill", "powercut", "enospc", "crashstates"])
+    ap.add_argument("--queue", default="both",
+                    help="persistent | folder | both (also toy, toy-buggy: simulator self-test)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="work per run: iterations (kill, powercut), messages (enospc, "
+                         "crashstates)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--durability", default=None, choices=["flush", "fsync", "both"],
+                    help="crashstates/powercut: which durability mode(s) (default both)")
+    ap.add_argument("--recovery-crash-every", type=int, default=1,
+                    help="crashstates: also crash recovery itself in every Nth state (0: never)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    kinds = ["persistent", "folder"] if args.queue == "both" else [args.queue]
+    for k in kinds:
+        if k not in ADAPTERS:
+            print(f"unknown --queue {k!r}; choose from {sorted(ADAPTERS)} or both",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    worst = EXIT_OK
+    for kind in kinds:
+        adapter = get_adapter(kind)
+        reason = adapter.available()
+        summaries: List[Summary]
+        if reason is not None:
+            summaries = [new_summary(args.mode, kind, skipped=reason)]
+        else:
+            summaries = MODES[args.mode](adapter, args)
+        for s in summaries:
+            print(s.line(), flush=True)
+            if s.violations():
+                worst = EXIT_VIOLATION
+    return worst
+
+
+def mode_crashstates(adapter: Adapter, args: argparse.Namespace) -> List[Summary]:
+    size = args.size or 8
+    durs = ["fsync", "flush"] if args.durability in (None, "both") else [args.durability]
+    return [run_crashstates(adapter, d, size, args.seed, args.recovery_crash_every,
+                            args.verbose) for d in durs]
+
+
+MODES: Dict[str, Callable[[Adapter, argparse.Namespace], List[Summary]]] = {
+    "crashstates": mode_crashstates,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
