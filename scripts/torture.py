@@ -42,7 +42,6 @@ import argparse
 import collections
 import contextlib
 import hashlib
-import json
 import os
 import pickle
 import random
@@ -52,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -450,6 +448,254 @@ def _pending_subsets(pending: List[dict], rng: random.Random, max_full: int, sam
         yield f"sample={s}", [p for i, p in enumerate(pending) if mask >> i & 1]
 
 
+# =========================================================================== acknowledgement logs
+class AckLog:
+    """Where a worker records what the queue acknowledged, *after* the call returned.
+
+    ``path``: a side file opened ``O_APPEND``; each record is one ``write(2)``, so it is
+    in the kernel (and survives SIGKILL of the worker) before the next queue call.
+    ``conn``: a one-way pipe to the parent (powercut mode: the acks must live outside the
+    file system that loses power); one small write per record, atomic under PIPE_BUF.
+    Records: ``<monotonic_ns> <pid> <kind> <mid>``; kinds P (put acknowledged), G (got),
+    N (nack acknowledged), D (task_done acknowledged), C (corrupt message received),
+    E (a put raised, as it must when it failed).
+    """
+
+    def __init__(self, path: Optional[str] = None, conn: Any = None) -> None:
+        self.conn = conn
+        self.fd = (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                   if path else None)
+        self.pid = os.getpid()
+
+    def log(self, kind: str, mid: str) -> None:
+        line = f"{time.monotonic_ns()} {self.pid} {kind} {mid}\n".encode()
+        if self.fd is not None:
+            os.write(self.fd, line)
+        if self.conn is not None:
+            self.conn.send_bytes(line)
+
+
+class AckEvent(tuple):
+    __slots__ = ()
+
+    t = property(lambda self: self[0])
+    pid = property(lambda self: self[1])
+    kind = property(lambda self: self[2])
+    mid = property(lambda self: self[3])
+
+
+def parse_ack_lines(data: bytes) -> List[AckEvent]:
+    out = []
+    for line in data.split(b"\n"):
+        parts = line.decode("utf-8", "replace").split(" ", 3)
+        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+            out.append(AckEvent((int(parts[0]), int(parts[1]), parts[2], parts[3])))
+    return out
+
+
+def read_ack_dir(directory: str) -> List[AckEvent]:
+    events: List[AckEvent] = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            events.extend(parse_ack_lines(f.read()))
+    events.sort()
+    return events
+
+
+def check_deliveries(events: List[AckEvent], killed: set, completed_evidence: set,
+                     final: List[Optional[str]], summary: Summary, *,
+                     may_lose_unsynced: bool = False) -> None:
+    """The full check of a kill / powercut / enospc run against what workers were told.
+
+    ``events``: every acknowledgement, time-ordered.  ``killed``: pids that were SIGKILLed
+    (their in-flight messages may legitimately come back).  ``completed_evidence``: ids the
+    queue's own durable state shows as completed (done folder, journal D records): a
+    task_done that returned just before a kill, so its D line was never written.
+    ``final``: ids delivered by the final recovery + drain (None for an unreadable one).
+
+    * lost: acknowledged put that is neither completed nor delivered at the end (G1).
+    * redelivered_done: delivered after its task_done was acknowledged (G4).
+    * dup_beyond_inflight: delivered again while an earlier delivery was not in flight
+      at a crash (its consumer was not killed, or had acked it) (G3).
+    * corrupt: a consumer received bytes that are not a whole message (G2).
+    """
+    acked = {e.mid for e in events if e.kind == "P"}
+    done_t: Dict[str, int] = {}
+    deliveries: Dict[str, List[AckEvent]] = collections.defaultdict(list)
+    closed: Dict[Tuple[int, str], int] = {}  # (pid, mid) -> how many D/N acks
+    corrupt = 0
+    end = max((e.t for e in events), default=0) + 1
+    for e in events:
+        if e.kind == "D":
+            done_t.setdefault(e.mid, e.t)
+            closed[(e.pid, e.mid)] = closed.get((e.pid, e.mid), 0) + 1
+        elif e.kind == "N":
+            closed[(e.pid, e.mid)] = closed.get((e.pid, e.mid), 0) + 1
+        elif e.kind == "G":
+            deliveries[e.mid].append(e)
+        elif e.kind == "C":
+            corrupt += 1
+    for mid in final:
+        if mid is None:
+            corrupt += 1
+        else:
+            deliveries[mid].append(AckEvent((end, 0, "G", mid)))
+    redelivered = 0
+    dups = 0
+    for mid, ds in deliveries.items():
+        t_done = done_t.get(mid)
+        if t_done is not None:
+            redelivered += sum(1 for d in ds if d.t > t_done)
+        if mid in completed_evidence:
+            redelivered += sum(1 for d in ds if d.t == end)
+        # every delivery but the last must have ended in a crash or a nack
+        used: Dict[Tuple[int, str], int] = {}
+        for d in ds[:-1]:
+            k = (d.pid, mid)
+            if closed.get(k, 0) > used.get(k, 0):
+                used[k] = used.get(k, 0) + 1  # nacked (or acked: counted above)
+                continue
+            if d.pid in killed:
+                continue  # in flight when its consumer was killed
+            dups += 1
+    delivered_final = {m for m in final if m is not None}
+    lost_ids = [m for m in acked if m not in done_t and m not in completed_evidence
+                and m not in delivered_final]
+    summary.add("acked", len(acked))
+    summary.add("lost_unsynced" if may_lose_unsynced else "lost", len(lost_ids))
+    summary.add("corrupt", corrupt)
+    summary.add("redelivered_done", redelivered)
+    summary.add("dup_beyond_inflight", dups)
+    if lost_ids and os.environ.get("TORTURE_DEBUG"):
+        print(f"  lost ids: {sorted(lost_ids)[:20]}", file=sys.stderr)
+
+
+# =========================================================================== mounts
+class Skip(Exception):
+    """The mode cannot run on this machine (reported as ``skipped=<reason>``)."""
+
+
+def _run(cmd: List[str]) -> None:
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise OSError(f"{' '.join(cmd)}: {res.stderr.strip() or res.returncode}")
+
+
+def _need_root(what: str) -> None:
+    if not sys.platform.startswith("linux"):
+        raise Skip(f"{what}-needs-linux")
+    if os.geteuid() != 0:
+        raise Skip(f"{what}-needs-root")
+
+
+@contextlib.contextmanager
+def tmpfs_mount(size_bytes: int):
+    """Mount a tmpfs of ``size_bytes`` under a temp dir; always unmounted afterwards."""
+    _need_root("tmpfs")
+    base = tempfile.mkdtemp(prefix="pqt-tmpfs-")
+    mnt = os.path.join(base, "mnt")
+    os.mkdir(mnt)
+    try:
+        try:
+            _run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700", "tmpfs", mnt])
+        except OSError as exc:
+            raise Skip(f"tmpfs-mount-refused({str(exc).split(':')[-1].strip()[:60]})")
+        try:
+            yield mnt
+        finally:
+            _umount(mnt)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _umount(mnt: str) -> None:
+    for attempt in range(50):
+        res = subprocess.run(["umount", mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if res.returncode == 0 or not os.path.ismount(mnt):
+            return
+        time.sleep(0.1 * (attempt + 1) / 5)
+    subprocess.run(["umount", "-l", mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+class Ext4Image:
+    """A loop-mounted ext4 image: mount, power-cut (EXT4_IOC_SHUTDOWN), umount, remount."""
+
+    EXT4_IOC_SHUTDOWN = 0x8004587D
+    EXT4_GOING_FLAGS_NOLOGFLUSH = 2  # stop now: do not even flush the journal
+
+    def __init__(self, base: str, size_mb: int = 128) -> None:
+        self.img = os.path.join(base, "disk.img")
+        self.mnt = os.path.join(base, "mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+        with open(self.img, "wb") as f:
+            f.truncate(size_mb << 20)
+        try:
+            _run(["mkfs.ext4", "-q", "-F", self.img])
+        except OSError as exc:
+            raise Skip(f"mkfs.ext4-failed({str(exc)[-60:]})")
+        self.mounted = False
+
+    def mount(self) -> None:
+        try:
+            _run(["mount", "-o", "loop", self.img, self.mnt])
+        except OSError as exc:
+            raise Skip(f"loop-mount-refused({str(exc).split(':')[-1].strip()[:60]})")
+        self.mounted = True
+
+    def power_cut(self) -> None:
+        import fcntl
+        import struct
+
+        fd = os.open(self.mnt, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, self.EXT4_IOC_SHUTDOWN,
+                        struct.pack("I", self.EXT4_GOING_FLAGS_NOLOGFLUSH))
+        finally:
+            os.close(fd)
+
+    def umount(self) -> None:
+        if self.mounted:
+            _umount(self.mnt)
+            self.mounted = False
+
+
+@contextlib.contextmanager
+def ext4_image(size_mb: int = 128):
+    _need_root("loop")
+    base = tempfile.mkdtemp(prefix="pqt-ext4-")
+    image = None
+    try:
+        image = Ext4Image(base, size_mb)
+        image.mount()
+        yield image
+    finally:
+        if image is not None:
+            image.umount()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# =========================================================================== processes
+def _spawn(target: Callable[..., None], *args: Any):
+    import multiprocessing
+
+    p = multiprocessing.get_context(START_METHOD).Process(target=target, args=args,
+                                                           daemon=True)
+    p.start()
+    return p
+
+
+START_METHOD = "spawn"
+
+
+def _sigkill(p: Any) -> None:
+    if p.is_alive():
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.join(10)
+
+
 # =========================================================================== adapters
 class Outcome:
     """What recovery found: outstanding message ids (with counts) and corrupt ones."""
@@ -623,7 +869,7 @@ def run_crashstates(adapter: Adapter, durability: str, size: int, seed: int,
         cache: Dict[str, Tuple[Outcome, Optional[dict]]] = {}
         counter = 0
         checked = set()
-        for k, ledger, state in enumerate_crash_states(trace, weak=weak, rng=rng):
+        for _k, ledger, state in enumerate_crash_states(trace, weak=weak, rng=rng):
             fp = state.fingerprint()
             key = (fp, len(ledger.acked_put), len(ledger.begun_done), len(ledger.acked_done),
                    len(ledger.begun_put))
