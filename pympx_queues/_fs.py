@@ -518,3 +518,45 @@ def random_id(nbytes: int = 4) -> str:
 def owner_tag() -> Tuple[str, int, int]:
     """(host, pid, start time) of the calling process: who owns a claim or journal."""
     return _HOST, os.getpid(), my_start_time()
+
+
+# --------------------------------------------------------------------------- journal locks
+# Added for the PersistentQueue journals (pympx_queues/_journal.py).
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    _fcntl = None  # type: ignore[assignment]
+
+
+def flock_exclusive_nb(fd: int) -> None:
+    """Take an exclusive ``flock`` on ``fd`` without waiting (``BlockingIOError`` if held).
+
+    A journal writer holds it for as long as its file is open; the kernel drops it when
+    the process dies, so "locked" means "its writer is still running" (no pid reuse
+    problem).  No-op where ``flock`` does not exist.
+    """
+    if _fcntl is not None:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+
+
+def is_flocked(path: PathLike) -> Optional[bool]:
+    """True while some open file description holds a ``flock`` on ``path``.
+
+    False when nobody does (its writer closed it or died), None when the file is gone.
+    Never follows a symlink, never blocks.  Where ``flock`` is missing, returns False.
+    """
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        if _fcntl is None:
+            return False
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

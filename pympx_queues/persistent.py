@@ -1,0 +1,692 @@
+"""PersistentQueue: a ``multiprocessing.JoinableQueue`` that journals puts and acks.
+
+Every ``put`` is written to an append-only pickup journal before it reaches the queue,
+and every ``task_done`` is written before it is acknowledged.  After a crash (``kill -9``
+of any producer or consumer, or with ``durability="fsync"`` a power loss) the next run
+finds exactly the unfinished work and :meth:`PersistentQueue.requeue_unprocessed_work`
+puts it back, under its original message ids.
+
+Message ids and ``task_done``
+    Every put gets a message id (``put`` returns it).  The queue carries ``(id, body)``;
+    ``get()`` returns the body, as ``queue.Queue`` does, and the consuming process
+    remembers the id of every body it got and has not acknowledged yet.
+    ``task_done(body)`` acknowledges the unacknowledged message of this process that *is*
+    ``body`` (identity), else the oldest one equal to it; ``task_done()`` with no
+    argument acknowledges the oldest.  So two equal messages are two pieces of work, and
+    each needs its own ``task_done``.  When the exact id matters (acks from another
+    process, out-of-order acks of equal bodies), use :meth:`PersistentQueue.get_message`,
+    which returns a picklable :class:`Message` ``(id, body)``, and pass that message (or
+    ``id=...``) to ``task_done``.
+
+See the module :mod:`pympx_queues._journal` for the journal format and layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import threading
+from collections import OrderedDict
+from queue import Empty, Full
+from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
+
+from . import _fs
+from . import _journal as jr
+from .errors import QueueClosed, QueueFailed
+from .sentinels import DONE, FAILED, is_sentinel
+
+log = logging.getLogger("pympx_queues.persistent")
+
+__all__ = ["PersistentQueue", "Message", "return_same"]
+
+_MISSING: Any = object()
+
+
+class Message(NamedTuple):
+    """A message with its id, as returned by :meth:`PersistentQueue.get_message`."""
+
+    id: str
+    body: Any
+
+
+def return_same(x: Any) -> Any:
+    """Identity formatter/converter (picklable, unlike a lambda)."""
+    return x
+
+
+def _default_context() -> Any:
+    """The context of the start method in force, without fixing the default one.
+
+    ``multiprocessing.get_context()`` with no argument would freeze the default start
+    method (a later ``set_start_method`` then fails); asking by name does not.
+    """
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method is None:
+        method = multiprocessing.get_all_start_methods()[0]  # the platform default
+    return multiprocessing.get_context(method)
+
+
+def _check_hooks(name: str, hooks: Optional[Sequence[Callable[[Any], Any]]]
+                 ) -> Optional[Tuple[Callable[[Any], Any], ...]]:
+    if hooks is None:
+        return None
+    hooks = tuple(hooks)
+    if not hooks or not all(callable(h) for h in hooks):
+        raise TypeError(f"{name} must be a non-empty sequence of callables")
+    if all(h is return_same or getattr(h, "__name__", "") == "return_same" for h in hooks):
+        return None  # pympx's default: plain tagged JSON round-trips better
+    return hooks
+
+
+# Per-process attributes: never pickled, rebuilt in each process that uses the queue.
+_PROCESS_STATE = ("_pid", "_lock", "_writer", "_inflight", "_ids", "_id_prefix", "_closed",
+                  "_keys_put", "_local_items", "_ctx")
+
+
+class PersistentQueue:
+    """A joinable multiprocessing queue whose work survives crashes (pympx API).
+
+    :param pickup_file_prefix: names this queue's journals in the pickup dirs (default
+        ``"unlabeled_queue"``); one pickup dir may hold several queues.
+    :param current_pickup_dir: where this run journals its puts and acks (created, mode
+        ``dir_mode``).  It may be the same directory run after run: earlier runs found in
+        it are read, and compacted when they are finished.  ``None``: nothing is
+        journaled (a plain joinable queue).
+    :param previous_pickup_dir: an extra directory of earlier runs (pympx's rotation of
+        one directory per run).  Its unfinished work is carried forward into
+        ``current_pickup_dir`` when this queue is created; it is only read.
+    :param formatter_list: optional per-field functions turning a message (or each item
+        of a tuple/list message) into JSON-able values for the journal; the default
+        journals JSON directly (tuples, bytes, sets and nested data round-trip).
+    :param converter_list: the inverse functions, used when earlier work is requeued.
+    :param number_of_workers: consumers, i.e. how many DONE/FAILED ``close``/``fail`` put.
+    :param use_queue: ``False`` journals only: ``get`` then replays the journals of this
+        run (all puts must be finished first, single consumer), as in pympx.
+    :param durability: ``"flush"`` (default; a put or ack survives the crash of any
+        process) or ``"fsync"`` (also power loss; each put/ack waits for an fsync, shared
+        by concurrent threads; use :meth:`put_many` / :meth:`task_done_many` to batch).
+    :param maxsize: bound of the in-memory queue (0: unbounded).
+    :param context: a ``multiprocessing`` context or start-method name for the underlying
+        queue; default: the start method in force (not fixed by this call).  Use the
+        context you start your processes with.
+    :param compact: recover torn journal tails and compact finished runs at creation.
+    :param lock_timeout: seconds to wait for the pickup dir's compaction lock.
+
+    The constructor reads earlier runs (blocks on file I/O and, briefly, the pickup
+    dir's filelock).  It raises :class:`~pympx_queues.errors.JournalCorruptError` when an
+    earlier journal is corrupt (see ``pympx-queues repair``), ``ValueError``/``TypeError``
+    for bad arguments.
+
+    The object pickles into child processes (spawn, forkserver, fork); each process
+    writes its own journal.
+    """
+
+    #: pympx's identity formatter, kept as a class attribute for compatibility.
+    return_same = staticmethod(return_same)
+
+    def __init__(self, pickup_file_prefix: Optional[str] = None,
+                 current_pickup_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+                 previous_pickup_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+                 formatter_list: Optional[Sequence[Callable[[Any], Any]]] = None,
+                 converter_list: Optional[Sequence[Callable[[Any], Any]]] = None,
+                 number_of_workers: int = 1, use_queue: bool = True, *,
+                 durability: str = _fs.FLUSH, maxsize: int = 0,
+                 context: Any = None, compact: bool = True, lock_timeout: float = 60.0,
+                 file_mode: int = _fs.DEFAULT_FILE_MODE,
+                 dir_mode: int = _fs.DEFAULT_DIR_MODE) -> None:
+        self.pickup_file_prefix = jr.check_prefix(
+            "unlabeled_queue" if pickup_file_prefix is None else pickup_file_prefix)
+        if isinstance(number_of_workers, bool) or not isinstance(number_of_workers, int) \
+                or number_of_workers < 0:
+            raise ValueError(f"number_of_workers must be an int >= 0, got {number_of_workers!r}")
+        if not isinstance(maxsize, int) or maxsize < 0:
+            raise ValueError(f"maxsize must be an int >= 0, got {maxsize!r}")
+        self.durability = _fs.check_durability(durability)
+        self.number_of_workers = number_of_workers
+        self.use_queue = bool(use_queue)
+        self.current_pickup_dir = (os.path.abspath(os.fspath(current_pickup_dir))
+                                   if current_pickup_dir is not None else None)
+        self.previous_pickup_dir = (os.path.abspath(os.fspath(previous_pickup_dir))
+                                    if previous_pickup_dir is not None else None)
+        if not self.use_queue and self.current_pickup_dir is None:
+            raise ValueError("use_queue=False needs a current_pickup_dir to journal into")
+        self._formatters = _check_hooks("formatter_list", formatter_list)
+        self._converters = _check_hooks("converter_list", converter_list)
+        if (self._formatters is None) != (self._converters is None):
+            raise ValueError("formatter_list and converter_list must be given together")
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        self.run_id = jr.new_run_id()
+
+        # Earlier runs: recovered, compacted, and summarised for requeue and keys.
+        history = self._load_history(compact, lock_timeout)
+        outstanding = history.outstanding()
+        self._outstanding: List[Tuple[str, Optional[str], Any]] = [
+            (r.id, r.key, r.body) for r in outstanding]
+        self._outstanding_keys: Dict[str, int] = {
+            key: i for i, (_, key, _) in enumerate(self._outstanding) if key is not None}
+        self._done_keys = frozenset(history.keys_done())
+        self._requeued: set = set()
+        if self._outstanding:
+            log.info("queue %s: %d unfinished message(s) from earlier runs",
+                     self.pickup_file_prefix, len(self._outstanding))
+
+        self._ctx = self._resolve_context(context)
+        self.joinable_queue = self._ctx.JoinableQueue(maxsize) if self.use_queue else None
+        self._pid: Optional[int] = None
+        self._ensure_process()
+
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _resolve_context(context: Any) -> Any:
+        if context is None:
+            return _default_context()
+        if isinstance(context, str):
+            return multiprocessing.get_context(context)
+        return context
+
+    def _load_history(self, compact: bool, lock_timeout: float) -> jr.History:
+        current, previous = self.current_pickup_dir, self.previous_pickup_dir
+        if current is not None:
+            _fs.makedirs(current, self.dir_mode)
+            if compact:
+                history, _ = jr.compact(current, self.pickup_file_prefix,
+                                        extra_dirs=[previous] if previous else [],
+                                        exclude_run=self.run_id, durability=self.durability,
+                                        file_mode=self.file_mode, lock_timeout=lock_timeout)
+                return history
+        dirs = [d for d in (current, previous) if d is not None]
+        return jr.scan_dirs(dirs, self.pickup_file_prefix, exclude_run=self.run_id)
+
+    def _ensure_process(self) -> None:
+        """(Re)build per-process state in a new process (after fork or unpickling)."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        self._pid = pid
+        self._lock = threading.RLock()
+        self._writer: Optional[jr.JournalWriter] = None
+        self._inflight: "OrderedDict[str, Any]" = OrderedDict()
+        self._ids = itertools.count()
+        self._id_prefix = _fs.random_id(6)
+        self._closed = False
+        self._keys_put: set = set()
+        self._local_items: Optional[List[Any]] = None
+        if getattr(self, "_ctx", None) is None:
+            self._ctx = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in _PROCESS_STATE:
+            state.pop(name, None)
+        state["_requeued"] = set(self._requeued)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = None
+        self._ctx = None
+        self._ensure_process()
+
+    @property
+    def journaling(self) -> bool:
+        """True when puts and acks are journaled (a ``current_pickup_dir`` was given)."""
+        return self.current_pickup_dir is not None
+
+    @property
+    def journal_path(self) -> Optional[str]:
+        """The journal this process writes (None until it first writes)."""
+        writer = getattr(self, "_writer", None)
+        return writer.path if writer is not None else None
+
+    def _get_writer(self) -> Optional[jr.JournalWriter]:
+        if self.current_pickup_dir is None:
+            return None
+        writer = self._writer
+        if writer is None or writer.closed:
+            for _ in range(3):
+                try:
+                    writer = jr.JournalWriter(
+                        self.current_pickup_dir, self.pickup_file_prefix, self.run_id,
+                        durability=self.durability, file_mode=self.file_mode)
+                    break
+                except FileExistsError:  # random id collision: draw again
+                    continue
+            else:  # pragma: no cover
+                raise FileExistsError("could not create a unique journal file name")
+            self._writer = writer
+        return writer
+
+    def _journal(self, records: Sequence[Tuple[str, str]]) -> None:
+        writer = self._get_writer()
+        if writer is not None:
+            writer.append(records)
+
+    # ------------------------------------------------------------------ codec
+    def _encode(self, obj: Any) -> Any:
+        """JSON-able journal form of a message; raises TypeError/ValueError, writes nothing."""
+        if self._formatters is None:
+            return jr.encode_value(obj)
+        f = self._formatters
+        if isinstance(obj, (tuple, list)):
+            if len(obj) > len(f):
+                raise ValueError(f"message has {len(obj)} fields but formatter_list has "
+                                 f"{len(f)} functions")
+            return {jr.TAG_FORMATTED: [jr.encode_value(f[n](x)) for n, x in enumerate(obj)]}
+        return {jr.TAG_FORMATTED: jr.encode_value(f[0](obj))}
+
+    def _decode(self, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) == 1 and jr.TAG_FORMATTED in data:
+            inner = data[jr.TAG_FORMATTED]
+            c = self._converters or (return_same,)
+            if isinstance(inner, list):
+                return tuple(c[min(n, len(c) - 1)](jr.decode_value(x))
+                             for n, x in enumerate(inner))
+            return c[0](jr.decode_value(inner))
+        return jr.decode_value(data)
+
+    # ------------------------------------------------------------------ producer side
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueClosed(f"queue {self.pickup_file_prefix} is closed for puts in this "
+                              "process (close() or fail() was called)")
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}.{next(self._ids):x}"
+
+    def _put_batch(self, objs: Sequence[Any], keys: Sequence[Optional[str]],
+                   block: bool, timeout: Optional[float],
+                   ids: Optional[Sequence[str]] = None) -> List[Optional[str]]:
+        self._ensure_process()
+        self._check_open()
+        timeout = _fs.check_timeout(timeout)
+        plan: List[Tuple[str, Any, str, bool]] = []  # (id, obj, record payload, requeue)
+        result: List[Optional[str]] = []
+        with self._lock:
+            batch_keys: set = set()
+            for n, obj in enumerate(objs):
+                if is_sentinel(obj):
+                    raise ValueError("put DONE/FAILED with close()/fail(), not put()")
+                key = keys[n]
+                if key is not None and not isinstance(key, str):
+                    raise TypeError(f"key must be a str, got {type(key).__name__}")
+                mid = ids[n] if ids is not None else None
+                requeue = mid is not None
+                if key is not None and not requeue:
+                    if key in self._done_keys or key in self._keys_put or key in batch_keys:
+                        result.append(None)  # idempotent: already done or already queued
+                        continue
+                    index = self._outstanding_keys.get(key)
+                    if index is not None:
+                        mid = self._outstanding[index][0]  # redo it under its first id
+                        requeue = True
+                        if mid in self._requeued:
+                            result.append(None)
+                            continue
+                if key is not None:
+                    batch_keys.add(key)
+                if mid is None:
+                    mid = self._new_id()
+                payload: Dict[str, Any] = {"i": mid, "m": self._encode(obj)}
+                if key is not None:
+                    payload["k"] = key
+                if requeue:
+                    payload["r"] = 1
+                plan.append((mid, obj, jr.dumps(payload), requeue))
+                result.append(mid)
+            if not plan:
+                return result
+            # G1: the records are written (and in fsync mode synced) before the queue
+            # sees the messages and before put returns.
+            self._journal([(jr.KIND_PUT, p) for _, _, p, _ in plan])
+            self._requeued.update(mid for mid, _, _, requeue in plan if requeue)
+            self._keys_put.update(batch_keys)
+        if self.use_queue:
+            assert self.joinable_queue is not None
+            for n, (mid, obj, _, _) in enumerate(plan):
+                try:
+                    self.joinable_queue.put((mid, obj), block, timeout)
+                except Full:
+                    # Withdraw what never reached the queue, so the journal stays true.
+                    self._journal([(jr.KIND_CANCEL, jr.dumps({"i": m}))
+                                   for m, _, _, _ in plan[n:]])
+                    raise
+        return result
+
+    def put(self, obj: Any, block: bool = True, timeout: Optional[float] = None, *,
+            key: Optional[str] = None) -> Optional[str]:
+        """Journal ``obj`` then put it on the queue; return its message id.
+
+        Blocks on the journal write (and fsync in fsync mode) and, with a bounded queue,
+        for a free slot (``block``/``timeout`` as in ``queue.Queue``; ``queue.Full`` when
+        none frees up, and the journal records the put as withdrawn).
+
+        ``key`` makes the put idempotent across restarts: a key completed in an earlier
+        (unfinished) run, or already put by this process, is skipped and ``None``
+        returned; a key still outstanding from an earlier run is put under its original
+        id, so completing it completes the old work.
+
+        Raises :class:`~pympx_queues.errors.QueueClosed` after ``close()``/``fail()`` in
+        this process, ``TypeError`` for a message the journal cannot encode and
+        ``ValueError`` for a negative timeout or a DONE/FAILED sentinel; nothing is written
+        then.
+        """
+        return self._put_batch([obj], [key], block, timeout)[0]
+
+    def put_nowait(self, obj: Any, *, key: Optional[str] = None) -> Optional[str]:
+        """``put(obj, block=False)``."""
+        return self.put(obj, False, key=key)
+
+    def put_many(self, objs: Sequence[Any], block: bool = True,
+                 timeout: Optional[float] = None, *,
+                 keys: Optional[Sequence[Optional[str]]] = None) -> List[Optional[str]]:
+        """Put several messages with one journal write (one fsync in fsync mode).
+
+        Same rules and errors as :meth:`put`; all messages are encoded before anything is
+        written, so a bad one fails the whole call with nothing written.  Returns the ids
+        (``None`` for skipped keys).
+        """
+        objs = list(objs)
+        if keys is None:
+            keys = [None] * len(objs)
+        elif len(keys) != len(objs):
+            raise ValueError("keys must have one entry per message")
+        return self._put_batch(objs, list(keys), block, timeout)
+
+    def _put_sentinels(self, sentinel: Any, kind: str) -> None:
+        self._ensure_process()
+        with self._lock:
+            was_closed, self._closed = self._closed, True
+            if not was_closed or sentinel is FAILED:
+                self._journal([(kind, jr.dumps({"workers": self.number_of_workers}))])
+        if self.use_queue:
+            assert self.joinable_queue is not None
+            for _ in range(self.number_of_workers):
+                self.joinable_queue.put(sentinel)
+
+    def close(self) -> None:
+        """End the stream: journal the close and put one DONE per worker.
+
+        Puts from this process raise :class:`QueueClosed` afterwards.  May block on a
+        full bounded queue.  The queue stays usable for ``get``/``task_done``/``join``.
+        """
+        self._put_sentinels(DONE, jr.KIND_CLOSE)
+
+    def fail(self) -> None:
+        """Fail the run: journal it and put one FAILED per worker (consumers stop)."""
+        log.error("queue %s: failing the run (FAILED to %d worker(s))",
+                  self.pickup_file_prefix, self.number_of_workers)
+        self._put_sentinels(FAILED, jr.KIND_FAIL)
+
+    @contextlib.contextmanager
+    def producing(self) -> Iterator["PersistentQueue"]:
+        """``with q.producing():`` closes the stream on success, fails it on an exception."""
+        try:
+            yield self
+        except BaseException:
+            self.fail()
+            raise
+        self.close()
+
+    # ------------------------------------------------------------------ consumer side
+    def _load_local_items(self) -> List[Any]:
+        """use_queue=False: this run's journaled, unfinished puts, then DONE."""
+        assert self.current_pickup_dir is not None
+        history = jr.scan_dirs([self.current_pickup_dir], self.pickup_file_prefix)
+        run = history.runs.get(self.run_id)
+        items: List[Any] = []
+        if run is not None:
+            for mid, req in history.requested.items():
+                if req.run == self.run_id and mid not in history.completed \
+                        and mid not in history.cancelled:
+                    items.append((mid, self._decode(req.body)))
+        return items
+
+    def _take(self, block: bool, timeout: Optional[float]) -> Any:
+        self._ensure_process()
+        timeout = _fs.check_timeout(timeout)
+        if not self.use_queue:
+            with self._lock:
+                if self._local_items is None:
+                    self._local_items = self._load_local_items()
+                if not self._local_items:
+                    return DONE
+                item = self._local_items.pop(0)
+        else:
+            assert self.joinable_queue is not None
+            item = self.joinable_queue.get(block, timeout)
+            if is_sentinel(item):
+                # Sentinels count as tasks in the JoinableQueue: settle them at once so
+                # that join() waits for real work only.
+                self.joinable_queue.task_done()
+                return item
+        mid, obj = item
+        with self._lock:
+            self._inflight[mid] = obj
+        return item
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        """Remove and return the next message body (or DONE / FAILED).
+
+        Blocks until a message arrives if ``block`` (at most ``timeout`` seconds, then
+        ``queue.Empty``); with ``block=False`` raises ``queue.Empty`` at once when none
+        is ready.  The id is remembered for :meth:`task_done`.  ``ValueError`` for a
+        negative timeout.
+        """
+        item = self._take(block, timeout)
+        return item if is_sentinel(item) else item[1]
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self.get(False)
+
+    def get_message(self, block: bool = True, timeout: Optional[float] = None
+                    ) -> Union[Message, Any]:
+        """Like :meth:`get` but returns a :class:`Message` ``(id, body)`` (or a sentinel)."""
+        item = self._take(block, timeout)
+        return item if is_sentinel(item) else Message(*item)
+
+    def get_many(self, max_items: int, block: bool = True,
+                 timeout: Optional[float] = None) -> List[Any]:
+        """Up to ``max_items`` bodies: waits (like :meth:`get`) for the first only.
+
+        A DONE/FAILED sentinel ends the batch and is its last element.  Pair with
+        :meth:`task_done_many` to acknowledge a batch with one journal write.
+        """
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        out = [self.get(block, timeout)]
+        while len(out) < max_items and not is_sentinel(out[-1]):
+            try:
+                out.append(self.get(False))
+            except Empty:
+                break
+        return out
+
+    def _resolve(self, obj: Any, mid: Optional[str]) -> Tuple[str, Any]:
+        """(id, body popped from the in-flight map or _MISSING) for one ack."""
+        if isinstance(obj, Message):
+            mid = obj.id
+        inflight = self._inflight
+        if mid is not None:
+            if not isinstance(mid, str):
+                raise TypeError(f"message id must be a str, got {type(mid).__name__}")
+            return mid, inflight.pop(mid, _MISSING)
+        if not inflight:
+            raise ValueError("task_done() called more times than this process called get()")
+        if obj is _MISSING:
+            return inflight.popitem(last=False)
+        for key, value in inflight.items():
+            if value is obj:
+                del inflight[key]
+                return key, value
+        for key, value in inflight.items():
+            try:
+                equal = bool(value == obj)
+            except Exception:
+                equal = False
+            if equal:
+                del inflight[key]
+                return key, value
+        raise ValueError(f"task_done({obj!r}): no unacknowledged message equal to it was "
+                         "got by this process")
+
+    def task_done(self, obj: Any = _MISSING, *, id: Optional[str] = None) -> None:
+        """Acknowledge one message: journal its completion, then settle it for ``join``.
+
+        ``obj`` is a body returned by ``get`` in this process (see the module doc for how
+        equal bodies are told apart), a :class:`Message`, or omitted (the oldest
+        unacknowledged message of this process); ``id=`` names the message exactly (it
+        may have been got by another process).  Blocks on the journal write (and fsync in
+        fsync mode).  ``ValueError`` when nothing matches (nothing is written).
+        """
+        self.task_done_many([obj], ids=[id])
+
+    def task_done_many(self, objs: Sequence[Any], *,
+                       ids: Optional[Sequence[Optional[str]]] = None) -> None:
+        """Acknowledge several messages with one journal write (one fsync in fsync mode).
+
+        Sentinels in ``objs`` are ignored (so ``get_many``'s result can be passed back).
+        """
+        self._ensure_process()
+        objs = list(objs)
+        if ids is None:
+            ids = [None] * len(objs)
+        if len(ids) != len(objs):
+            raise ValueError("ids must have one entry per message")
+        resolved: List[str] = []
+        with self._lock:
+            taken: List[Tuple[str, Any]] = []
+            try:
+                for obj, mid in zip(objs, ids):
+                    if mid is None and is_sentinel(obj):
+                        continue
+                    m, value = self._resolve(obj, mid)
+                    resolved.append(m)
+                    taken.append((m, value))
+                if resolved:
+                    # G4: the completion is journaled (synced in fsync mode) before the ack.
+                    self._journal([(jr.KIND_DONE, jr.dumps({"i": m})) for m in resolved])
+            except BaseException:
+                # A failed ack changes nothing: the messages stay unacknowledged.
+                for m, value in reversed(taken):
+                    if value is not _MISSING:
+                        self._inflight[m] = value
+                        self._inflight.move_to_end(m, last=False)
+                raise
+            if not resolved:
+                return
+        if self.use_queue:
+            assert self.joinable_queue is not None
+            for _ in resolved:
+                self.joinable_queue.task_done()
+
+    def join(self) -> None:
+        """Block until every message put on the queue has been acknowledged."""
+        if self.use_queue:
+            assert self.joinable_queue is not None
+            self.joinable_queue.join()
+
+    def qsize(self) -> int:
+        """Approximate number of messages (and sentinels) waiting in the queue."""
+        self._ensure_process()
+        if not self.use_queue:
+            return len(self._local_items or [])
+        assert self.joinable_queue is not None
+        return self.joinable_queue.qsize()
+
+    def empty(self) -> bool:
+        """True when no message is waiting (approximate, like ``multiprocessing``)."""
+        if not self.use_queue:
+            return not self._local_items
+        assert self.joinable_queue is not None
+        return self.joinable_queue.empty()
+
+    def __iter__(self) -> "PersistentQueue":
+        return self
+
+    def __next__(self) -> Any:
+        """The next body; StopIteration at DONE, :class:`QueueFailed` at FAILED.
+
+        The consumer still acknowledges each body with :meth:`task_done`.
+        """
+        msg = self.get()
+        if msg is DONE:
+            raise StopIteration
+        if msg is FAILED:
+            log.error("queue %s: FAILED received", self.pickup_file_prefix)
+            raise QueueFailed(f"upstream failure: FAILED received on queue "
+                              f"{self.pickup_file_prefix}")
+        return msg
+
+    def dispose(self) -> None:
+        """Stop using the queue in this process: close this process's journal.
+
+        Unacknowledged messages stay outstanding for the next run.  Idempotent; a later
+        put or ack opens a new journal file.
+        """
+        self._ensure_process()
+        with self._lock:
+            writer, self._writer = self._writer, None
+            if self._inflight:
+                log.debug("queue %s: %d message(s) left unacknowledged by pid %d",
+                          self.pickup_file_prefix, len(self._inflight), os.getpid())
+        if writer is not None:
+            writer.close()
+
+    def __enter__(self) -> "PersistentQueue":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.dispose()
+
+    # ------------------------------------------------------------------ earlier runs
+    def get_outstanding_messages(self) -> List[Message]:
+        """Unfinished work of earlier runs (as found when this queue was created)."""
+        return [Message(mid, self._decode(body)) for mid, _, body in self._outstanding]
+
+    def get_list_of_outstanding_work(self) -> List[Any]:
+        """Bodies of the unfinished work of earlier runs (all of them, not only the last)."""
+        return [m.body for m in self.get_outstanding_messages()]
+
+    def requeue_unprocessed_work(self) -> int:
+        """Put the unfinished work of earlier runs back on the queue under its own ids.
+
+        Safe before or after consumer processes start.  Work already requeued (by this
+        call or by a keyed put in this process, or in the parent before it started this
+        process) is not put twice.  Returns the number of messages requeued.  Same
+        blocking and errors as :meth:`put_many`.
+        """
+        self._ensure_process()
+        todo = [(mid, key, body) for mid, key, body in self._outstanding
+                if mid not in self._requeued]
+        if not todo:
+            return 0
+        log.debug("queue %s: requeuing %s", self.pickup_file_prefix,
+                  ", ".join(mid for mid, _, _ in todo[:20]))
+        objs = [self._decode(body) for _, _, body in todo]
+        ids = [mid for mid, _, _ in todo]
+        # Keys are recorded but not re-checked: these ids are outstanding by definition.
+        self._put_batch(objs, [key for _, key, _ in todo], True, None, ids=ids)
+        with self._lock:
+            self._keys_put.update(key for _, key, _ in todo if key is not None)
+        log.info("queue %s: requeued %d message(s) from earlier runs",
+                 self.pickup_file_prefix, len(todo))
+        return len(todo)
+
+    def mark_all_work_done(self) -> None:
+        """Drain the queue until DONE, acknowledging every message (pympx meaning).
+
+        Blocks until DONE arrives; raises :class:`QueueFailed` on FAILED.
+        """
+        for msg in self:
+            self.task_done(msg)
+
+    def __repr__(self) -> str:
+        where = self.current_pickup_dir or "memory"
+        return (f"<PersistentQueue {self.pickup_file_prefix!r} run={self.run_id} "
+                f"at {where} durability={self.durability}>")
