@@ -59,6 +59,12 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from pympx_queues import _fs  # noqa: E402
 
+import logging  # noqa: E402
+
+# Recovery logs every torn tail it cuts: thousands of crash states would flood stderr.
+logging.getLogger("pympx_queues").addHandler(logging.NullHandler())
+logging.getLogger("pympx_queues").propagate = False
+
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 
 #: Counts that must stay zero (anything else in a summary is a figure).
@@ -711,6 +717,8 @@ class Adapter:
     """How torture.py drives one queue kind.  Subclasses fill in the queue calls."""
 
     name = "?"
+    #: crash-state workload phases, each in its own process (a crash between phases)
+    phases = 1
 
     def available(self) -> Optional[str]:
         """None if the queue kind can be imported, else the reason it cannot."""
@@ -718,7 +726,7 @@ class Adapter:
 
     # crash-state workload (runs in a child process, tracer installed by the caller)
     def crash_workload(self, root: str, durability: str, rec: FsRecorder, n: int,
-                       rng: random.Random) -> None:
+                       rng: random.Random, phase: int) -> None:
         raise NotImplementedError
 
     def prepare(self, root: str, durability: str) -> None:
@@ -750,7 +758,7 @@ class ToyAdapter(Adapter):
         if durability == _fs.FSYNC and not self.buggy:
             _fs.fsync_dir(path)
 
-    def crash_workload(self, root, durability, rec, n, rng):
+    def crash_workload(self, root, durability, rec, n, rng, phase):
         durable = durability == _fs.FSYNC
         ready: List[str] = []
         claimed: List[Tuple[str, str]] = []
@@ -800,9 +808,128 @@ class ToyAdapter(Adapter):
         return Outcome(out, corrupt)
 
 
+# -- PersistentQueue ---------------------------------------------------------------
+PQ_PREFIX = "torture"
+
+
+def _pq(pickup: str, durability: str, workers: int = 1):
+    from pympx_queues.persistent import PersistentQueue
+
+    return PersistentQueue(PQ_PREFIX, current_pickup_dir=pickup, durability=durability,
+                           number_of_workers=workers, context="spawn")
+
+
+def _body_mid(body: Any) -> Optional[str]:
+    if isinstance(body, str):
+        return parse_payload(body.encode())
+    return None
+
+
+class PersistentAdapter(Adapter):
+    """PersistentQueue: recovery = constructing a new queue on the same pickup dir."""
+
+    name = "persistent"
+    phases = 4
+
+    def available(self) -> Optional[str]:
+        try:
+            import pympx_queues.persistent  # noqa: F401
+        except ImportError as exc:
+            return f"persistent-queue-missing({exc})"
+        return None
+
+    def prepare(self, root: str, durability: str) -> None:
+        _fs.makedirs(root)
+        if os.environ.get("TORTURE_PRECREATE"):
+            _fs.makedirs(os.path.join(root, "pickup"))
+
+    @staticmethod
+    def _put(q: Any, rec: FsRecorder, mid: str) -> None:
+        rec.mark("begun_put", mid)
+        q.put(make_payload(mid).decode())
+        rec.mark("acked_put", mid)
+
+    @staticmethod
+    def _take_and_ack(q: Any, rec: FsRecorder, rng: random.Random, count: int) -> None:
+        from queue import Empty
+
+        from pympx_queues.sentinels import is_sentinel
+
+        got = []
+        for _ in range(count):
+            try:
+                body = q.get(timeout=2)
+            except Empty:
+                break
+            if is_sentinel(body):
+                break
+            got.append(body)
+        rng.shuffle(got)
+        for i, body in enumerate(got):
+            if i % 3 == 2:
+                continue  # left in flight at the crash
+            mid = _body_mid(body) or "?"
+            rec.mark("begun_done", mid)
+            q.task_done(body)
+            rec.mark("acked_done", mid)
+
+    def crash_workload(self, root, durability, rec, n, rng, phase):
+        pickup = os.path.join(root, "pickup")
+        q = _pq(pickup, durability)  # phases 1..3: recovery of the earlier phases
+        if phase == 0:
+            for i in range(n):
+                self._put(q, rec, f"a{i:03d}")
+                if rng.random() < 0.4:
+                    self._take_and_ack(q, rec, rng, 1)
+            batch = [f"b{i:03d}" for i in range(2)]
+            for mid in batch:
+                rec.mark("begun_put", mid)
+            q.put_many([make_payload(m).decode() for m in batch])
+            for mid in batch:
+                rec.mark("acked_put", mid)
+            self._take_and_ack(q, rec, rng, 3)
+        elif phase == 1:
+            q.requeue_unprocessed_work()
+            self._take_and_ack(q, rec, rng, n // 2 + 1)
+            for i in range(max(1, n // 3)):
+                self._put(q, rec, f"c{i:03d}")
+            q.close()
+        elif phase == 2:
+            q.requeue_unprocessed_work()
+            q.close()
+            from pympx_queues.sentinels import is_sentinel
+
+            while True:
+                body = q.get(timeout=5)
+                if is_sentinel(body):
+                    break
+                mid = _body_mid(body) or "?"
+                rec.mark("begun_done", mid)
+                q.task_done(body)
+                rec.mark("acked_done", mid)
+        # phase 3: the constructor above found a finished history and compacted it away
+
+    def recover_and_list(self, root, durability):
+        q = _pq(os.path.join(root, "pickup"), durability)
+        try:
+            out: collections.Counter = collections.Counter()
+            corrupt = 0
+            for m in q.get_outstanding_messages():
+                mid = _body_mid(m.body)
+                if mid is None:
+                    corrupt += 1
+                else:
+                    out[mid] += 1
+            return Outcome(out, corrupt)
+        finally:
+            q.joinable_queue.close()
+            q.joinable_queue.join_thread()
+
+
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
     "toy": lambda: ToyAdapter(False),
     "toy-buggy": lambda: ToyAdapter(True),
+    "persistent": PersistentAdapter,
 }
 
 
@@ -812,18 +939,28 @@ def get_adapter(name: str) -> Adapter:
 
 # =========================================================================== crashstates
 def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: int,
-                 out_path: str) -> None:
-    """Child process: run the workload under the tracer, dump the trace, exit."""
+                 phase: int, rec_path: str) -> None:
+    """Child process: run one phase of the workload under the tracer, dump the recorder.
+
+    Each phase runs in its own process and ends with ``os._exit`` (no close, no atexit):
+    a process crash between phases, so the next phase's recovery really runs.
+    """
     adapter = get_adapter(adapter_name)
-    adapter.prepare(root, durability)
-    rec = FsRecorder(root)
+    if phase == 0:
+        adapter.prepare(root, durability)
+        rec = FsRecorder(root)
+    else:
+        with open(rec_path, "rb") as f:
+            rec = pickle.load(f)
     _fs.set_tracer(rec)
     try:
-        adapter.crash_workload(root, durability, rec, n, random.Random(seed))
+        adapter.crash_workload(root, durability, rec, n, random.Random(seed * 100 + phase),
+                               phase)
     finally:
         _fs.set_tracer(None)
-    with open(out_path, "wb") as f:
-        pickle.dump(rec.dump(), f)
+    with open(rec_path + ".new", "wb") as f:
+        pickle.dump(rec, f)
+    os.replace(rec_path + ".new", rec_path)
     os._exit(0)  # no atexit/close handlers: the process "dies" with its claims held
 
 
@@ -832,16 +969,18 @@ def record_workload(adapter_name: str, workdir: str, durability: str, n: int,
     import multiprocessing
 
     root = os.path.join(workdir, "q")
-    out_path = os.path.join(workdir, "trace.pkl")
+    rec_path = os.path.join(workdir, "trace.pkl")
     ctx = multiprocessing.get_context("spawn")
-    p = ctx.Process(target=_crash_child, args=(adapter_name, root, durability, n, seed,
-                                               out_path))
-    p.start()
-    p.join(300)
-    if p.exitcode != 0 or not os.path.exists(out_path):
-        raise RuntimeError(f"crash-state workload failed (exit {p.exitcode})")
-    with open(out_path, "rb") as f:
-        return pickle.load(f)
+    for phase in range(get_adapter(adapter_name).phases):
+        p = ctx.Process(target=_crash_child, args=(adapter_name, root, durability, n, seed,
+                                                   phase, rec_path))
+        p.start()
+        p.join(300)
+        if p.exitcode != 0 or not os.path.exists(rec_path):
+            raise RuntimeError(f"crash-state workload phase {phase} failed "
+                               f"(exit {p.exitcode})")
+    with open(rec_path, "rb") as f:
+        return pickle.load(f).dump()
 
 
 def _inspect(adapter: Adapter, state_dir: str, durability: str) -> Outcome:
@@ -925,7 +1064,9 @@ def run_crashstates(adapter: Adapter, durability: str, size: int, seed: int,
                         _example(examples, max_examples,
                                  f"{state.label} then crash in recovery {rstate.label}: "
                                  f"outstanding={sorted(routcome.outstanding)} "
-                                 f"error={routcome.error}")
+                                 f"acked_done={sorted(ledger.acked_done)} "
+                                 f"error={routcome.error}\n    recovery ops: "
+                                 + _describe_ops(rtrace, work))
     for key in ("lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
                 "not_idempotent"):
         summary.setdefault(key, 0)
@@ -933,6 +1074,16 @@ def run_crashstates(adapter: Adapter, durability: str, size: int, seed: int,
         for e in examples:
             print(f"  violation: {e}", file=sys.stderr)
     return summary
+
+
+def _describe_ops(trace: dict, work: str) -> str:
+    out = []
+    for i, ev in enumerate(trace["events"]):
+        if ev["op"] == "mark":
+            continue
+        args = " ".join(os.path.basename(str(a)) for a in ev["args"] if isinstance(a, str))
+        out.append(f"{i}:{ev['op']}({args})")
+    return " ".join(out)
 
 
 def _example(examples: List[str], limit: int, text: str) -> None:

@@ -1,0 +1,210 @@
+"""Hostile and messy folders (DESIGN.md section 5): modes, symlinks, FIFOs, names, journals.
+
+Each test plants one hostile thing by hand, then drives the real queue classes over it.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import pickle
+import stat
+import threading
+import zlib
+
+import pytest
+
+from pympx_queues import _fs, _journal
+from pympx_queues.errors import JournalCorruptError
+
+pytestmark = pytest.mark.timeout(60)
+
+# A pickle that, if ever unpickled, creates a marker file (and calls our spy first).
+_PWNED = "pympx_queues_pwned_marker"
+
+
+def _pickle_bait(marker: str) -> bytes:
+    class Bait:
+        def __reduce__(self):
+            return (open, (marker, "w"))
+
+    return pickle.dumps(Bait(), protocol=0)
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Make any unpickling in this process fail the test loudly."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("something tried to unpickle journal data")
+
+    monkeypatch.setattr(pickle, "loads", spy)
+    monkeypatch.setattr(pickle, "load", spy)
+    monkeypatch.setattr(pickle, "Unpickler", spy)
+    return calls
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+# --------------------------------------------------------------------------- names
+@pytest.mark.parametrize("name", ["..", ".", "../evil.tsv", "a/b.tsv", "a\\b.tsv", "",
+                                  "x\x00y.tsv", "x\ny.tsv", ".hidden.tsv"])
+def test_names_with_dots_or_separators_are_refused(name):
+    with pytest.raises(ValueError):
+        _fs.check_name(name)
+
+
+# --------------------------------------------------------------------------- _fs level
+def test_claim_never_follows_a_symlink_planted_at_a_message(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not touch")
+    (tmp_path / "wip").mkdir()
+    os.symlink(secret, tmp_path / "msg.tsv")
+    assert _fs.claim(tmp_path / "msg.tsv", tmp_path / "wip" / "x__msg.tsv") is False
+    assert os.path.islink(tmp_path / "msg.tsv")
+    assert secret.read_text() == "do not touch"
+
+
+def test_unlink_refuses_a_symlink_and_keeps_its_target(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("keep")
+    os.symlink(secret, tmp_path / "done.tsv")
+    with pytest.raises(OSError):
+        _fs.unlink_regular(tmp_path / "done.tsv")
+    assert secret.read_text() == "keep"
+
+
+def test_reading_a_fifo_never_blocks(tmp_path):
+    fifo = tmp_path / "msg.tsv"
+    os.mkfifo(fifo)
+    result = {}
+
+    def reader():
+        try:
+            _fs.read_bytes(fifo)
+            result["ok"] = True
+        except OSError as exc:
+            result["err"] = exc.errno
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "reading a FIFO hung"
+    assert result.get("err") == errno.EINVAL
+
+
+def test_write_new_never_follows_a_symlink_at_the_temp_name(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("original")
+    os.symlink(target, tmp_path / "tmpname")
+    with pytest.raises(OSError):
+        _fs.write_new(tmp_path / "tmpname", b"evil", durable=False)
+    assert target.read_text() == "original"
+
+
+def test_default_modes_are_owner_only(tmp_path):
+    _fs.makedirs(tmp_path / "q")
+    _fs.write_new(tmp_path / "q" / "f", b"x", durable=False)
+    assert _mode(tmp_path / "q") == 0o700
+    assert _mode(tmp_path / "q" / "f") == 0o600
+
+
+def test_group_modes_are_configurable_for_shared_folders(tmp_path):
+    old = os.umask(0o077)  # even under a strict umask the requested mode is applied
+    try:
+        _fs.makedirs(tmp_path / "shared", mode=0o770)
+        _fs.write_new(tmp_path / "shared" / "f", b"x", durable=False, mode=0o660)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "shared") == 0o770
+    # files are created with open(mode) which honours the umask: report what we get
+    assert _mode(tmp_path / "shared" / "f") & 0o600 == 0o600
+
+
+# --------------------------------------------------------------------------- journals
+def _journal_line(seq: int, kind: str, payload_text: str) -> bytes:
+    body = f"{seq} {kind} {payload_text}".encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _raw_line(seq: int, kind: str, payload: bytes) -> bytes:
+    body = f"{seq} {kind} ".encode() + payload
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _write_journal(directory, prefix: str, lines) -> str:
+    run = _journal.new_run_id()
+    name = _journal.format_journal_name(prefix, run, 999999, "deadbeef")
+    header = {"v": 1, "prefix": prefix, "run": run, "host": _fs.hostname(),
+              "pid": 999999, "start": 1, "created": 0, "snapshot": False}
+    data = _journal_line(0, "H", json.dumps(header)) + b"".join(lines)
+    path = os.path.join(str(directory), name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_journal_record_holding_a_pickle_is_only_data(tmp_path, no_unpickling):
+    marker = str(tmp_path / _PWNED)
+    bait = _pickle_bait(marker)
+    payloads = [
+        # the pickle as bytes (tagged base64): must come back as those very bytes
+        json.dumps({"i": "a", "m": {"__bytes__": base64.b64encode(bait).decode()}}),
+        # the pickle as text
+        json.dumps({"i": "b", "m": bait.decode("latin-1")}),
+        # a dict that looks like an object with __reduce__
+        json.dumps({"i": "c", "m": {"__reduce__": ["os.system", ["touch " + marker]]}}),
+    ]
+    lines = [_journal_line(i + 1, "P", p) for i, p in enumerate(payloads)]
+    _write_journal(tmp_path, "sec", lines)
+    history = _journal.scan_dirs([str(tmp_path)], "sec")
+    bodies = {r.id: _journal.decode_value(r.body) for r in history.outstanding()}
+    assert bodies["a"] == bait
+    assert bodies["b"] == bait.decode("latin-1")
+    assert bodies["c"] == {"__reduce__": ["os.system", ["touch " + marker]]}
+    assert not no_unpickling
+    assert not os.path.exists(marker)
+
+
+def test_raw_pickle_bytes_in_a_journal_are_rejected_not_unpickled(tmp_path, no_unpickling):
+    marker = str(tmp_path / _PWNED)
+    good = _journal_line(2, "P", json.dumps({"i": "ok", "m": "fine"}))
+    path = _write_journal(tmp_path, "sec", [_raw_line(1, "P", _pickle_bait(marker)), good])
+    with pytest.raises(JournalCorruptError) as info:
+        _journal.scan_journal(path)
+    assert info.value.path == path and info.value.offset > 0
+    assert not no_unpickling
+    assert not os.path.exists(marker)
+
+
+def test_truncated_journal_keeps_the_good_prefix_and_runs_nothing(tmp_path, no_unpickling):
+    marker = str(tmp_path / _PWNED)
+    good = _journal_line(1, "P", json.dumps({"i": "ok", "m": "fine"}))
+    torn = _raw_line(2, "P", _pickle_bait(marker))[:-7]  # cut mid-record
+    path = _write_journal(tmp_path, "sec", [good, torn])
+    scan = _journal.scan_journal(path)
+    assert [r[2]["i"] for r in scan.records] == ["ok"]
+    assert scan.torn is not None
+    assert not no_unpickling
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("cut", [1, 9, 12, 25])
+def test_corrupt_byte_in_a_journal_fails_closed_with_file_and_offset(tmp_path, cut):
+    lines = [_journal_line(i, "P", json.dumps({"i": f"m{i}", "m": i})) for i in range(1, 5)]
+    path = _write_journal(tmp_path, "sec", lines)
+    data = bytearray(open(path, "rb").read())
+    first_p = data.index(b"\n") + 1
+    data[first_p + cut] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(JournalCorruptError) as info:
+        _journal.scan_journal(path)
+    assert info.value.path == path
+    assert info.value.offset == first_p
