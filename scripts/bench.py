@@ -8,8 +8,10 @@ runs the same workloads on messages of ``--size`` bytes:
 * ``put_batch``- the same through the system's batch API (``put_many``) where it has one,
   in batches of ``--batch`` (this is where batched commits show in fsync mode);
 * ``get_ack``  - get + acknowledge every message of that queue in the same process;
+* ``get_ack_batch`` - the same through the batch API (``get_many`` + ``task_done_many``);
 * ``drain``    - ``--consumers`` (4) spawned consumer processes drain a preloaded queue of
-  ``--n`` messages; the ids they saw are counted for duplicates and losses.
+  ``--n`` messages; the ids they saw are counted for duplicates and losses;
+* ``drain_batch`` - the same with batched gets and acks, where the system has them.
 
 Systems: our PersistentQueue and folder queue (flush and fsync), the original
 ``pympx.queuing`` classes, python-dirq ``QueueSimple``, diskcache ``Deque``, litequeue,
@@ -86,6 +88,15 @@ class EndOfStream(Exception):
     """Raised by an adapter's get_ack when the queue is drained / DONE was seen."""
 
 
+#: Notes found while running (a peer's bug worked around, ...), reported with the row.
+WORKER_NOTES: List[str] = []
+
+
+def note(text: str) -> None:
+    if text not in WORKER_NOTES:
+        WORKER_NOTES.append(text)
+
+
 # --------------------------------------------------------------------------- adapters
 #
 # An adapter wraps one system behind five verbs.  Producer side (in the worker):
@@ -136,6 +147,13 @@ class Adapter:
     def get_ack(self) -> Any:
         raise NotImplementedError
 
+    #: True when the consumer side has a batch API (``get_ack_many``).
+    has_batch_get = False
+
+    def get_ack_many(self, k: int) -> List[Any]:
+        """Up to ``k`` payloads, acknowledged with one batch call; EndOfStream when none."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -157,6 +175,7 @@ class RawAppend(Adapter):
     kind = "raw"
     family = "journal"
     has_batch = True
+    has_batch_get = True
     fsync = False
 
     def open_producer(self, tag: str) -> None:
@@ -209,6 +228,22 @@ class _RawAppendConsumer:
                     os.fsync(self.ack_fd)
                 return rec
 
+    def get_ack_many(self, k: int) -> List[Any]:
+        out: List[bytes] = []
+        while len(out) < k:
+            rec = self.f.readline()
+            if not rec:
+                break
+            self.line += 1
+            if self.line % self.count == self.index:
+                out.append(rec)
+        if not out:
+            raise EndOfStream
+        os.write(self.ack_fd, b"".join(r[:ID_WIDTH] + b"\n" for r in out))
+        if self.fsync:
+            os.fsync(self.ack_fd)  # one fsync per batch of acks
+        return out
+
     def close(self) -> None:
         self.f.close()
         os.close(self.ack_fd)
@@ -242,6 +277,7 @@ class RawFile(Adapter):
     kind = "raw"
     family = "file"
     has_batch = True
+    has_batch_get = True
     fsync = False
 
     def open_producer(self, tag: str) -> None:
@@ -312,6 +348,23 @@ class _RawFileConsumer:
             return data
         raise EndOfStream
 
+    def get_ack_many(self, k: int) -> List[Any]:
+        fsync, self.fsync = self.fsync, False
+        out: List[bytes] = []
+        try:
+            while len(out) < k:
+                try:
+                    out.append(self.get_ack())
+                except EndOfStream:
+                    break
+        finally:
+            self.fsync = fsync
+        if not out:
+            raise EndOfStream
+        if fsync:
+            _fsync_dir(self.wip)  # one directory fsync covers the batch of unlinks
+        return out
+
     def close(self) -> None:
         pass
 
@@ -346,6 +399,8 @@ class OursPersistent(Adapter):
         self.q = PersistentQueue(pickup_file_prefix="bench", current_pickup_dir=self.dir,
                                  number_of_workers=self.consumers, durability=self.mode)
         self.has_batch = hasattr(self.q, "put_many")
+        self.has_batch_get = hasattr(self.q, "get_many") and hasattr(self.q,
+                                                                     "task_done_many")
 
     def put(self, i: int, payload: str) -> None:
         self.q.put(payload)
@@ -356,14 +411,8 @@ class OursPersistent(Adapter):
     def finish_producer(self) -> None:
         self.q.close()
 
-    def get_ack(self) -> Any:
-        from pympx_queues.sentinels import DONE, FAILED
-
-        item = self.q.get(timeout=30)
-        if item is DONE or item is FAILED:
-            raise EndOfStream
-        self.q.task_done(item)
-        return item
+    def open_local_consumer(self) -> Any:
+        return _QueueConsumer(self.q)
 
     def close(self) -> None:
         for meth in ("dispose",):
@@ -394,13 +443,33 @@ class _QueueConsumer:
             self.ends = (DONE, FAILED)
         else:
             self.ends = done
+        self.ended = False  # a batch ended with DONE: this consumer's stream is over
+
+    def _is_end(self, item: Any) -> bool:
+        return any(item is e or (type(item) is type(e) and item == e) for e in self.ends)
 
     def get_ack(self) -> Any:
+        if self.ended:
+            raise EndOfStream
         item = self.q.get(timeout=self.timeout)
-        if any(item is e or (type(item) is type(e) and item == e) for e in self.ends):
+        if self._is_end(item):
+            self.ended = True
             raise EndOfStream
         self.q.task_done(item)
         return item
+
+    def get_ack_many(self, k: int) -> List[Any]:
+        if self.ended:
+            raise EndOfStream
+        items = self.q.get_many(k, timeout=self.timeout)
+        body = [x for x in items if not self._is_end(x)]
+        if len(body) < len(items):
+            self.ended = True  # one DONE per consumer: never take a second one
+        if body:
+            self.q.task_done_many(body)
+        if not body:
+            raise EndOfStream
+        return body
 
     def close(self) -> None:
         fn = getattr(self.q, "dispose", None)
@@ -599,12 +668,8 @@ class PympxPersistent(Adapter):
         for _ in range(self.consumers):
             self.q.put(0)
 
-    def get_ack(self) -> Any:
-        item = self.q.get(timeout=30)
-        if item == 0 or item == -1:  # pympx DONE=0, FAILED=-1
-            raise EndOfStream
-        self.q.task_done(item)
-        return item
+    def open_local_consumer(self) -> Any:
+        return _QueueConsumer(self.q, done=(0, -1))  # pympx DONE=0, FAILED=-1
 
     def close(self) -> None:
         self.q.dispose()
@@ -692,6 +757,9 @@ class _PympxFolderConsumer:
                 return data
             except AttributeError as exc:
                 self.broken_task_done = repr(exc)
+                note("pympx 1.2.5 ReadableFolderQueue.task_done raises %s (a RobustQueue "
+                     "method it calls does not exist on folder queues); acked by deleting "
+                     "the wip file, as its docs allow" % self.broken_task_done)
         if self.broken_task_done:
             os.remove(item)  # the documented alternative: the caller removes the wip file
         else:
@@ -949,7 +1017,7 @@ ADAPTERS: Dict[str, type] = {cls.name: cls for cls in (
 
 
 def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, start: Any,
-                   out_path: str, budget: float) -> None:
+                   out_path: str, budget: float, batch: int = 0) -> None:
     """Runs in each spawned consumer process of the drain workload."""
     ids: List[int] = []
     err = None
@@ -967,10 +1035,12 @@ def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, sta
     try:
         while True:
             try:
-                item = cons.get_ack()
+                if batch:
+                    ids.extend(payload_id(x) for x in cons.get_ack_many(batch))
+                else:
+                    ids.append(payload_id(cons.get_ack()))
             except EndOfStream:
                 break
-            ids.append(payload_id(item))
             if time.monotonic() > deadline:
                 err = "budget of %.0fs exceeded: stopped" % budget
                 break
@@ -1024,7 +1094,7 @@ def _phase_put(ad: Adapter, n: int, size: int, tag: str, batch: int, budget: flo
 
 
 def _phase_get_ack(ad: Adapter, n: int, budget: float,
-                   profile: Optional[str]) -> Dict[str, Any]:
+                   profile: Optional[str], batch: int = 0) -> Dict[str, Any]:
     cons = ad.open_local_consumer()
     ids: List[int] = []
     prof = _start_profile(profile)
@@ -1033,10 +1103,12 @@ def _phase_get_ack(ad: Adapter, n: int, budget: float,
     partial = None
     while True:
         try:
-            item = cons.get_ack()
+            if batch:
+                ids.extend(payload_id(x) for x in cons.get_ack_many(batch))
+            else:
+                ids.append(payload_id(cons.get_ack()))
         except EndOfStream:
             break
-        ids.append(payload_id(item))
         if time.monotonic() > deadline:
             partial = "stopped at the %.0fs budget after %d of %d" % (budget, len(ids), n)
             break
@@ -1054,13 +1126,16 @@ def _phase_get_ack(ad: Adapter, n: int, budget: float,
 
 
 def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
-                 workdir: str) -> Dict[str, Any]:
+                 workdir: str, batch: int = 0) -> Dict[str, Any]:
     import multiprocessing
 
     if ad.multi:
         return {"na": ad.multi}
     ctx = multiprocessing.get_context("spawn")
-    ad.open_producer("drain")
+    tag = "drain_batch" if batch else "drain"
+    ad.open_producer(tag)
+    if batch and not ad.has_batch_get:
+        return {"na": "no batch get/ack API"}
     # Consumers are spawned first (a multiprocessing queue pickles into a child only while
     # it is open), open their queue, then wait for the start signal; the preload and the
     # end-of-stream markers go in before the clock starts.
@@ -1069,16 +1144,20 @@ def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
     readies, procs, outs = [], [], []
     for k in range(consumers):
         ready = ctx.Event()
-        out = os.path.join(workdir, "drain-consumer-%d.json" % k)
+        out = os.path.join(workdir, "%s-consumer-%d.json" % (tag, k))
         p = ctx.Process(target=_consumer_main,
-                        args=(ad.name, spec, k, consumers, ready, start, out, budget),
+                        args=(ad.name, spec, k, consumers, ready, start, out, budget, batch),
                         daemon=True)
         p.start()
         readies.append(ready)
         procs.append(p)
         outs.append(out)
-    for i in range(n):  # preload (not timed)
-        ad.put(i, make_payload(i, size))
+    if ad.has_batch:  # preload (not timed)
+        for s in range(0, n, 1000):
+            ad.put_many([(i, make_payload(i, size)) for i in range(s, min(n, s + 1000))])
+    else:
+        for i in range(n):
+            ad.put(i, make_payload(i, size))
     ad.finish_producer()
     for r in readies:
         if not r.wait(120):
@@ -1192,21 +1271,36 @@ def worker_main(args: argparse.Namespace) -> int:
                                             prof_prefix and prof_prefix + "-put_batch.prof"))
         if "error" not in wl["put_batch"] and "na" not in wl["put_batch"]:
             wl["put_batch"]["batch"] = args.batch
+            try:
+                ad2.finish_local()
+            except BaseException as exc:  # noqa: BLE001
+                wl["put_batch"]["error"] = "close: %r" % exc
+        if "rate" in wl["put_batch"] and "error" not in wl["put_batch"] and ad2.has_batch_get:
+            run("get_ack_batch", lambda: _phase_get_ack(
+                ad2, wl["put_batch"]["n"], args.budget,
+                prof_prefix and prof_prefix + "-get_ack_batch.prof", batch=args.batch))
+            wl["get_ack_batch"]["batch"] = args.batch
         try:
-            ad2.finish_producer()
             ad2.close()
         except Exception:  # noqa: BLE001
             pass
     else:
         wl["put_batch"] = {"na": "no batch API (put_many)"}
+    if "get_ack_batch" not in wl:
+        wl["get_ack_batch"] = {"na": "no batch get/ack API"}
     ad3 = cls(root, args.size, args.consumers)
     run("drain", lambda: _phase_drain(ad3, n, args.size, args.consumers, args.budget, root))
-    for a in (ad, ad3):
+    ad4 = cls(root, args.size, args.consumers)
+    if cls.has_batch_get or getattr(ad, "has_batch_get", False):
+        run("drain_batch", lambda: _phase_drain(ad4, n, args.size, args.consumers,
+                                                args.budget, root, batch=args.batch))
+        if "rate" in wl["drain_batch"]:
+            wl["drain_batch"]["batch"] = args.batch
+    else:
+        wl["drain_batch"] = {"na": "no batch get/ack API"}
+    for a in (ad, ad3, ad4):
         result["notes"].extend(x for x in a.notes if x not in result["notes"])
-    if cls.name == "pympx-folder":
-        result["notes"].append("pympx 1.2.5 ReadableFolderQueue.task_done raises "
-                               "AttributeError (_uuid_string_to_uuid_file_string is a "
-                               "RobustQueue method); acked by deleting the wip file")
+    result["notes"].extend(x for x in WORKER_NOTES if x not in result["notes"])
     errs = [k for k, v in wl.items() if isinstance(v, dict) and "error" in v]
     if errs and len(errs) == len(wl):
         result["error"] = wl[errs[0]]["error"]
@@ -1259,9 +1353,14 @@ def baseline_for(cls: type) -> Optional[str]:
     return "raw-append-fsync" if cls.durability == "fsync" else "raw-append-flush"
 
 
-WORKLOADS = ("put", "put_batch", "get_ack", "drain")
-WORKLOAD_LABELS = {"put": "put (1 process)", "put_batch": "put_many (batched)",
-                   "get_ack": "get+ack (1 process)", "drain": "drain (N consumer processes)"}
+WORKLOADS = ("put", "put_batch", "get_ack", "get_ack_batch", "drain", "drain_batch")
+WORKLOAD_LABELS = {"put": "put (1 process)",
+                   "put_batch": "put_many (batched API)",
+                   "get_ack": "get+ack (1 process)",
+                   "get_ack_batch": "get_many+task_done_many (batched API, 1 process)",
+                   "drain": "drain (%d consumer processes, spawn)",
+                   "drain_batch": "drain with batched get/ack (%d consumer processes)"}
+COUNTED = ("get_ack", "get_ack_batch", "drain", "drain_batch")  # dup/loss columns
 
 
 def run_worker(name: str, args: argparse.Namespace, root: str) -> Dict[str, Any]:
@@ -1353,8 +1452,8 @@ def add_ratios(rows: List[Dict[str, Any]]) -> None:
             d["best_any_peer"] = any_name
             base = by_name.get(r["baseline"] or "")
             brate = ((base or {}).get("workloads", {}).get(w) or {}).get("rate")
-            if w == "put_batch" and not brate and base:  # raw batch missing: single put
-                brate = (base["workloads"].get("put") or {}).get("rate")
+            if w.endswith("_batch") and not brate and base:  # raw batch missing: single
+                brate = (base["workloads"].get(w[:-len("_batch")]) or {}).get("rate")
             d["vs_raw"] = d["rate"] / brate if brate else None
             d["raw"] = r["baseline"]
             d["vs_best_peer"] = d["rate"] / best_rate if best_rate else None
@@ -1402,17 +1501,20 @@ def evaluate_targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         else:
             add("%s: zero losses and zero duplicates in the drain" % name, None, "== 0",
                 None, "not measured: %s" % (d.get("error") or d.get("na") or "missing"))
+    # fsync durability: our batched commits (the batch API where the system has one) vs
+    # the naive one-fsync-per-message rate of the same work (raw *-fsync, unbatched).
     for name, naive in (("pq-fsync", "raw-append-fsync"), ("folder-fsync", "raw-file-fsync")):
-        for w in ("put", "put_batch", "get_ack", "drain"):
-            a = _wrate(by, name, w)
-            b = _wrate(by, naive, "put" if w == "put_batch" else w)
-            if a is None and w == "put_batch":
-                continue  # no batch API: judged on plain put
+        for w in ("put", "get_ack", "drain"):
+            single = _wrate(by, name, w)
+            batched = _wrate(by, name, w + "_batch")
+            a = batched if batched else single
+            b = _wrate(by, naive, w)
             ratio = a / b if a and b else None
-            add("%s >= 10x naive one-fsync-per-message: %s" % (name, w), ratio, ">= 10x",
-                None if ratio is None else ratio >= 10.0,
-                "%s %s msg/s vs %s %s msg/s" % (name, _fmt(a), naive,
-                                                _fmt(b)))
+            add("%s >= 10x naive one-fsync-per-message: %s%s" % (
+                name, w, " (batched API)" if batched else " (no batch API)"),
+                ratio, ">= 10x", None if ratio is None else ratio >= 10.0,
+                "%s %s msg/s batched, %s msg/s one call per message; %s %s msg/s" % (
+                    name, _fmt(batched), _fmt(single), naive, _fmt(b)))
     return out
 
 
@@ -1473,25 +1575,32 @@ def render(report: Dict[str, Any]) -> str:
     for w in WORKLOADS:
         hdr = ["system", "durab.", "msg/s", "x raw", "raw baseline", "x peer>=durab.",
                "that peer", "x best any", "that peer"]
-        if w in ("drain", "get_ack"):
+        if w in COUNTED:
             hdr += ["dup", "lost"]
         tab = []
+        na_rows = []
         for r in rows:
             d = r["workloads"].get(w) or {}
             if r["error"] and not d:
                 d = {"error": r["error"]}
+            if w.endswith("_batch") and "na" in d:
+                na_rows.append(r["name"])
+                continue
             line = [r["name"], r["durability"], cell_rate(d), _fx(d.get("vs_raw")),
                     d.get("raw") or "-", _fx(d.get("vs_best_peer")),
                     d.get("best_peer") or "-", _fx(d.get("vs_best_any_peer")),
                     d.get("best_any_peer") or "-"]
-            if w in ("drain", "get_ack"):
+            if w in COUNTED:
                 lost = d.get("lost")
                 line += [str(d.get("duplicates", "-")), "-" if lost is None else str(lost)]
             tab.append(line)
         title = WORKLOAD_LABELS[w]
-        if w == "drain":
-            title = "drain (%d consumer processes, spawn)" % a["consumers"]
-        parts += ["== %s ==" % title, _table(hdr, tab), ""]
+        if "%d" in title:
+            title = title % a["consumers"]
+        parts += ["== %s ==" % title, _table(hdr, tab)]
+        if na_rows:
+            parts.append("(no batch API: %s)" % ", ".join(na_rows))
+        parts.append("")
 
     notes = []
     for r in rows:
@@ -1499,7 +1608,7 @@ def render(report: Dict[str, Any]) -> str:
             d = r["workloads"].get(w) or {}
             if "error" in d:
                 notes.append("%s %s: ERROR %s" % (r["name"], w, d["error"]))
-            if "na" in d and w == "drain":
+            if "na" in d and w == "drain" and r["kind"] != "raw":
                 notes.append("%s drain: N/A - %s" % (r["name"], d["na"]))
             if d.get("partial"):
                 notes.append("%s %s: partial (*) - %s" % (r["name"], w, d["partial"]))
