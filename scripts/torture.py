@@ -684,8 +684,7 @@ def ext4_image(size_mb: int = 128):
 def _spawn(target: Callable[..., None], *args: Any):
     import multiprocessing
 
-    p = multiprocessing.get_context(START_METHOD).Process(target=target, args=args,
-                                                           daemon=True)
+    p = multiprocessing.get_context(START_METHOD).Process(target=target, args=args)
     p.start()
     return p
 
@@ -909,6 +908,9 @@ class PersistentAdapter(Adapter):
                 rec.mark("acked_done", mid)
         # phase 3: the constructor above found a finished history and compacted it away
 
+    def kill(self, args: argparse.Namespace, durability: str) -> Summary:
+        return kill_persistent(self, args, durability)
+
     def recover_and_list(self, root, durability):
         q = _pq(os.path.join(root, "pickup"), durability)
         try:
@@ -924,6 +926,182 @@ class PersistentAdapter(Adapter):
         finally:
             q.joinable_queue.close()
             q.joinable_queue.join_thread()
+
+
+# -- PersistentQueue under SIGKILL: one run = a leader (producer) + consumer processes --
+def _pq_consumer(q: Any, ack_path: str) -> None:
+    log = AckLog(ack_path)
+    for body in q:
+        mid = _body_mid(body)
+        if mid is None:
+            log.log("C", "unreadable")
+            q.task_done(body)
+            continue
+        log.log("G", mid)
+        q.task_done(body)
+        log.log("D", mid)
+    q.dispose()
+
+
+def _pq_leader(pickup: str, durability: str, workers: int, n_new: int, run_no: int,
+               ack_dir: str, seed: int) -> None:
+    import multiprocessing
+
+    os.setpgid(0, 0)  # the parent kills the whole run with one killpg
+    _quiet_stderr(os.path.join(ack_dir, os.pardir, f"stderr-{run_no}.txt"))
+    log = AckLog(os.path.join(ack_dir, f"leader-{os.getpid()}"))
+    rng = random.Random(seed)
+    q = _pq(pickup, durability, workers)
+    q.requeue_unprocessed_work()
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for c in range(workers):
+        p = ctx.Process(target=_pq_consumer,
+                        args=(q, os.path.join(ack_dir, f"consumer-{c}-{rng.random():.9f}")))
+        p.start()
+        procs.append(p)
+    for i in range(n_new):
+        mid = f"r{run_no}-{i}"
+        if rng.random() < 0.2:
+            batch = [f"{mid}-{j}" for j in range(3)]
+            q.put_many([make_payload(m).decode() for m in batch])
+            for m in batch:
+                log.log("P", m)
+        else:
+            q.put(make_payload(mid).decode())
+            log.log("P", mid)
+        if rng.random() < 0.1:
+            time.sleep(rng.random() * 0.01)
+    q.close()
+    for p in procs:
+        p.join()
+    q.dispose()
+    log.log("X", "run-complete")
+
+
+def _quiet_stderr(path: str) -> None:
+    """Send this process's (and its children's) stderr to a file: killed children's
+    tracebacks are expected noise, kept for a person who wants to read them."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with stderr to /dev/null: SIGKILLed
+    workers leave semaphores behind on purpose, and it would warn about each."""
+    from multiprocessing import resource_tracker
+
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _pids_in(ack_dir: str) -> set:
+    return {e.pid for e in read_ack_dir(ack_dir)}
+
+
+def _pq_completed_evidence(pickup: str) -> set:
+    """Message ids the journals show as completed (read-only, never repairs)."""
+    from pympx_queues import _journal as jr
+
+    try:
+        history = jr.scan_dirs([pickup], PQ_PREFIX, strict=False)
+    except Exception:
+        return set()
+    out = set()
+    for mid in history.completed:
+        req = history.requested.get(mid)
+        if req is not None and isinstance(req.body, str):
+            m = parse_payload(req.body.encode())
+            if m:
+                out.add(m)
+    return out
+
+
+def kill_persistent(adapter: Adapter, args: argparse.Namespace, durability: str) -> Summary:
+    iterations = args.size or 20
+    rng = random.Random(args.seed)
+    summary = new_summary("kill", adapter.name, durability=durability, iterations=iterations)
+    workers = 2
+    per_run = 30
+    killed: set = set()
+    evidence: set = set()
+    runs_killed = hung = 0
+    expected = 1.5  # seconds a run takes; learnt from runs that were not killed
+    with tempfile.TemporaryDirectory(prefix="pqt-kill-") as work:
+        pickup = os.path.join(work, "pickup")
+        acks = os.path.join(work, "acks")
+        os.makedirs(acks)
+        for it in range(iterations + 1):
+            final = it == iterations
+            run_acks = os.path.join(acks, f"run{it:04d}")
+            os.makedirs(run_acks)
+            t0 = time.monotonic()
+            leader = _spawn(_pq_leader, pickup, durability, workers,
+                            0 if final else per_run, it, run_acks, rng.getrandbits(32))
+            calibrate = it == 0
+            kill_at = (None if final or calibrate or rng.random() < 0.1
+                       else rng.uniform(0, expected))
+            if kill_at is not None:
+                leader.join(kill_at)
+            if kill_at is not None and leader.is_alive():
+                runs_killed += 1
+                # One victim first (the others run on for a moment), then the whole run.
+                pids = sorted(_pids_in(run_acks) | {leader.pid})
+                victim = rng.choice(pids)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+                time.sleep(rng.uniform(0, 0.2))
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(leader.pid, signal.SIGKILL)
+                leader.join(10)
+                killed |= _pids_in(run_acks) | {leader.pid}
+            else:
+                leader.join(120)
+                if leader.is_alive():
+                    hung += 1
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(leader.pid, signal.SIGKILL)
+                    leader.join(10)
+                    killed |= _pids_in(run_acks) | {leader.pid}
+                elif not final:
+                    expected = 0.7 * expected + 0.3 * (time.monotonic() - t0)
+            # Orphaned consumers of a killed leader share its process group: gone above.
+            evidence |= _pq_completed_evidence(pickup)
+        events = read_ack_dir_recursive(acks)
+        leftovers: List[Optional[str]] = []
+        try:
+            outcome = adapter.recover_and_list(work, durability)
+            for mid, c in outcome.outstanding.items():
+                leftovers += [mid] * c
+            leftovers += [None] * outcome.corrupt
+        except Exception as exc:
+            summary.add("unrecoverable")
+            print(f"  recovery failed: {exc!r}", file=sys.stderr)
+        summary["runs_killed"] = runs_killed
+        summary["processes_killed"] = len(killed)
+        check_deliveries(events, killed, evidence, leftovers, summary)
+        summary["leftover"] = len(leftovers)
+        final_done = any(e.kind == "X" for e in read_ack_dir(run_acks))
+        summary["errors"] = hung + (0 if final_done else 1)
+    return summary
+
+
+def read_ack_dir_recursive(directory: str) -> List[AckEvent]:
+    events: List[AckEvent] = []
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                events.extend(parse_ack_lines(f.read()))
+    events.sort()
+    return events
 
 
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
@@ -1127,6 +1305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     worst = EXIT_OK
+    _quiet_resource_tracker()
     for kind in kinds:
         adapter = get_adapter(kind)
         reason = adapter.available()
@@ -1149,8 +1328,19 @@ def mode_crashstates(adapter: Adapter, args: argparse.Namespace) -> List[Summary
                             args.verbose) for d in durs]
 
 
+def _durabilities(args: argparse.Namespace, default: str) -> List[str]:
+    if args.durability is None:
+        return ["fsync", "flush"] if default == "both" else [default]
+    return ["fsync", "flush"] if args.durability == "both" else [args.durability]
+
+
+def mode_kill(adapter: Adapter, args: argparse.Namespace) -> List[Summary]:
+    return [adapter.kill(args, d) for d in _durabilities(args, "flush")]
+
+
 MODES: Dict[str, Callable[[Adapter, argparse.Namespace], List[Summary]]] = {
     "crashstates": mode_crashstates,
+    "kill": mode_kill,
 }
 
 
