@@ -497,10 +497,14 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
             pos = nl + 1
             good_end = pos
             continue
-        # A bad record: torn tail or corruption?  Look for a good record after it.
+        # A bad record: torn tail or corruption?  Look for a good record after it.  A
+        # whole line with a valid checksum but the wrong sequence number is never a torn
+        # write: records are missing or repeated before it (zero-length bad region).
         nxt = nl + 1
         resume = None
-        while nxt < size:
+        if parsed is not None and parsed[0] != expected:
+            resume = (pos, parsed[0])
+        while resume is None and nxt < size:
             nl2 = data.find(b"\n", nxt)
             if nl2 < 0:
                 break
@@ -577,7 +581,11 @@ class History:
         return keys
 
     def latest_run(self) -> Optional[RunState]:
-        return self.runs[max(self.runs)] if self.runs else None
+        """The latest run that put, requeued, closed or failed (acks-only runs, such as
+        ``pickup.mark_done``, do not count)."""
+        active = [r for r in self.runs.values()
+                  if r.requested or r.requeued or r.closed or r.failed or r.snapshot]
+        return max(active, key=lambda r: r.run) if active else None
 
     def is_complete(self) -> bool:
         """Nothing outstanding and the latest run closed its stream: a fresh start."""
@@ -765,9 +773,10 @@ def compact(directory: str, prefix: str, *, extra_dirs: Sequence[str] = (),
             return History(), actions
         carried = any(os.path.dirname(s.path) != directory for s in history.scans)
         if len(dead_local) > 1 or carried:
-            latest = history.latest_run()
-            assert latest is not None
-            snap = write_snapshot(directory, prefix, latest.run, history,
+            # The snapshot takes the earliest merged run id: it sorts first, so the order
+            # of first requests (requeue order) survives, also beside leftovers of an
+            # interrupted compaction.
+            snap = write_snapshot(directory, prefix, min(history.runs), history,
                                   durability=durability, file_mode=file_mode,
                                   merged=dead_local)
             actions["snapshot"] = snap

@@ -1,0 +1,273 @@
+"""The journal format, writer, recovery and compaction (single process, real files)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import pytest
+
+from pympx_queues import _fs
+from pympx_queues import _journal as jr
+from pympx_queues.errors import JournalCorruptError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _journals(d):
+    return sorted(n for n in os.listdir(d) if n.endswith(jr.JOURNAL_SUFFIX))
+
+
+def _write_run(d, prefix="q", puts=(), dones=(), close=False, durability="flush"):
+    """A finished (closed fd) writer of a new run; returns (writer, ids)."""
+    w = jr.JournalWriter(str(d), prefix, jr.new_run_id(), durability=durability)
+    recs = [(jr.KIND_PUT, jr.dumps({"i": i, "m": jr.encode_value(m)})) for i, m in puts]
+    recs += [(jr.KIND_DONE, jr.dumps({"i": i})) for i in dones]
+    if close:
+        recs.append((jr.KIND_CLOSE, jr.dumps({})))
+    w.append(recs)
+    w.close()
+    return w
+
+
+# ------------------------------------------------------------------ format
+def test_record_format_parse_round_trip_and_layout():
+    line = jr.format_record(7, jr.KIND_PUT, jr.dumps({"i": "a.1", "m": "héllo\nworld"}))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    crc, rest = line[:-1].split(b" ", 1)
+    assert len(crc) == 8 and rest.startswith(b"7 P ")
+    assert jr.parse_record(line[:-1]) == (7, "P", {"i": "a.1", "m": "héllo\nworld"})
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda b: b[:-3],  # truncated
+    lambda b: b[:12] + bytes([b[12] ^ 1]) + b[13:],  # one bit flipped
+    lambda b: b"zzzzzzzz" + b[8:],  # checksum not hex
+    lambda b: b"",
+])
+def test_damaged_record_is_rejected(mangle):
+    line = jr.format_record(1, jr.KIND_DONE, jr.dumps({"i": "x"}))[:-1]
+    with pytest.raises(jr.RecordError):
+        jr.parse_record(mangle(line))
+
+
+VALUES = [
+    0, -1, False, True, None, "", "DONE", 3.5, "ünïcødé\n\ttab", [], {}, (),
+    (1, "a", b"\x00\xff"), [1, (2, (3, b"z"))], {"a": (1, 2), "b": [b"x"]},
+    {1: "int key", (1, 2): "tuple key"}, {"__tuple__": [1]}, {"__bytes__": "x"},
+    {1, 2, 3}, frozenset({"a"}), bytearray(b"ab"), 2 ** 70,
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=[repr(v)[:30] for v in VALUES])
+def test_values_round_trip_through_json(value):
+    text = jr.dumps(jr.encode_value(value))
+    assert "\n" not in text
+    back = jr.decode_value(jr.json.loads(text))
+    assert back == value and type(back) is (bytes if type(value) is bytearray else type(value))
+
+
+def test_unserialisable_value_raises_type_error():
+    with pytest.raises(TypeError, match="cannot journal"):
+        jr.encode_value({"a": object()})
+    with pytest.raises(TypeError):
+        jr.encode_value(lambda: 1)
+
+
+def test_journal_name_format_parse_pair():
+    name = jr.format_journal_name("my.queue", jr.new_run_id(), 1234, "abcdef012345")
+    parsed = jr.parse_journal_name(name)
+    assert parsed is not None and parsed.prefix == "my.queue" and parsed.pid == "1234"
+    assert parsed.format() == name
+    for bad in ["x.journal", ".hidden.20260101T000000000000-abcdef.1.abcdef01.journal",
+                "q.notarun.1.abcdef01.journal", "q.20260101T000000000000-abcdef.x1.abcdef01.journal"]:
+        assert jr.parse_journal_name(bad) is None
+
+
+# ------------------------------------------------------------------ writer
+def test_writer_never_reopens_an_existing_journal_pid_reuse(tmp_path):
+    w = _write_run(tmp_path, puts=[("a.0", "keep me")])
+    before = open(w.path, "rb").read()
+    # Same pid and random id as the old journal (a reused pid that drew the same id):
+    with pytest.raises(FileExistsError):
+        jr.JournalWriter(str(tmp_path), "q", w.name.run, durability="flush",
+                         pid=int(w.name.pid), rand=w.rand)
+    assert open(w.path, "rb").read() == before
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_writer_holds_a_lock_while_open_and_releases_it_on_close(tmp_path):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+    assert _fs.is_flocked(w.path) is True
+    w.close()
+    assert _fs.is_flocked(w.path) is False
+
+
+def test_fsync_mode_group_commit_shares_fsyncs_between_threads(tmp_path, monkeypatch):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="fsync")
+    calls = []
+    real = _fs.fsync_fd
+    gate = threading.Event()
+
+    def slow_fsync(fd, path=""):
+        calls.append(path)
+        gate.wait(0.02)
+        real(fd, path)
+
+    monkeypatch.setattr(_fs, "fsync_fd", slow_fsync)
+
+    def worker(n):
+        for i in range(20):
+            w.append([(jr.KIND_DONE, jr.dumps({"i": f"{n}.{i}"}))])
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    w.close()
+    scan = jr.scan_journal(w.path)
+    assert len(scan.records) == 160 and not scan.problems
+    assert 0 < len(calls) < 160  # every append covered by an fsync, far fewer fsyncs
+
+
+def test_fsync_failure_is_fatal_and_never_retried(tmp_path, monkeypatch):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="fsync")
+
+    def broken(fd, path=""):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_fs, "fsync_fd", broken)
+    with pytest.raises(OSError):
+        w.append([(jr.KIND_DONE, jr.dumps({"i": "a"}))])
+    monkeypatch.undo()
+    with pytest.raises(jr.JournalBroken):
+        w.append([(jr.KIND_DONE, jr.dumps({"i": "b"}))])
+    w.close()
+
+
+# ------------------------------------------------------------------ recovery
+def test_torn_tail_is_reported_then_cut_and_saved_when_writer_is_dead(tmp_path, caplog):
+    w = _write_run(tmp_path, puts=[("a.0", 1), ("a.1", 2)])
+    good = os.path.getsize(w.path)
+    torn = jr.format_record(3, jr.KIND_PUT, jr.dumps({"i": "a.2", "m": 3}))[:-7]
+    with open(w.path, "ab") as f:
+        f.write(torn)
+    scan = jr.scan_journal(w.path)
+    assert [r[2]["i"] for r in scan.records] == ["a.0", "a.1"]
+    assert scan.torn is not None and scan.torn.offset == good
+    with caplog.at_level(logging.WARNING, logger="pympx_queues.journal"):
+        history, actions = jr.compact(str(tmp_path), "q")
+    assert "torn" in caplog.text and str(good) in caplog.text
+    assert os.path.getsize(w.path) == good
+    side = actions["cut"][0]
+    assert open(side, "rb").read() == torn
+    assert [r.id for r in history.outstanding()] == ["a.0", "a.1"]
+    # Recovery is idempotent: nothing more to cut.
+    assert jr.compact(str(tmp_path), "q")[1]["cut"] == []
+
+
+def test_zero_filled_tail_after_power_loss_is_a_torn_tail(tmp_path):
+    w = _write_run(tmp_path, puts=[("a.0", 1)])
+    with open(w.path, "ab") as f:
+        f.write(b"\0" * 100)
+    assert jr.scan_journal(w.path).torn is not None
+
+
+def test_torn_tail_of_a_live_writer_is_never_cut(tmp_path):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+    w.append([(jr.KIND_PUT, jr.dumps({"i": "a", "m": 1}))])
+    with open(w.path, "ab") as f:
+        f.write(b"0000")
+    size = os.path.getsize(w.path)
+    jr.compact(str(tmp_path), "q")
+    assert os.path.getsize(w.path) == size
+    w.close()
+
+
+def test_corrupt_middle_record_fails_closed_with_file_and_offset(tmp_path):
+    w = _write_run(tmp_path, puts=[("a.0", 1), ("a.1", 2), ("a.2", 3)])
+    data = bytearray(open(w.path, "rb").read())
+    lines = data.split(b"\n")
+    offset = len(lines[0]) + 1 + len(lines[1]) + 1  # the second put record
+    data[offset + 15] ^= 0x01
+    open(w.path, "wb").write(bytes(data))
+    with pytest.raises(JournalCorruptError) as info:
+        jr.scan_journal(w.path)
+    assert info.value.path == w.path and info.value.offset == offset
+    with pytest.raises(JournalCorruptError):
+        jr.compact(str(tmp_path), "q")
+    assert os.path.exists(w.path)  # nothing deleted or truncated
+    lax = jr.scan_journal(w.path, strict=False)
+    assert [p.kind for p in lax.problems] == ["corrupt"]
+    assert [r[2]["i"] for r in lax.records] == ["a.0", "a.2"]
+
+
+def test_sequence_gap_is_corruption(tmp_path):
+    w = _write_run(tmp_path, puts=[("a.0", 1), ("a.1", 2), ("a.2", 3)])
+    lines = open(w.path, "rb").read().split(b"\n")
+    del lines[2]
+    open(w.path, "wb").write(b"\n".join(lines))
+    with pytest.raises(JournalCorruptError, match="sequence"):
+        jr.scan_journal(w.path)
+
+
+# ------------------------------------------------------------------ history
+def test_outstanding_is_all_requested_minus_all_completed_across_runs(tmp_path):
+    _write_run(tmp_path, puts=[("a.0", 1), ("a.1", 2), ("a.2", 3)], dones=["a.0"])
+    # A later run requeues a.1 and a.2 (same ids), completes a.1, then crashes.
+    _write_run(tmp_path, puts=[("a.1", 2), ("a.2", 3), ("b.0", 4)], dones=["a.1"])
+    history = jr.scan_dirs([str(tmp_path)], "q")
+    assert [r.id for r in history.outstanding()] == ["a.2", "b.0"]
+
+
+def test_finished_runs_are_compacted_away_bounded_disk(tmp_path):
+    for n in range(30):
+        _write_run(tmp_path, puts=[(f"r{n}.0", n)], dones=[f"r{n}.0"], close=True)
+    history, actions = jr.compact(str(tmp_path), "q")
+    assert history.outstanding() == [] and len(actions["deleted"]) == 30
+    assert _journals(tmp_path) == []
+
+
+def test_many_crashed_runs_merge_into_one_snapshot_keeping_outstanding_and_keys(tmp_path):
+    for n in range(10):
+        w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+        w.append([(jr.KIND_PUT, jr.dumps({"i": f"r{n}.0", "m": [n], "k": f"k{n}"})),
+                  (jr.KIND_PUT, jr.dumps({"i": f"r{n}.1", "m": [n, n], "k": f"j{n}"})),
+                  (jr.KIND_DONE, jr.dumps({"i": f"r{n}.1"}))])
+        w.close()
+    before = jr.scan_dirs([str(tmp_path)], "q")
+    history, actions = jr.compact(str(tmp_path), "q")
+    assert len(_journals(tmp_path)) == 1 and actions["snapshot"]
+    after = jr.scan_dirs([str(tmp_path)], "q")
+    assert [(r.id, r.body, r.key) for r in after.outstanding()] == \
+        [(r.id, r.body, r.key) for r in before.outstanding()]
+    assert after.keys_done() == before.keys_done() == {f"j{n}" for n in range(10)}
+    # Compacting again changes nothing (G5).
+    jr.compact(str(tmp_path), "q")
+    again = jr.scan_dirs([str(tmp_path)], "q")
+    assert [r.id for r in again.outstanding()] == [r.id for r in before.outstanding()]
+
+
+def test_crash_in_the_middle_of_compaction_loses_nothing(tmp_path, monkeypatch):
+    for n in range(4):
+        _write_run(tmp_path, puts=[(f"r{n}.0", n), (f"r{n}.1", n)], dones=[f"r{n}.0"])
+    expected = [r.id for r in jr.scan_dirs([str(tmp_path)], "q").outstanding()]
+    real = _fs.unlink_regular
+    calls = []
+
+    def crash_after_one(path):
+        if calls:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(_fs, "unlink_regular", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        jr.compact(str(tmp_path), "q")
+    monkeypatch.undo()
+    assert [r.id for r in jr.scan_dirs([str(tmp_path)], "q").outstanding()] == expected
+    jr.compact(str(tmp_path), "q")
+    assert [r.id for r in jr.scan_dirs([str(tmp_path)], "q").outstanding()] == expected
+    assert len(_journals(tmp_path)) == 1
