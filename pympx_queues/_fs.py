@@ -520,6 +520,123 @@ def owner_tag() -> Tuple[str, int, int]:
     return _HOST, os.getpid(), my_start_time()
 
 
+# --------------------------------------------------------------------------- folder queues
+# Added for the folder queues (pympx_queues/folder.py).
+
+
+def fsync_path(path: PathLike) -> None:
+    """fsync an existing regular file by path, without following a symlink (G1).
+
+    Used before a file a user hands to ``put()`` is moved (not copied) into a queue in
+    fsync mode: its data must be durable before its name is published.
+    """
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        fsync_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def copy_new(src: PathLike, dst: PathLike, *, durable: bool,
+             mode: int = DEFAULT_FILE_MODE) -> None:
+    """Stream a regular file's bytes into a new file ``dst`` (O_EXCL, O_NOFOLLOW).
+
+    Like :func:`copy_to` but never holds the whole file in memory.  On any error (ENOSPC
+    included) the partial ``dst`` is removed before the exception propagates (G2).
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    sfd = os.open(src, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(sfd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", src)
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                      mode)
+        _trace("create", dst)
+        try:
+            total = 0
+            while True:
+                chunk = os.read(sfd, 1 << 20)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(dfd, view)
+                    view = view[n:]
+                total += len(chunk)
+            _trace("write", dst, total)
+            if durable:
+                fsync_fd(dfd, dst)
+        except BaseException:
+            os.close(dfd)
+            _unlink_quiet(dst)
+            raise
+        os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def claim_listed(src: PathLike, dst: PathLike) -> Optional[os.stat_result]:
+    """Claim a message just listed as a regular file: one no-clobber rename, then check.
+
+    Cheaper than :func:`claim` on the hot path (no ``lstat`` before the rename: the
+    directory listing already said "regular file").  Returns the ``lstat`` of the claimed
+    file, or None when another consumer won the race (ENOENT) or when what was renamed is
+    not a regular file (a symlink or FIFO swapped in after the listing): that entry is
+    moved back, never followed.  Raises ``FileExistsError`` if ``dst`` exists.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    try:
+        rename_noreplace(src, dst)  # the claim itself: one atomic rename (DESIGN.md 4)
+    except FileNotFoundError:
+        return None
+    st = lstat(dst)
+    if st is None:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        try:
+            rename_noreplace(dst, src)
+        except OSError:
+            log.warning("non-regular file %s left at %s after a claim race", src, dst)
+        return None
+    return st
+
+
+def unlink_quiet(path: PathLike) -> bool:
+    """Remove a file of ours (a sidecar, a temp file) if present; never raises ENOENT.
+
+    Refuses non-regular entries like :func:`unlink_regular` (returns False, logs).
+    """
+    try:
+        return unlink_regular(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            log.warning("not removing non-regular entry %s", os.fspath(path))
+            return False
+        raise
+
+
+def write_replace(path: PathLike, tmp_path: PathLike, data: bytes, *, durable: bool,
+                  mode: int = DEFAULT_FILE_MODE) -> None:
+    """Atomically (re)write a small file of ours: temp file, then rename over ``path``.
+
+    For sidecars (retry counts, error text) that a newer version replaces.  Readers see
+    the old or the new content, never a mix (G2).
+    """
+    write_new(tmp_path, data, durable=durable, mode=mode)
+    try:
+        rename_replace(tmp_path, path)  # G2: atomic replace of our own sidecar
+    except BaseException:
+        _unlink_quiet(os.fspath(tmp_path))
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(os.fspath(path))))  # G1
+
+
 # --------------------------------------------------------------------------- journal locks
 # Added for the PersistentQueue journals (pympx_queues/_journal.py).
 try:
