@@ -568,6 +568,8 @@ def check_deliveries(events: List[AckEvent], killed: set, completed_evidence: se
     lost_ids = [m for m in acked if m not in done_t and m not in completed_evidence
                 and m not in delivered_final]
     summary.add("acked", len(acked))
+    summary.add("delivered", sum(len(ds) for ds in deliveries.values()))
+    summary.add("acked_done", len(done_t))
     summary.add("lost_unsynced" if may_lose_unsynced else "lost", len(lost_ids))
     summary.add("corrupt", corrupt)
     summary.add("redelivered_done", redelivered)
@@ -1210,6 +1212,9 @@ class FolderAdapter(Adapter):
         else:
             self._settle_some(r, rec, rng, 10 * n, keep_last=False)
 
+    def kill(self, args: argparse.Namespace, durability: str) -> Summary:
+        return kill_folder(self, args, durability)
+
     def recover_and_list(self, root, durability):
         r = _fr(root, durability)
         try:
@@ -1220,6 +1225,129 @@ class FolderAdapter(Adapter):
                  + _folder_contents(os.path.join(root, "wip")))
         out = collections.Counter(m for m in found if m is not None)
         return Outcome(out, sum(1 for m in found if m is None))
+
+
+# -- folder queues under SIGKILL: independent producer and consumer processes ---------
+def _folder_producer(root: str, durability: str, ack_path: Optional[str], conn: Any,
+                     seed: int, limit: int) -> None:
+    log = AckLog(ack_path, conn)
+    rng = random.Random(seed)
+    tag = f"p{os.getpid()}x{rng.getrandbits(24):06x}"
+    w = _fw(root, durability)
+    i = 0
+    while limit <= 0 or i < limit:
+        if rng.random() < 0.15:
+            batch = [f"{tag}-{i:06d}-{j}" for j in range(3)]
+            w.put_many([(m + FOLDER_EXT, make_payload(m, rng.choice((0, 600, 5000))))
+                        for m in batch])
+            for m in batch:
+                log.log("P", m)
+        else:
+            mid = f"{tag}-{i:06d}"
+            w.put_data(mid + FOLDER_EXT, make_payload(mid, rng.choice((0, 600, 5000))))
+            log.log("P", mid)
+        i += 1
+        if rng.random() < 0.05:
+            time.sleep(rng.random() * 0.01)
+    w.close()
+
+
+def _folder_consumer(root: str, durability: str, done_dir: str, ack_path: Optional[str],
+                     conn: Any, seed: int) -> None:
+    from queue import Empty
+
+    from pympx_queues.sentinels import is_sentinel
+
+    log = AckLog(ack_path, conn)
+    rng = random.Random(seed)
+    r = _fr(root, durability, done_dir, recover_interval=0.5, poll_interval=0.05,
+            max_retries=None)
+    while True:
+        try:
+            path = r.get(timeout=0.5)
+        except Empty:
+            continue
+        if is_sentinel(path):
+            break
+        mid = parse_payload(_fs.read_bytes(path))
+        if mid is None:
+            log.log("C", os.path.basename(path))
+            r.task_done(path)
+            continue
+        log.log("G", mid)
+        if rng.random() < 0.1:
+            r.nack(path, "torture nack")
+            log.log("N", mid)
+        else:
+            r.task_done(path)
+            log.log("D", mid)
+
+
+def folder_final_drain(root: str, durability: str, done_dir: str) -> List[Optional[str]]:
+    """Recover, then take every message left (ready, dead letters): what came back."""
+    from queue import Empty
+
+    from pympx_queues.sentinels import is_sentinel
+
+    r = _fr(root, durability, done_dir, max_retries=None)
+    out: List[Optional[str]] = []
+    try:
+        r.recover(wait=True)
+        while True:
+            try:
+                path = r.get(block=False)
+            except Empty:
+                break
+            if is_sentinel(path):
+                break
+            out.append(parse_payload(_fs.read_bytes(path)))
+            r.task_done(path)
+    finally:
+        r.close()
+    out += _folder_contents(os.path.join(root, "failed"))
+    return out
+
+
+def kill_folder(adapter: Adapter, args: argparse.Namespace, durability: str) -> Summary:
+    iterations = args.size or 50
+    rng = random.Random(args.seed)
+    summary = new_summary("kill", adapter.name, durability=durability, iterations=iterations)
+    killed: set = set()
+    with tempfile.TemporaryDirectory(prefix="pqt-kill-") as work:
+        root = os.path.join(work, "q")
+        done_dir = os.path.join(work, "done")
+        acks = os.path.join(work, "acks")
+        os.makedirs(acks)
+        counter = [0]
+
+        def start(role: str):
+            counter[0] += 1
+            ack = os.path.join(acks, f"{role}-{counter[0]:05d}")
+            if role == "producer":
+                return _spawn(_folder_producer, root, durability, ack, None,
+                              rng.getrandbits(32), 0)
+            return _spawn(_folder_consumer, root, durability, done_dir, ack, None,
+                          rng.getrandbits(32))
+
+        _fw(root, durability)  # create the queue before anyone races on it
+        workers = {"producer": [start("producer") for _ in range(2)],
+                   "consumer": [start("consumer") for _ in range(3)]}
+        for _ in range(iterations):
+            time.sleep(rng.uniform(0.01, 0.25))
+            role = rng.choice(["producer", "consumer", "consumer"])
+            victim = workers[role].pop(rng.randrange(len(workers[role])))
+            _sigkill(victim)
+            killed.add(victim.pid)
+            workers[role].append(start(role))
+        for p in workers["producer"] + workers["consumer"]:
+            _sigkill(p)  # the end of the run is a crash too
+            killed.add(p.pid)
+        evidence = {m for m in _folder_contents(done_dir) if m}  # before the final drain
+        final = folder_final_drain(root, durability, done_dir)
+        summary["processes_killed"] = len(killed)
+        check_deliveries(read_ack_dir(acks), killed, evidence, final, summary)
+        summary["requeued_at_end"] = len(final)
+    return summary
 
 
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
