@@ -70,7 +70,7 @@ EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 #: Counts that must stay zero (anything else in a summary is a figure).
 VIOLATION_KEYS = (
     "lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
-    "not_idempotent", "put_error_silent", "half_written_visible", "errors",
+    "not_idempotent", "put_error_silent", "half_written_visible", "errors", "worker_errors",
 )
 
 
@@ -502,6 +502,8 @@ def parse_ack_lines(data: bytes) -> List[AckEvent]:
 def read_ack_dir(directory: str) -> List[AckEvent]:
     events: List[AckEvent] = []
     for name in sorted(os.listdir(directory)):
+        if name.endswith(".err"):
+            continue
         with open(os.path.join(directory, name), "rb") as f:
             events.extend(parse_ack_lines(f.read()))
     events.sort()
@@ -931,8 +933,12 @@ class PersistentAdapter(Adapter):
 
 
 # -- PersistentQueue under SIGKILL: one run = a leader (producer) + consumer processes --
-def _pq_consumer(q: Any, ack_path: str) -> None:
-    log = AckLog(ack_path)
+def _ack_from(target: Any) -> AckLog:
+    return AckLog(path=target) if isinstance(target, str) else AckLog(conn=target)
+
+
+def _pq_consumer(q: Any, ack_target: Any) -> None:
+    log = _ack_from(ack_target)
     for body in q:
         mid = _body_mid(body)
         if mid is None:
@@ -946,20 +952,27 @@ def _pq_consumer(q: Any, ack_path: str) -> None:
 
 
 def _pq_leader(pickup: str, durability: str, workers: int, n_new: int, run_no: int,
-               ack_dir: str, seed: int) -> None:
+               ack_dir: str, seed: int, conns: Optional[list] = None) -> None:
+    """One run: requeue earlier work, start consumers, produce ``n_new`` messages, close.
+
+    Acks go to files in ``ack_dir`` or, when ``conns`` is given (powercut), to those
+    pipes: ``conns[0]`` for the leader, one more per consumer.
+    """
     import multiprocessing
 
     os.setpgid(0, 0)  # the parent kills the whole run with one killpg
     _quiet_stderr(os.path.join(ack_dir, os.pardir, f"stderr-{run_no}.txt"))
-    log = AckLog(os.path.join(ack_dir, f"leader-{os.getpid()}"))
+    log = (AckLog(os.path.join(ack_dir, f"leader-{os.getpid()}")) if conns is None
+           else AckLog(conn=conns[0]))
     rng = random.Random(seed)
     q = _pq(pickup, durability, workers)
     q.requeue_unprocessed_work()
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for c in range(workers):
-        p = ctx.Process(target=_pq_consumer,
-                        args=(q, os.path.join(ack_dir, f"consumer-{c}-{rng.random():.9f}")))
+        target = (os.path.join(ack_dir, f"consumer-{c}-{rng.random():.9f}") if conns is None
+                  else conns[c + 1])
+        p = ctx.Process(target=_pq_consumer, args=(q, target))
         p.start()
         procs.append(p)
     for i in range(n_new):
@@ -1100,6 +1113,8 @@ def read_ack_dir_recursive(directory: str) -> List[AckEvent]:
     events: List[AckEvent] = []
     for dirpath, _dirs, files in os.walk(directory):
         for name in files:
+            if name.endswith(".err"):
+                continue
             with open(os.path.join(dirpath, name), "rb") as f:
                 events.extend(parse_ack_lines(f.read()))
     events.sort()
@@ -1228,9 +1243,19 @@ class FolderAdapter(Adapter):
 
 
 # -- folder queues under SIGKILL: independent producer and consumer processes ---------
-def _folder_producer(root: str, durability: str, ack_path: Optional[str], conn: Any,
-                     seed: int, limit: int) -> None:
-    log = AckLog(ack_path, conn)
+def _worker_stderr(ack_target: Any) -> None:
+    """Workers write tracebacks beside their ack file (``.err``), or nowhere in powercut
+    mode (every worker dies of EIO there, on purpose)."""
+    if isinstance(ack_target, str):
+        _quiet_stderr(ack_target + ".err")
+    else:
+        _quiet_stderr(os.devnull)
+
+
+def _folder_producer(root: str, durability: str, ack_target: Any, seed: int,
+                     limit: int) -> None:
+    _worker_stderr(ack_target)
+    log = _ack_from(ack_target)
     rng = random.Random(seed)
     tag = f"p{os.getpid()}x{rng.getrandbits(24):06x}"
     w = _fw(root, durability)
@@ -1252,13 +1277,14 @@ def _folder_producer(root: str, durability: str, ack_path: Optional[str], conn: 
     w.close()
 
 
-def _folder_consumer(root: str, durability: str, done_dir: str, ack_path: Optional[str],
-                     conn: Any, seed: int) -> None:
+def _folder_consumer(root: str, durability: str, done_dir: str, ack_target: Any,
+                     seed: int) -> None:
     from queue import Empty
 
     from pympx_queues.sentinels import is_sentinel
 
-    log = AckLog(ack_path, conn)
+    _worker_stderr(ack_target)
+    log = _ack_from(ack_target)
     rng = random.Random(seed)
     r = _fr(root, durability, done_dir, recover_interval=0.5, poll_interval=0.05,
             max_retries=None)
@@ -1324,30 +1350,188 @@ def kill_folder(adapter: Adapter, args: argparse.Namespace, durability: str) -> 
             counter[0] += 1
             ack = os.path.join(acks, f"{role}-{counter[0]:05d}")
             if role == "producer":
-                return _spawn(_folder_producer, root, durability, ack, None,
-                              rng.getrandbits(32), 0)
-            return _spawn(_folder_consumer, root, durability, done_dir, ack, None,
+                return _spawn(_folder_producer, root, durability, ack, rng.getrandbits(32), 0)
+            return _spawn(_folder_consumer, root, durability, done_dir, ack,
                           rng.getrandbits(32))
 
         _fw(root, durability)  # create the queue before anyone races on it
         workers = {"producer": [start("producer") for _ in range(2)],
                    "consumer": [start("consumer") for _ in range(3)]}
+        died = 0
         for _ in range(iterations):
             time.sleep(rng.uniform(0.01, 0.25))
             role = rng.choice(["producer", "consumer", "consumer"])
             victim = workers[role].pop(rng.randrange(len(workers[role])))
+            died += not victim.is_alive()  # a worker must only die when we kill it
             _sigkill(victim)
             killed.add(victim.pid)
             workers[role].append(start(role))
         for p in workers["producer"] + workers["consumer"]:
+            died += not p.is_alive()
             _sigkill(p)  # the end of the run is a crash too
             killed.add(p.pid)
+        summary["worker_errors"] = died
+        if died:
+            for name in os.listdir(acks):
+                if name.endswith(".err") and os.path.getsize(os.path.join(acks, name)):
+                    with open(os.path.join(acks, name)) as f:
+                        print(f"  {name}: {f.read()[-1500:]}", file=sys.stderr)
         evidence = {m for m in _folder_contents(done_dir) if m}  # before the final drain
         final = folder_final_drain(root, durability, done_dir)
         summary["processes_killed"] = len(killed)
         check_deliveries(read_ack_dir(acks), killed, evidence, final, summary)
         summary["requeued_at_end"] = len(final)
     return summary
+
+
+# -- power cut: loop-mounted ext4, EXT4_IOC_SHUTDOWN(NOLOGFLUSH) mid-write -----------
+class PipeCollector:
+    """Acks from workers through one pipe each; they live outside the "powered" disk."""
+
+    def __init__(self) -> None:
+        self.readers: List[Any] = []
+        self.data: List[bytes] = []
+
+    def new(self) -> Any:
+        import multiprocessing
+
+        r, w = multiprocessing.Pipe(duplex=False)
+        self.readers.append(r)
+        return w
+
+    def collect(self, timeout: float = 10.0) -> List[AckEvent]:
+        from multiprocessing.connection import wait
+
+        deadline = time.monotonic() + timeout
+        live = list(self.readers)
+        while live and time.monotonic() < deadline:
+            for r in wait(live, timeout=0.2):
+                try:
+                    self.data.append(r.recv_bytes())
+                except (EOFError, OSError):
+                    live.remove(r)
+        events = parse_ack_lines(b"".join(self.data))
+        events.sort()
+        return events
+
+
+def _drain_while_running(collector: PipeCollector, seconds: float) -> None:
+    """Read acks while the workers run (a full pipe would block them)."""
+    from multiprocessing.connection import wait
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for r in wait(collector.readers, timeout=min(0.05, max(0.0, end - time.monotonic()))):
+            try:
+                collector.data.append(r.recv_bytes())
+            except (EOFError, OSError):
+                pass
+
+
+def powercut_check(events: List[AckEvent], evidence: set, final: List[Optional[str]],
+                   summary: Summary, durability: str) -> None:
+    killed = {e.pid for e in events}  # every worker dies with the power
+    if durability == _fs.FSYNC:
+        check_deliveries(events, killed, evidence, final, summary)
+        return
+    # flush mode: un-synced puts and acks may be lost on power loss; never corruption.
+    scratch = Summary()
+    check_deliveries(events, killed, evidence, final, scratch)
+    summary.add("acked", scratch.get("acked", 0))
+    summary.add("lost_unsynced", scratch.get("lost", 0))
+    summary.add("redelivered_unsynced", scratch.get("redelivered_done", 0))
+    summary.add("dup_unsynced", scratch.get("dup_beyond_inflight", 0))
+    summary.add("corrupt", scratch.get("corrupt", 0))
+
+
+def powercut_folder(img: "Ext4Image", durability: str, rng: random.Random, it: int,
+                    summary: Summary) -> None:
+    root = os.path.join(img.mnt, f"it{it}", "q")
+    done_dir = os.path.join(img.mnt, f"it{it}", "done")
+    _fw(root, durability)
+    if durability == _fs.FSYNC:
+        _fs.fsync_dir(img.mnt)  # our own set-up dirs: durable before the workers start
+        _fs.fsync_dir(os.path.dirname(root))
+    col = PipeCollector()
+    procs = [_spawn(_folder_producer, root, durability, col.new(), rng.getrandbits(32), 0)
+             for _ in range(2)]
+    procs += [_spawn(_folder_consumer, root, durability, done_dir, col.new(),
+                     rng.getrandbits(32)) for _ in range(2)]
+    _drain_while_running(col, rng.uniform(0.8, 2.0))
+    img.power_cut()
+    for p in procs:
+        _sigkill(p)
+    events = col.collect()
+    img.umount()
+    img.mount()
+    evidence = {m for m in _folder_contents(done_dir) if m}
+    final = folder_final_drain(root, durability, done_dir)
+    powercut_check(events, evidence, final, summary, durability)
+    shutil.rmtree(os.path.dirname(root), ignore_errors=True)
+
+
+def powercut_persistent(img: "Ext4Image", durability: str, rng: random.Random, it: int,
+                        summary: Summary) -> None:
+    base = os.path.join(img.mnt, f"it{it}")
+    pickup = os.path.join(base, "pickup")
+    os.makedirs(pickup, mode=0o700)
+    if durability == _fs.FSYNC:
+        _fs.fsync_dir(img.mnt)
+        _fs.fsync_dir(base)
+    col = PipeCollector()
+    workers = 2
+    conns = [col.new() for _ in range(workers + 1)]
+    scratch = tempfile.mkdtemp(prefix="pqt-pc-")
+    ack_dir = os.path.join(scratch, "acks")
+    os.mkdir(ack_dir)
+    leader = _spawn(_pq_leader, pickup, durability, workers, 10 ** 9, it, ack_dir,
+                    rng.getrandbits(32), conns)
+    _drain_while_running(col, rng.uniform(1.0, 2.5))
+    img.power_cut()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.join(10)
+    del conns
+    events = col.collect()
+    shutil.rmtree(scratch, ignore_errors=True)
+    img.umount()
+    img.mount()
+    evidence = _pq_completed_evidence(pickup)
+    final: List[Optional[str]] = []
+    try:
+        outcome = PersistentAdapter().recover_and_list(base, durability)
+        for mid, c in outcome.outstanding.items():
+            final += [mid] * c
+        final += [None] * outcome.corrupt
+    except Exception as exc:
+        summary.add("unrecoverable")
+        print(f"  recovery after power cut failed: {exc!r}", file=sys.stderr)
+    powercut_check(events, evidence, final, summary, durability)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def mode_powercut(adapter: Adapter, args: argparse.Namespace) -> List[Summary]:
+    out = []
+    for durability in _durabilities(args, "both"):
+        iterations = args.size or 10
+        summary = new_summary("powercut", adapter.name, durability=durability,
+                              iterations=iterations)
+        rng = random.Random(args.seed)
+        try:
+            with ext4_image(256) as img:
+                for it in range(iterations):
+                    if adapter.name == "folder":
+                        powercut_folder(img, durability, rng, it, summary)
+                    else:
+                        powercut_persistent(img, durability, rng, it, summary)
+        except Skip as exc:
+            summary = new_summary("powercut", adapter.name, durability=durability,
+                                  skipped=str(exc))
+        for key in ("lost", "corrupt", "redelivered_done", "dup_beyond_inflight"):
+            if "skipped" not in summary and (durability == _fs.FSYNC or key == "corrupt"):
+                summary.setdefault(key, 0)
+        out.append(summary)
+    return out
 
 
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
@@ -1590,6 +1774,7 @@ def mode_kill(adapter: Adapter, args: argparse.Namespace) -> List[Summary]:
 MODES: Dict[str, Callable[[Adapter, argparse.Namespace], List[Summary]]] = {
     "crashstates": mode_crashstates,
     "kill": mode_kill,
+    "powercut": mode_powercut,
 }
 
 
