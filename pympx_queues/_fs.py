@@ -143,7 +143,10 @@ def is_litter(name: str) -> bool:
 
 # --------------------------------------------------------------------------- directories
 def makedirs(path: PathLike, mode: int = DEFAULT_DIR_MODE) -> None:
-    """Create ``path`` and parents with ``mode`` (not subject to a lax umask)."""
+    """Create ``path`` and parents with ``mode`` (not subject to a lax umask).
+
+    Each directory actually created is made durable by syncing its parent (G1).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         return
@@ -158,6 +161,10 @@ def makedirs(path: PathLike, mode: int = DEFAULT_DIR_MODE) -> None:
         return
     os.chmod(path, mode)  # mkdir honours the umask; chmod makes the mode explicit
     _trace("mkdir", path)
+    # G1: a new directory's own name is durable only once its parent is synced; without
+    # this, a power cut could drop a fresh queue or pickup dir with every message in it.
+    # Directories are created once per queue, so the cost is negligible in any mode.
+    fsync_dir(parent)
 
 
 def fsync_dir(path: PathLike) -> None:
