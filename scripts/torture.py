@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -71,6 +72,7 @@ EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 VIOLATION_KEYS = (
     "lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
     "not_idempotent", "put_error_silent", "half_written_visible", "errors", "worker_errors",
+    "failed_after_free",
 )
 
 
@@ -1534,6 +1536,193 @@ def mode_powercut(adapter: Adapter, args: argparse.Namespace) -> List[Summary]:
     return out
 
 
+# -- disk full: a tiny tmpfs ---------------------------------------------------------
+def _fill(mnt: str, headroom: int) -> str:
+    """Fill the file system with a ballast file, then give ``headroom`` bytes back."""
+    ballast = os.path.join(mnt, "ballast")
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    chunk = b"\0" * 65536
+    try:
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError:
+                break
+        size = os.fstat(fd).st_size
+        os.ftruncate(fd, max(0, size - headroom))
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def _is_enospc(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def enospc_folder(args: argparse.Namespace, durability: str, summary: Summary) -> None:
+    from queue import Empty
+
+    from pympx_queues.sentinels import is_sentinel
+
+    n = args.size or 200
+    rng = random.Random(args.seed)
+    with tmpfs_mount(4 << 20) as mnt:
+        root = os.path.join(mnt, "q")
+        w = _fw(root, durability)
+        r = _fr(root, durability, max_retries=None)
+        ballast = _fill(mnt, 96 << 10)
+        acked: List[str] = []
+        settled: List[Optional[str]] = []
+        refused = after_free_failed = other = half = 0
+        freed = False
+        for i in range(n):
+            if i == n // 2:
+                os.unlink(ballast)  # space comes back mid-run
+                freed = True
+            mid = f"e{i:05d}"
+            payload = make_payload(mid, rng.choice((200, 6000, 30000)))
+            try:
+                if rng.random() < 0.2:
+                    names = [f"{mid}-{j}" for j in range(3)]
+                    try:
+                        w.put_many([(m + FOLDER_EXT, make_payload(m, 6000)) for m in names])
+                        acked += names
+                    except OSError:
+                        # put_many keeps the items before the failing one published
+                        acked += [m for m in names
+                                  if os.path.exists(os.path.join(root, m + FOLDER_EXT))]
+                        raise
+                else:
+                    w.put_data(mid + FOLDER_EXT, payload)
+                    acked.append(mid)
+            except OSError as exc:
+                if not _is_enospc(exc):
+                    other += 1
+                    print(f"  unexpected error: {exc!r}", file=sys.stderr)
+                refused += 1
+                after_free_failed += freed
+                # G2: nothing half-written is visible under a message name
+                half += sum(1 for m in _folder_contents(root) if m is None)
+            # consumers keep working on the full disk: claim, nack (writes a sidecar), ack
+            for _ in range(2):
+                try:
+                    path = r.get(block=False)
+                except Empty:
+                    break
+                except OSError as exc:
+                    other += not _is_enospc(exc)
+                    break
+                if is_sentinel(path):
+                    break
+                try:
+                    if rng.random() < 0.3:
+                        r.nack(path, "disk full test")
+                    else:
+                        mid2 = parse_payload(_fs.read_bytes(path))
+                        r.task_done(path)
+                        settled.append(mid2)
+                except OSError as exc:
+                    other += not _is_enospc(exc)  # the claim stays; recovery returns it
+        r.close()
+        final: List[Optional[str]] = list(settled)
+        r2 = _fr(root, durability, max_retries=None)
+        try:
+            r2.recover(wait=True, include_live=True)  # our own claims left by failed nacks
+            while True:
+                try:
+                    path = r2.get(block=False)
+                except Empty:
+                    break
+                if is_sentinel(path):
+                    break
+                final.append(parse_payload(_fs.read_bytes(path)))
+                r2.task_done(path)
+        finally:
+            r2.close()
+        final += _folder_contents(os.path.join(root, "failed"))
+        got = collections.Counter(m for m in final if m is not None)
+        summary.add("acked", len(acked))
+        summary.add("puts_refused", refused)
+        summary.add("lost", sum(1 for m in acked if not got.get(m)))
+        summary.add("corrupt", sum(1 for m in final if m is None))
+        summary.add("half_written_visible", half)
+        summary.add("failed_after_free", after_free_failed)
+        summary.add("errors", other + (0 if refused else 1))  # the disk must have filled
+
+
+def enospc_persistent(args: argparse.Namespace, durability: str, summary: Summary) -> None:
+    from queue import Empty
+
+    n = args.size or 200
+    rng = random.Random(args.seed)
+    with tmpfs_mount(2 << 20) as mnt:
+        pickup = os.path.join(mnt, "pickup")
+        q = _pq(pickup, durability)
+        ballast = _fill(mnt, 16 << 10)
+        acked: List[str] = []
+        refused = after_free_failed = other = 0
+        freed = False
+        for i in range(n):
+            if i == n // 2:
+                os.unlink(ballast)
+                freed = True
+            mid = f"e{i:05d}"
+            try:
+                q.put(make_payload(mid, rng.choice((200, 2000))).decode())
+                acked.append(mid)
+            except OSError as exc:  # JournalBroken is an OSError too
+                refused += 1
+                after_free_failed += freed
+                if not _is_enospc(exc) and type(exc).__name__ != "JournalBroken":
+                    other += 1
+                    print(f"  unexpected error: {exc!r}", file=sys.stderr)
+        done: List[str] = []
+        while True:
+            try:
+                body = q.get(timeout=1)
+            except Empty:
+                break
+            try:
+                q.task_done(body)
+                done.append(_body_mid(body) or "?")
+            except OSError:
+                after_free_failed += 1
+                break
+        q.dispose()
+        q.joinable_queue.close()
+        # A new run on the same pickup dir: recovery must find exactly acked - done.
+        outcome = PersistentAdapter().recover_and_list(mnt, durability)
+        outstanding = outcome.outstanding
+        summary.add("acked", len(acked))
+        summary.add("puts_refused", refused)
+        summary.add("lost", sum(1 for m in acked if m not in done and not outstanding.get(m)))
+        summary.add("redelivered_done", sum(1 for m in done if outstanding.get(m)))
+        summary.add("corrupt", outcome.corrupt)
+        summary.add("phantom_refused_puts", sum(1 for m in outstanding if m not in acked))
+        summary.add("failed_after_free", after_free_failed)
+        summary.add("errors", other + (0 if refused else 1))
+
+
+def mode_enospc(adapter: Adapter, args: argparse.Namespace) -> List[Summary]:
+    out = []
+    for durability in _durabilities(args, "both"):
+        summary = new_summary("enospc", adapter.name, durability=durability)
+        try:
+            if adapter.name == "folder":
+                enospc_folder(args, durability, summary)
+            else:
+                enospc_persistent(args, durability, summary)
+        except Skip as exc:
+            summary = new_summary("enospc", adapter.name, durability=durability,
+                                  skipped=str(exc))
+        out.append(summary)
+    return out
+
+
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
     "toy": lambda: ToyAdapter(False),
     "toy-buggy": lambda: ToyAdapter(True),
@@ -1775,6 +1964,7 @@ MODES: Dict[str, Callable[[Adapter, argparse.Namespace], List[Summary]]] = {
     "crashstates": mode_crashstates,
     "kill": mode_kill,
     "powercut": mode_powercut,
+    "enospc": mode_enospc,
 }
 
 
