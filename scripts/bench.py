@@ -801,6 +801,14 @@ class Dirq(Adapter):
         return _DirqConsumer(spec)
 
 
+def _dirq_names(it: Any):
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
 class _DirqConsumer:
     def __init__(self, path: str) -> None:
         from dirq.QueueSimple import QueueSimple
@@ -810,14 +818,16 @@ class _DirqConsumer:
         self.passes_without = 0
 
     def get_ack(self) -> Any:
+        # QueueSimple is its own iterator and iter() on it re-lists the folder, so step
+        # with next(): one listing per pass, as dirq's documented loop does.
         while True:
-            for name in self.it:
+            for name in _dirq_names(self.it):
                 if self.q.lock(name):  # link(name, name.lck); lost races return False
                     data = self.q.get(name)
                     self.q.remove(name)
                     self.passes_without = 0
                     return data
-            # iterator exhausted: one fresh pass to be sure the queue is empty
+            # pass exhausted: one fresh pass to be sure the queue is empty
             self.passes_without += 1
             if self.passes_without > 1:
                 raise EndOfStream
@@ -1363,9 +1373,10 @@ WORKLOAD_LABELS = {"put": "put (1 process)",
 COUNTED = ("get_ack", "get_ack_batch", "drain", "drain_batch")  # dup/loss columns
 
 
-def run_worker(name: str, args: argparse.Namespace, root: str) -> Dict[str, Any]:
+def run_worker(name: str, args: argparse.Namespace, root: str,
+               round_no: int = 0) -> Dict[str, Any]:
     cls = ADAPTERS[name]
-    sysroot = os.path.join(root, name)
+    sysroot = os.path.join(root, "round%d" % round_no, name)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--root", sysroot,
            "--n", str(args.n), "--size", str(args.size), "--consumers", str(args.consumers),
            "--batch", str(args.batch), "--budget", str(args.budget)]
@@ -1376,8 +1387,8 @@ def run_worker(name: str, args: argparse.Namespace, root: str) -> Dict[str, Any]
                            "durability_note": cls.durability_note, "ack_note": cls.ack_note,
                            "baseline": baseline_for(cls), "multi_process": cls.multi is None,
                            "error": None, "notes": [], "workloads": {}}
-    timeout = args.budget * 4 + 150
-    errpath = os.path.join(root, name + ".stderr")
+    timeout = args.budget * 6 + 150
+    errpath = os.path.join(root, "%s.round%d.stderr" % (name, round_no))
     t0 = time.monotonic()
     with open(errpath, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -1435,6 +1446,55 @@ def _best_peer(rows: List[Dict[str, Any]], w: str,
         if rate and rate > best_rate:
             best_name, best_rate = r["name"], rate
     return best_name, best_rate
+
+
+def merge_rounds(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One row from the rounds of one system: median rate, every sample kept, duplicates
+    and losses summed (any nonzero count in any round shows), errors listed per round."""
+    import statistics
+
+    out = dict(rows[0])
+    out["rounds"] = len(rows)
+    out["wall_seconds"] = round(sum(r.get("wall_seconds", 0) for r in rows), 2)
+    out["notes"] = []
+    for r in rows:
+        out["notes"].extend(x for x in r["notes"] if x not in out["notes"])
+    ok_rows = [r for r in rows if not r["error"]]
+    out["error"] = None if ok_rows else rows[0]["error"]
+    if len(rows) > 1 and len(ok_rows) < len(rows):
+        out["notes"].extend("round %d: ERROR %s" % (k + 1, r["error"])
+                            for k, r in enumerate(rows) if r["error"])
+    merged: Dict[str, Any] = {}
+    keys: List[str] = []
+    for r in rows:
+        keys.extend(k for k in r["workloads"] if k not in keys)
+    for w in keys:
+        ds = [r["workloads"][w] for r in rows if w in r["workloads"]]
+        good = [d for d in ds if d.get("rate")]
+        if not good:
+            merged[w] = ds[0]
+            continue
+        m = dict(good[0])
+        samples = [d["rate"] for d in good]
+        m["rate"] = statistics.median(samples)
+        m["samples"] = samples
+        m["n"] = sum(d.get("n", 0) for d in good)
+        for key in ("duplicates", "lost", "foreign"):
+            vals = [d.get(key) for d in good]
+            if any(v is not None for v in vals):
+                m[key] = None if any(v is None for v in vals) else sum(vals)
+        errs: List[str] = []
+        for k, d in enumerate(ds):
+            if "error" in d:
+                errs.append("round %d: %s" % (k + 1, d["error"]))
+            errs.extend("round %d: %s" % (k + 1, e) for e in d.get("errors") or [])
+            if d.get("partial"):
+                m["partial"] = d["partial"]
+        if "errors" in m or errs:
+            m["errors"] = errs
+        merged[w] = m
+    out["workloads"] = merged
+    return out
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
@@ -1555,8 +1615,9 @@ def render(report: Dict[str, Any]) -> str:
                  m["implementation"], m["python"], m["kernel"],
                  " ".join("%.2f" % x for x in m["loadavg_at_start"] or [])),
              "run: n=%d messages of %d bytes, %d drain consumers, batch %d, budget %gs "
-             "per phase; temp dir %s" % (a["n"], a["size"], a["consumers"], a["batch"],
-                                         a["budget"], report["root"]),
+             "per phase, %d round(s) (figures: median over rounds); temp dir %s" % (
+                 a["n"], a["size"], a["consumers"], a["batch"], a["budget"],
+                 a.get("repeat", 1), report["root"]),
              "command: %s" % report["command"],
              "x raw: rate / the raw system-call baseline of the same kind and durability. "
              "x peer>=durab.: rate / the fastest peer promising at least the same "
@@ -1649,6 +1710,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=100, help="message size in bytes (100)")
     p.add_argument("--consumers", type=int, default=4, help="drain consumer processes (4)")
     p.add_argument("--batch", type=int, default=100, help="batch size for put_many (100)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="rounds over all systems; figures are medians (3; quick 1)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per phase before a slow system is stopped (60; quick 8)")
     p.add_argument("--systems", default="",
@@ -1667,6 +1730,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.n = 300 if args.quick else 10000
     if args.budget is None:
         args.budget = 8.0 if args.quick else 60.0
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.n < 1 or args.size < ID_WIDTH or args.consumers < 1 or args.batch < 1:
         p.error("need --n >= 1, --size >= %d, --consumers >= 1, --batch >= 1" % ID_WIDTH)
     return args
@@ -1697,16 +1762,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                             if argv is None else ["bench.py", *argv]),
         "args": {"n": args.n, "size": args.size, "consumers": args.consumers,
                  "batch": args.batch, "budget": args.budget, "quick": args.quick,
+                 "repeat": args.repeat,
                  "systems": names},
         "root": root, "machine": machine_info(root), "systems": []}
     t0 = time.monotonic()
+    rounds: Dict[str, List[Dict[str, Any]]] = {name: [] for name in names}
     try:
-        for name in names:
-            print("... %s" % name, file=sys.stderr, flush=True)
-            report["systems"].append(run_worker(name, args, root))
+        # Rounds go over every system in turn, so a noisy minute on a shared machine
+        # hits all systems alike; each figure is the median over the rounds.
+        for rnd in range(args.repeat):
+            for name in names:
+                print("... round %d/%d: %s" % (rnd + 1, args.repeat, name), file=sys.stderr,
+                      flush=True)
+                rounds[name].append(run_worker(name, args, root, rnd))
     finally:
         if not args.keep:
             _rmtree(root)
+    report["systems"] = [merge_rounds(rounds[name]) for name in names]
     report["wall_seconds"] = round(time.monotonic() - t0, 1)
     try:
         report["machine"]["loadavg_at_end"] = os.getloadavg()
