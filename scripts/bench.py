@@ -1355,6 +1355,22 @@ def machine_info(path: str) -> Dict[str, Any]:
             "kernel": platform.release(), "loadavg_at_start": load}
 
 
+def code_version() -> Dict[str, Any]:
+    """The commit measured, and whether the library's files differ from it."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    info: Dict[str, Any] = {"commit": None, "dirty": []}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                        capture_output=True, text=True,
+                                        timeout=10).stdout.strip() or None
+        out = subprocess.run(["git", "status", "--porcelain", "--", "pympx_queues"],
+                             cwd=here, capture_output=True, text=True, timeout=10).stdout
+        info["dirty"] = [line[3:] for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def baseline_for(cls: type) -> Optional[str]:
     if cls.kind == "raw":
         return None
@@ -1619,6 +1635,10 @@ def render(report: Dict[str, Any]) -> str:
                  a["n"], a["size"], a["consumers"], a["batch"], a["budget"],
                  a.get("repeat", 1), report["root"]),
              "command: %s" % report["command"],
+             "code: commit %s%s" % (report.get("code", {}).get("commit"),
+                                    "; uncommitted changes in " + ", ".join(
+                                        report["code"]["dirty"])
+                                    if report.get("code", {}).get("dirty") else ""),
              "x raw: rate / the raw system-call baseline of the same kind and durability. "
              "x peer>=durab.: rate / the fastest peer promising at least the same "
              "durability (none < flush < fsync); x best any: rate / the fastest peer.", ""]
@@ -1764,7 +1784,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "batch": args.batch, "budget": args.budget, "quick": args.quick,
                  "repeat": args.repeat,
                  "systems": names},
-        "root": root, "machine": machine_info(root), "systems": []}
+        "root": root, "machine": machine_info(root), "code": code_version(),
+        "systems": []}
     t0 = time.monotonic()
     rounds: Dict[str, List[Dict[str, Any]]] = {name: [] for name in names}
     try:
