@@ -621,11 +621,11 @@ def tmpfs_mount(size_bytes: int):
 
 
 def _umount(mnt: str) -> None:
-    for attempt in range(50):
+    for _attempt in range(40):  # a killed worker's open files close a moment later
         res = subprocess.run(["umount", mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if res.returncode == 0 or not os.path.ismount(mnt):
             return
-        time.sleep(0.1 * (attempt + 1) / 5)
+        time.sleep(0.1)
     subprocess.run(["umount", "-l", mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -1088,6 +1088,8 @@ def kill_persistent(adapter: Adapter, args: argparse.Namespace, durability: str)
                         os.killpg(leader.pid, signal.SIGKILL)
                     leader.join(10)
                     killed |= _pids_in(run_acks) | {leader.pid}
+                elif calibrate:
+                    expected = time.monotonic() - t0
                 elif not final:
                     expected = 0.7 * expected + 0.3 * (time.monotonic() - t0)
             # Orphaned consumers of a killed leader share its process group: gone above.
@@ -1311,6 +1313,16 @@ def _folder_consumer(root: str, durability: str, done_dir: str, ack_target: Any,
             log.log("D", mid)
 
 
+def _describe_bad(path: str) -> None:
+    if os.environ.get("TORTURE_DEBUG"):
+        try:
+            data = _fs.read_bytes(path)
+        except OSError as exc:
+            data = repr(exc).encode()
+        print(f"  unreadable message {os.path.basename(path)}: {len(data)} bytes, "
+              f"{data[:16]!r}...{data[-16:]!r} zeros={data.count(0)}", file=sys.stderr)
+
+
 def folder_final_drain(root: str, durability: str, done_dir: str) -> List[Optional[str]]:
     """Recover, then take every message left (ready, dead letters): what came back."""
     from queue import Empty
@@ -1328,7 +1340,10 @@ def folder_final_drain(root: str, durability: str, done_dir: str) -> List[Option
                 break
             if is_sentinel(path):
                 break
-            out.append(parse_payload(_fs.read_bytes(path)))
+            mid = parse_payload(_fs.read_bytes(path))
+            if mid is None:
+                _describe_bad(path)
+            out.append(mid)
             r.task_done(path)
     finally:
         r.close()
@@ -1574,7 +1589,7 @@ def enospc_folder(args: argparse.Namespace, durability: str, summary: Summary) -
         root = os.path.join(mnt, "q")
         w = _fw(root, durability)
         r = _fr(root, durability, max_retries=None)
-        ballast = _fill(mnt, 96 << 10)
+        ballast = _fill(mnt, 48 << 10)
         acked: List[str] = []
         settled: List[Optional[str]] = []
         refused = after_free_failed = other = half = 0
@@ -1608,7 +1623,7 @@ def enospc_folder(args: argparse.Namespace, durability: str, summary: Summary) -
                 # G2: nothing half-written is visible under a message name
                 half += sum(1 for m in _folder_contents(root) if m is None)
             # consumers keep working on the full disk: claim, nack (writes a sidecar), ack
-            for _ in range(2):
+            for _ in range(1 if rng.random() < 0.3 else 0):
                 try:
                     path = r.get(block=False)
                 except Empty:
