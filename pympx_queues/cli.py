@@ -53,7 +53,7 @@ def _os_error_line(exc: OSError) -> str:
 
 def translate_error(exc: BaseException) -> Optional[CliError]:
     """Map an expected library exception to a one-line :class:`CliError` (None: a bug)."""
-    if isinstance(exc, (admin.UnsupportedOperation, admin.NoSuchMessage, NotAQueueError)):
+    if isinstance(exc, (admin.UnsupportedOperation, admin.NotFound, NotAQueueError)):
         return CliError(str(exc), EXIT_USAGE)
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, PermissionError)):
         return CliError(_os_error_line(exc), EXIT_USAGE)
@@ -208,10 +208,17 @@ def render_counts(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _alive(alive: Optional[bool]) -> str:
+    return {True: "running", False: "gone", None: "other host"}[alive]
+
+
 def render_status(report: Dict[str, Any]) -> str:
     kind = {"folder": "folder queue", "pickup": "PersistentQueue pickup dir"}.get(
         report.get("kind", ""), str(report.get("kind")))
-    out = [f"{kind} {report.get('path', '')}"]
+    title = f"{kind} {report.get('path', '')}"
+    if report.get("message_extension"):
+        title += f" (messages *{report['message_extension']})"
+    out = [title]
     out += render_counts(report)
     claims = report.get("claims") or []
     if claims:
@@ -224,9 +231,9 @@ def render_status(report: Dict[str, Any]) -> str:
     if producers:
         out.append("producers")
         out.append(table(
-            [(p.get("id"), p.get("state"), p.get("host"), p.get("pid"), fmt_age(p.get("age")))
+            [(p.get("id"), p.get("run"), p.get("state"), _alive(p.get("alive")))
              for p in producers],
-            ["PRODUCER", "STATE", "HOST", "PID", "AGE"], indent="  "))
+            ["PRODUCER", "RUN", "STATE", "PROCESS"], indent="  "))
     runs = report.get("runs") or []
     if runs:
         out.append("runs")
@@ -245,9 +252,18 @@ def render_status(report: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _preview(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def render_messages(messages: List[Dict[str, Any]]) -> str:
     if not messages:
         return "(no messages)"
+    if any("prefix" in m for m in messages):  # pickup dir: outstanding journal messages
+        return table([(m.get("name"), m.get("prefix"), m.get("run"), m.get("key"),
+                       _preview(m.get("body"))) for m in messages],
+                     ["ID", "PREFIX", "RUN", "KEY", "BODY"])
     return table(
         [(m.get("name"), m.get("state"), m.get("size"), fmt_age(m.get("age")),
           m.get("retries"), m.get("owner")) for m in messages],
@@ -258,6 +274,8 @@ def render_mapping(data: Dict[str, Any]) -> str:
     width = max([len(k) for k in data] or [0])
     lines = []
     for key, value in data.items():
+        if value is None or value == "":
+            continue
         if key.endswith("age") and isinstance(value, (int, float)):
             value = fmt_age(value)
         if isinstance(value, dict):
@@ -315,14 +333,45 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Machine-readable JSON on stdout.")
 
 
+def queue_options(f: Any) -> Any:
+    """--ext / --lease-timeout (folder queues) and --prefix (pickup dirs), gathered into
+    one ``opts`` dict of :mod:`pympx_queues.admin` keyword options."""
+    def collect(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        ctx.ensure_object(dict)
+        if value is not None:
+            ctx.obj.setdefault("opts", {})[param.name] = value
+        return value
+
+    opts = [
+        click.option("--ext", "message_extension", default=None, metavar="EXT",
+                     expose_value=False, callback=collect,
+                     help="Folder queue: message extension [default: .tsv]."),
+        click.option("--lease-timeout", "lease_timeout", type=click.FloatRange(min=0.001),
+                     default=None, metavar="SECONDS", expose_value=False, callback=collect,
+                     help="Folder queue: a claim of another host without heartbeat for "
+                          "this long is stale [default: 600]."),
+        click.option("--prefix", "prefix", default=None, expose_value=False,
+                     callback=collect, help="Pickup dir: only this queue prefix."),
+    ]
+    for option in reversed(opts):
+        f = option(f)
+    return f
+
+
+def _opts() -> Dict[str, Any]:
+    ctx = click.get_current_context()
+    return dict((ctx.obj or {}).get("opts", {}))
+
+
 @main.command()
 @path_argument
 @json_option
+@queue_options
 @click.option("--check", is_flag=True,
               help="Exit 1 when a problem is found (stale claims, corrupt journal records...).")
 def status(path: str, as_json: bool, check: bool) -> None:
     """Kind of queue, counts per state, claims, producers, journal runs and problems."""
-    report = admin.status(path)
+    report = admin.status(path, **_opts())
     emit(report, as_json, render_status)
     if check and report.get("problems"):
         sys.exit(EXIT_PROBLEM)
@@ -333,18 +382,20 @@ def status(path: str, as_json: bool, check: bool) -> None:
 @click.option("--state", type=click.Choice(admin.STATES), default=None,
               help="Only messages in this state (default: all).")
 @json_option
+@queue_options
 def ls_command(path: str, state: Optional[str], as_json: bool) -> None:
     """List messages with state, size, age, retries and owner."""
-    emit(admin.list_messages(path, state), as_json, render_messages)
+    emit(admin.list_messages(path, state, **_opts()), as_json, render_messages)
 
 
 @main.command()
 @path_argument
 @click.argument("message")
 @json_option
+@queue_options
 def show(path: str, message: str, as_json: bool) -> None:
     """Everything known about one MESSAGE (name or id): retries, last error, owner, lease."""
-    emit(admin.show_message(path, message), as_json, render_mapping)
+    emit(admin.show_message(path, message, **_opts()), as_json, render_mapping)
 
 
 @main.command()
@@ -353,20 +404,25 @@ def show(path: str, message: str, as_json: bool) -> None:
 @click.option("--data", default=None, help="Message content ('-' reads stdin).")
 @click.option("--name", default=None, help="Message name for --data.")
 @click.option("--copy", is_flag=True, help="Copy FILEs in and keep them (default: move).")
+@click.option("--rename", is_flag=True,
+              help="If a message of that name is waiting, publish as NAME~<hex>.EXT "
+                   "(default: refuse).")
 @json_option
+@queue_options
 def put(path: str, files: Sequence[str], data: Optional[str], name: Optional[str],
-        copy: bool, as_json: bool) -> None:
+        copy: bool, rename: bool, as_json: bool) -> None:
     """Enqueue files (moved in, or copied with --copy), or --data TEXT --name NAME."""
     if data is not None or name is not None:
         if files or data is None or name is None:
             raise CliError("use either FILE... or --data TEXT --name NAME", EXIT_USAGE)
         payload: "bytes | str" = sys.stdin.buffer.read() if data == "-" else data
-        published = [admin.put_data(path, name, payload)]
+        published = [admin.put_data(path, name, payload, rename=rename, **_opts())]
     elif not files:
         raise CliError("nothing to put: give FILE... or --data TEXT --name NAME", EXIT_USAGE)
     else:
         with ProgressBar("put", enabled=None if not as_json else False) as bar:
-            published = admin.put_files(path, list(files), copy=copy, progress=bar)
+            published = admin.put_files(path, list(files), copy=copy, rename=rename,
+                                        progress=bar, **_opts())
     emit({"published": published}, as_json, lambda r: "\n".join(r["published"]))
 
 
@@ -377,12 +433,14 @@ def put(path: str, files: Sequence[str], data: Optional[str], name: Optional[str
 @click.option("--force", is_flag=True, help="Confirm --all.")
 @click.option("--dry-run", is_flag=True, help="Show what would move; change nothing.")
 @json_option
+@queue_options
 def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: bool) -> None:
     """Return stale claims to the queue (folder) or requeue earlier runs' work (pickup)."""
     if include_live and not force:
         raise CliError("--all also takes claims whose owner is alive; add --force", EXIT_USAGE)
     with ProgressBar("requeue", enabled=None if not as_json else False) as bar:
-        result = admin.requeue(path, include_live=include_live, dry_run=dry_run, progress=bar)
+        result = admin.requeue(path, include_live=include_live, dry_run=dry_run, progress=bar,
+                               **_opts())
     emit(result, as_json, lambda r: render_moves(r, "requeued"))
 
 
@@ -392,10 +450,11 @@ def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: 
               help="Only dead letters whose name matches GLOB (default: all).")
 @click.option("--dry-run", is_flag=True, help="Show what would move; change nothing.")
 @json_option
+@queue_options
 def retry(path: str, pattern: Optional[str], dry_run: bool, as_json: bool) -> None:
     """Move dead letters back to ready."""
     with ProgressBar("retry", enabled=None if not as_json else False) as bar:
-        result = admin.retry(path, pattern=pattern, dry_run=dry_run, progress=bar)
+        result = admin.retry(path, pattern=pattern, dry_run=dry_run, progress=bar, **_opts())
     emit(result, as_json, lambda r: render_moves(r, "retried"))
 
 
@@ -411,26 +470,32 @@ def _render_written(result: Dict[str, Any]) -> str:
 @path_argument
 @click.option("--producer", default=None, help="Only this producer id (default: every "
               "producer that registered and died without closing).")
+@click.option("--force", is_flag=True, help="Even if that producer is still running.")
 @json_option
-def close(path: str, producer: Optional[str], as_json: bool) -> None:
+@queue_options
+def close(path: str, producer: Optional[str], force: bool, as_json: bool) -> None:
     """Write DONE for a producer that died before closing the stream."""
-    emit(admin.close(path, producer=producer), as_json, _render_written)
+    emit(admin.close(path, producer=producer, force=force, **_opts()), as_json,
+         _render_written)
 
 
 @main.command()
 @path_argument
 @click.option("--producer", default=None, help="Only this producer id (default: every "
               "producer that registered and died without closing).")
+@click.option("--force", is_flag=True, help="Even if that producer is still running.")
 @json_option
-def fail(path: str, producer: Optional[str], as_json: bool) -> None:
+@queue_options
+def fail(path: str, producer: Optional[str], force: bool, as_json: bool) -> None:
     """Write FAILED for a producer that died before closing; consumers stop."""
-    emit(admin.fail(path, producer=producer), as_json, _render_written)
+    emit(admin.fail(path, producer=producer, force=force, **_opts()), as_json,
+         _render_written)
 
 
 def _confirm(what: str, path: str, yes: bool) -> None:
     if yes:
         return
-    question = f"{what} {admin.describe_destruction(path)}?"
+    question = f"{what} {admin.describe_destruction(path, **_opts())}?"
     try:
         ok = click.confirm(question, default=False, err=True)
     except click.Abort:
@@ -450,32 +515,37 @@ def _render_summary(result: Dict[str, Any]) -> str:
 @click.option("--force", is_flag=True, help="Also return claims whose owner is alive.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @json_option
+@queue_options
 def reset(path: str, force: bool, yes: bool, as_json: bool) -> None:
     """pympx reset: drop old control files, return claims to ready (live ones only with --force)."""
     _confirm("Reset", path, yes)
     with ProgressBar("reset", enabled=None if not as_json else False) as bar:
-        result = admin.reset(path, force=force, progress=bar)
+        result = admin.reset(path, force=force, progress=bar, **_opts())
     emit(result, as_json, _render_summary)
 
 
 @main.command()
 @path_argument
+@click.option("--force", is_flag=True,
+              help="Even while a live consumer holds a claim (or a journal writer runs).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @json_option
-def purge(path: str, yes: bool, as_json: bool) -> None:
-    """pympx purge: delete every message and control file.  Permanent."""
+@queue_options
+def purge(path: str, force: bool, yes: bool, as_json: bool) -> None:
+    """pympx purge: delete every message (pickup dir: give up on outstanding work)."""
     _confirm("Purge", path, yes)
     with ProgressBar("purge", enabled=None if not as_json else False) as bar:
-        result = admin.purge(path, progress=bar)
+        result = admin.purge(path, force=force, progress=bar, **_opts())
     emit(result, as_json, _render_summary)
 
 
 @main.command()
 @path_argument
 @json_option
+@queue_options
 def verify(path: str, as_json: bool) -> None:
     """Check journal checksums and folder consistency; exit 1 if anything is wrong."""
-    result = admin.verify(path)
+    result = admin.verify(path, **_opts())
     emit(result, as_json, render_check)
     if not result.get("ok"):
         sys.exit(EXIT_PROBLEM)
@@ -485,9 +555,10 @@ def verify(path: str, as_json: bool) -> None:
 @path_argument
 @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 @json_option
+@queue_options
 def repair(path: str, dry_run: bool, as_json: bool) -> None:
     """Quarantine corrupt journal records, clean leftovers; never deletes a message."""
-    result = admin.repair(path, dry_run=dry_run)
+    result = admin.repair(path, dry_run=dry_run, **_opts())
     emit(result, as_json, render_check)
     if not result.get("ok"):
         sys.exit(EXIT_PROBLEM)
@@ -511,6 +582,7 @@ def render_watch(report: Dict[str, Any], rates: Dict[str, float], interval: floa
               help="Stop after N refreshes (default: until Ctrl-C).")
 @click.option("--once", is_flag=True, help="One refresh, then exit (same as --count 1).")
 @json_option
+@queue_options
 def watch(path: str, interval: float, count: Optional[int], once: bool, as_json: bool) -> None:
     """Live view of counts and rates, refreshed until Ctrl-C (one JSON line per refresh)."""
     if once:
@@ -520,7 +592,7 @@ def watch(path: str, interval: float, count: Optional[int], once: bool, as_json:
     shown = 0
     try:
         while True:
-            current = admin.snapshot(path)
+            current = admin.snapshot(path, **_opts())
             rates = admin.rates(previous, current)
             if as_json:
                 click.echo(json.dumps({"status": current, "rates": rates}, default=str))

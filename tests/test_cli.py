@@ -28,7 +28,7 @@ class FakeBackend(admin._Backend):
     def is_queue(self, path):
         return os.path.exists(os.path.join(path, "FAKEQUEUE"))
 
-    def status(self, path):
+    def status(self, path, o):
         self.calls.append(("status",))
         problems = [f"{self.stale} stale claims: run `pympx-queues requeue {path}`"] \
             if self.stale else []
@@ -41,31 +41,31 @@ class FakeBackend(admin._Backend):
                 "producers": [{"id": "p1", "state": "open", "host": "h", "pid": 10}],
                 "problems": problems}
 
-    def list_messages(self, path, state):
-        self.calls.append(("ls", state))
+    def list_messages(self, path, state, o):
+        self.calls.append(("ls", state, o))
         msgs = [{"name": "a.tsv", "state": "ready", "size": 10, "age": 3.0, "retries": 0},
                 {"name": "b.tsv", "state": "failed", "size": 4, "age": 9.0, "retries": 3}]
         return [m for m in msgs if state in (None, m["state"])]
 
-    def show_message(self, path, message):
+    def show_message(self, path, message, o):
         if message != "a.tsv":
             raise admin.NoSuchMessage(f"no message {message!r} in {path}")
         return {"name": "a.tsv", "state": "ready", "retries": 0, "lease_age": 5.0}
 
-    def put_files(self, path, files, copy, progress):
+    def put_files(self, path, files, copy, o, rename, progress):
         self.calls.append(("put_files", tuple(files), copy))
         for i, _ in enumerate(files, 1):
             if progress:
                 progress(i, len(files))
         return [os.path.basename(f) for f in files]
 
-    def put_data(self, path, name, data):
+    def put_data(self, path, name, data, o, rename):
         self.calls.append(("put_data", name, data))
         if "/" in name:
             raise ValueError(f"message name {name!r} contains a path separator")
         return name
 
-    def requeue(self, path, include_live, dry_run, progress):
+    def requeue(self, path, include_live, dry_run, o, progress):
         self.calls.append(("requeue", include_live, dry_run))
         names = [f"m{i}.tsv" for i in range(5)]
         for i, _ in enumerate(names, 1):
@@ -74,30 +74,30 @@ class FakeBackend(admin._Backend):
         return {"moved": names, "skipped": [{"name": "live.tsv", "reason": "owner alive"}],
                 "dry_run": dry_run}
 
-    def retry(self, path, pattern, dry_run, progress):
+    def retry(self, path, pattern, dry_run, o, progress):
         self.calls.append(("retry", pattern, dry_run))
         return {"moved": ["b.tsv"], "skipped": [], "dry_run": dry_run}
 
-    def close(self, path, producer, failed):
+    def close(self, path, producer, failed, force, o):
         self.calls.append(("close", producer, failed))
         return {"written": [{"producer": producer or "p1",
                              "sentinel": "FAILED" if failed else "DONE"}]}
 
-    def reset(self, path, force, progress):
+    def reset(self, path, force, o, progress):
         self.calls.append(("reset", force))
         return {"requeued": ["x"], "control_removed": 2}
 
-    def purge(self, path, progress):
+    def purge(self, path, force, o, progress):
         self.calls.append(("purge",))
         return {"deleted": 12}
 
-    def verify(self, path):
+    def verify(self, path, o):
         if self.verify_ok:
             return {"ok": True, "issues": []}
         return {"ok": False, "issues": [{"kind": "corrupt", "path": "j1", "offset": 40,
                                          "detail": "bad crc"}]}
 
-    def repair(self, path, dry_run):
+    def repair(self, path, dry_run, o):
         self.calls.append(("repair", dry_run))
         return {"ok": True, "actions": ["quarantined j1 @40"], "issues": []}
 
@@ -174,7 +174,7 @@ def test_permission_denied_is_one_line_exit_2(tmp_path):
 
 
 def test_permission_error_from_the_library_is_one_line_exit_2(fake, monkeypatch):
-    def denied(path, state):
+    def denied(path, state, o):
         raise PermissionError(13, "Permission denied", os.path.join(path, "wip"))
 
     monkeypatch.setattr(fake, "list_messages", denied)
@@ -184,12 +184,20 @@ def test_permission_error_from_the_library_is_one_line_exit_2(fake, monkeypatch)
 
 
 def test_disk_errors_are_one_line_exit_1(fake, monkeypatch):
-    def full(path, name, data):
+    def full(path, name, data, o, rename):
         raise OSError(28, "No space left on device", path)
 
     monkeypatch.setattr(fake, "put_data", full)
     r = run("put", fake.path, "--data", "x", "--name", "n.tsv")
     assert r.exit_code == 1 and "no space left on device" in r.stderr
+
+
+def test_queue_options_reach_the_library(fake):
+    r = run("ls", fake.path, "--ext", ".csv", "--lease-timeout", "5", "--prefix", "jobs")
+    assert r.exit_code == 0
+    assert fake.calls[-1] == ("ls", None, admin.Options(".csv", 5.0, "jobs"))
+    run("ls", fake.path)
+    assert fake.calls[-1] == ("ls", None, admin.Options())
 
 
 def test_unknown_state_is_a_usage_error(fake):
