@@ -518,26 +518,26 @@ class OursFolder(Adapter):
     def finish_producer(self) -> None:
         self.w.close()
 
+    #: extra ReadableFolderQueue keyword arguments (the default wake-ups unless set)
+    reader_kwargs: Dict[str, Any] = {}
+
     def open_local_consumer(self) -> Any:
-        return _FolderConsumer(self.dir, self.mode)
+        return _FolderConsumer(self.dir, self.mode, self.reader_kwargs)
 
     def consumer_spec(self) -> Any:
-        return (self.dir, self.mode)
+        return (self.dir, self.mode, self.reader_kwargs)
 
     @classmethod
     def consumer(cls, spec: Any, index: int, count: int) -> Any:
-        return _FolderConsumer(spec[0], spec[1])
+        return _FolderConsumer(*spec)
 
 
 class _FolderConsumer:
-    def __init__(self, path: str, mode: str) -> None:
+    def __init__(self, path: str, mode: str, kwargs: Dict[str, Any]) -> None:
         from pympx_queues.folder import ReadableFolderQueue
         from pympx_queues.sentinels import DONE, FAILED
 
-        try:
-            self.r = ReadableFolderQueue(path, durability=mode)
-        except TypeError:  # a reader without a durability knob
-            self.r = ReadableFolderQueue(path)
+        self.r = ReadableFolderQueue(path, durability=mode, **kwargs)
         self.ends = (DONE, FAILED)
 
     def get_ack(self) -> Any:
@@ -570,6 +570,17 @@ class OursFolderFsync(OursFolder):
     label = "ours folder queue fsync"
     durability = "fsync"
     mode = "fsync"
+
+
+class OursFolderFlushPoll(OursFolder):
+    """Informative: the same queue with polling instead of inotify wake-up hints, to show
+    what the wake-up machinery costs (the targets are judged on the default)."""
+
+    name = "folder-flush-poll"
+    label = "ours folder queue flush, wakeups='poll'"
+    durability = "flush"
+    mode = "flush"
+    reader_kwargs = {"wakeups": "poll"}
 
 
 # ----- multiprocessing.JoinableQueue ----------------------------------------------
@@ -1018,6 +1029,7 @@ class QueuelibFifo(Adapter):
 
 ADAPTERS: Dict[str, type] = {cls.name: cls for cls in (
     OursPersistentFlush, OursPersistentFsync, OursFolderFlush, OursFolderFsync,
+    OursFolderFlushPoll,
     PympxPersistent, PympxFolder, Dirq, DiskcacheDeque, LiteQueueAdapter,
     PersistQueueAck, QueuelibFifo, MpJoinable,
     RawAppendFlush, RawAppendFsync, RawFileFlush, RawFileFsync,
