@@ -17,6 +17,7 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -319,13 +320,40 @@ def render_check(result: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the group
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pympx_queues")
-def main() -> None:
+@click.option("-v", "--verbose", count=True,
+              help="Show the library's log on stderr (-v info, -vv debug; default: errors).")
+def main(verbose: int = 0) -> None:
     """Inspect, requeue and repair pympx_queues folder queues and pickup journals.
 
     PATH is a folder queue directory or a PersistentQueue pickup dir; the kind is
     detected.  Exit codes: 0 ok, 1 problem found, 2 usage error (bad arguments, missing
     path, not a queue).
     """
+    setup_logging(verbose)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def setup_logging(verbose: int) -> None:
+    """Library log records go to stderr; by default only errors (the commands report
+    what they did themselves, so the library's warnings would repeat it)."""
+    level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logger = logging.getLogger("pympx_queues")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 path_argument = click.argument("path", type=click.Path(path_type=str))
@@ -611,5 +639,5 @@ def watch(path: str, interval: float, count: Optional[int], once: bool, as_json:
         pass
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - ``python -m pympx_queues.cli``
+    main(prog_name=PROG)
