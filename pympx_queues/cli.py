@@ -288,11 +288,11 @@ def render_mapping(data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_moves(result: Dict[str, Any], verb: str) -> str:
-    """``verb`` is the past participle ("requeued"); a dry run says "would requeue"."""
+def render_moves(result: Dict[str, Any], verb: str, done: str) -> str:
+    """One line per message moved ("requeued: x"; a dry run says "would requeue: x")."""
     moved = result.get("moved", [])
     dry = result.get("dry_run")
-    label = f"would {verb[:-1] if verb.endswith('ed') else verb}" if dry else verb
+    label = f"would {verb}" if dry else done
     lines = [f"{label}: {name}" for name in moved]
     for item in result.get("skipped", []):
         if isinstance(item, dict):
@@ -300,7 +300,7 @@ def render_moves(result: Dict[str, Any], verb: str) -> str:
         else:
             lines.append(f"skipped: {item}")
     n = len(moved)
-    summary = f"{n} message{'s' if n != 1 else ''} {'would be ' if result.get('dry_run') else ''}{verb}"
+    summary = f"{n} message{'s' if n != 1 else ''} {'would be ' if dry else ''}{done}"
     lines.append(summary)
     return "\n".join(lines)
 
@@ -469,7 +469,7 @@ def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: 
     with ProgressBar("requeue", enabled=None if not as_json else False) as bar:
         result = admin.requeue(path, include_live=include_live, dry_run=dry_run, progress=bar,
                                **_opts())
-    emit(result, as_json, lambda r: render_moves(r, "requeued"))
+    emit(result, as_json, lambda r: render_moves(r, "requeue", "requeued"))
 
 
 @main.command()
@@ -483,7 +483,7 @@ def retry(path: str, pattern: Optional[str], dry_run: bool, as_json: bool) -> No
     """Move dead letters back to ready."""
     with ProgressBar("retry", enabled=None if not as_json else False) as bar:
         result = admin.retry(path, pattern=pattern, dry_run=dry_run, progress=bar, **_opts())
-    emit(result, as_json, lambda r: render_moves(r, "retried"))
+    emit(result, as_json, lambda r: render_moves(r, "retry", "retried"))
 
 
 def _render_written(result: Dict[str, Any]) -> str:
