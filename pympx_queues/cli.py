@@ -187,6 +187,16 @@ class ProgressBar:
 
 
 # --------------------------------------------------------------------------- renderers
+#: Human output shows at most this many rows per table (``--json`` shows everything).
+MAX_ROWS = 20
+
+
+def _limited(rows: List[Any], hint: str, limit: int = MAX_ROWS) -> "tuple[List[Any], str]":
+    if len(rows) <= limit:
+        return rows, ""
+    return rows[:limit], f"  ... and {len(rows) - limit} more ({hint})"
+
+
 _COUNT_LABELS = [
     ("ready", "ready"), ("wip", "in progress"), ("done", "done"), ("failed", "dead letters"),
     ("tmp", "temp files"), ("requested", "requested"), ("completed", "completed"),
@@ -223,25 +233,36 @@ def render_status(report: Dict[str, Any]) -> str:
     out += render_counts(report)
     claims = report.get("claims") or []
     if claims:
+        # stale ones first: they are what a person after a crash is looking for
+        claims = sorted(claims, key=lambda c: (c.get("state") != "stale", c.get("name", "")))
+        shown, more = _limited(claims, "ls --state wip, or --json")
         out.append("claims")
         out.append(table(
             [(c.get("name"), c.get("state"), c.get("host"), c.get("pid"), fmt_age(c.get("age")))
-             for c in claims],
+             for c in shown],
             ["NAME", "STATE", "HOST", "PID", "AGE"], indent="  "))
+        out += [more] if more else []
     producers = report.get("producers") or []
     if producers:
+        # newest runs first (run ids sort by start time)
+        producers = sorted(producers, key=lambda p: p.get("run", ""), reverse=True)
+        shown, more = _limited(producers, "--json")
         out.append("producers")
         out.append(table(
             [(p.get("id"), p.get("run"), p.get("state"), _alive(p.get("alive")))
-             for p in producers],
+             for p in shown],
             ["PRODUCER", "RUN", "STATE", "PROCESS"], indent="  "))
+        out += [more] if more else []
     runs = report.get("runs") or []
     if runs:
+        shown, more = _limited(runs, "--json")
         out.append("runs")
         out.append(table(
-            [(r.get("run"), r.get("requested"), r.get("completed"), r.get("outstanding"),
-              r.get("state", "")) for r in runs],
-            ["RUN", "REQUESTED", "COMPLETED", "OUTSTANDING", "STATE"], indent="  "))
+            [(r.get("prefix"), r.get("run"), r.get("requested"), r.get("completed"),
+              r.get("outstanding"), r.get("state", "")) for r in shown],
+            ["PREFIX", "RUN", "REQUESTED", "COMPLETED", "OUTSTANDING", "STATE"],
+            indent="  "))
+        out += [more] if more else []
     errors = report.get("journal_errors") or []
     if errors:
         out.append("journal errors")
@@ -290,10 +311,11 @@ def render_mapping(data: Dict[str, Any]) -> str:
 
 def render_moves(result: Dict[str, Any], verb: str, done: str) -> str:
     """One line per message moved ("requeued: x"; a dry run says "would requeue: x")."""
-    moved = result.get("moved", [])
+    moved = sorted(result.get("moved", []))
     dry = result.get("dry_run")
     label = f"would {verb}" if dry else done
-    lines = [f"{label}: {name}" for name in moved]
+    shown, more = _limited(moved, "--json lists all", limit=50)
+    lines = [f"{label}: {name}" for name in shown] + ([more.strip()] if more else [])
     for item in result.get("skipped", []):
         if isinstance(item, dict):
             lines.append(f"skipped: {item.get('name')} ({item.get('reason')})")

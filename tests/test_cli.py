@@ -365,3 +365,19 @@ def test_unexpected_exceptions_are_not_hidden(fake, monkeypatch):
     monkeypatch.setattr(fake, "retry", boom)
     r = run("retry", fake.path)
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+def test_human_tables_are_capped_and_json_is_complete(fake, monkeypatch):
+    base = fake.status
+
+    def many(path, o):
+        report = base(path, o)
+        report["claims"] = [{"name": f"c{i:02d}.tsv", "state": "stale", "host": "h",
+                             "pid": i, "age": 1.0} for i in range(30)]
+        return report
+
+    monkeypatch.setattr(fake, "status", many)
+    r = run("status", fake.path)
+    assert "c19.tsv" in r.output and "c20.tsv" not in r.output
+    assert "... and 10 more" in r.output
+    assert len(json.loads(run("status", fake.path, "--json").output)["claims"]) == 30
