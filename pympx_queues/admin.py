@@ -381,8 +381,8 @@ class _FolderBackend(_Backend):
                 lambda: fa.requeue_stale(path, include_live=include_live,
                                          force=include_live, **self._kw(o)),
                 total, lambda: max(0, _count_files(wip) - len(skipped)), progress)
-        return {"moved": [os.path.basename(m) for m in moved], "skipped": skipped,
-                "dry_run": dry_run}
+        return {"kind": FOLDER, "moved": [os.path.basename(m) for m in moved],
+                "skipped": skipped, "dry_run": dry_run}
 
     def retry(self, path: str, pattern: Optional[str], dry_run: bool, o: Options,
               progress: Optional[Progress]) -> Dict[str, Any]:
@@ -559,7 +559,7 @@ class _PickupBackend(_Backend):
         rep = self._pk().requeue(path, o.prefix, dry_run=dry_run)
         d = rep.to_dict()
         d.pop("outstanding", None)
-        return {**d, "moved": [m.id for m in rep.outstanding],
+        return {**d, "kind": PICKUP, "moved": [m.id for m in rep.outstanding],
                 "skipped": [{"name": p, "reason": "a writer of this prefix is running"}
                             for p in rep.skipped], "dry_run": dry_run}
 

@@ -327,6 +327,21 @@ def render_moves(result: Dict[str, Any], verb: str, done: str) -> str:
     return "\n".join(lines)
 
 
+def render_requeue(result: Dict[str, Any]) -> str:
+    if result.get("kind") != "pickup":
+        return render_moves(result, "requeue", "requeued")
+    # A pickup dir: nothing moves now; the next run's requeue_unprocessed_work() does it.
+    ids = sorted(result.get("moved", []))
+    shown, more = _limited(ids, "--json lists all", limit=50)
+    lines = [f"outstanding: {i}" for i in shown] + ([more.strip()] if more else [])
+    lines += [f"skipped: {s.get('name')} ({s.get('reason')})" for s in result.get("skipped", [])]
+    n = len(ids)
+    lines.append(f"{n} message{'s' if n != 1 else ''} ready for the next run "
+                 "(its requeue_unprocessed_work() puts them back)"
+                 + ("; dry run: journals not consolidated" if result.get("dry_run") else ""))
+    return "\n".join(lines)
+
+
 def render_check(result: Dict[str, Any]) -> str:
     lines = [f"{a}" for a in result.get("actions", [])]
     for issue in result.get("issues", []):
@@ -491,7 +506,7 @@ def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: 
     with ProgressBar("requeue", enabled=None if not as_json else False) as bar:
         result = admin.requeue(path, include_live=include_live, dry_run=dry_run, progress=bar,
                                **_opts())
-    emit(result, as_json, lambda r: render_moves(r, "requeue", "requeued"))
+    emit(result, as_json, render_requeue)
 
 
 @main.command()

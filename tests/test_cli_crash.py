@@ -165,7 +165,7 @@ def test_pickup_dir_recovery_after_the_run_is_killed(tmp_path):
 
     r = cli("requeue", pickup)
     assert r.returncode == 0, r.stderr
-    assert "7 messages requeued" in r.stdout
+    assert "7 messages ready for the next run" in r.stdout
 
     nxt = subprocess.run([sys.executable, "-c", textwrap.dedent(NEXT_RUN), str(pickup)],
                          capture_output=True, text=True, timeout=60)

@@ -69,7 +69,8 @@ def test_ls_and_show_outstanding_messages(pickup):
 
 def test_requeue_consolidates_and_the_next_run_finishes(pickup):
     r = run("requeue", pickup, "--dry-run")
-    assert r.exit_code == 0 and "4 messages would be requeued" in r.output
+    assert r.exit_code == 0 and "4 messages ready for the next run" in r.output
+    assert "dry run" in r.output
     r = run("requeue", pickup, "--json")
     assert r.exit_code == 0
     assert len(json.loads(r.stdout)["moved"]) == 4
