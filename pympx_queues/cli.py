@@ -563,7 +563,8 @@ def _confirm(what: str, path: str, yes: bool) -> None:
     question = f"{what} {admin.describe_destruction(path, **_opts())}?"
     try:
         ok = click.confirm(question, default=False, err=True)
-    except click.Abort:
+    except click.Abort:  # end of input (nothing piped in) or Ctrl-C
+        click.echo("", err=True)
         ok = False
     if not ok:
         raise CliError(f"{what.lower()} cancelled; nothing was changed (use --yes to skip "
