@@ -29,6 +29,7 @@ import heapq
 import json
 import logging
 import os
+import random as _random
 import threading
 import time
 import traceback
@@ -49,7 +50,7 @@ from typing import (
 
 from . import _fs
 from . import _layout as L
-from ._watch import WATCHDOG, Wakeups, check_mode
+from ._watch import EVENTS, Wakeups, check_mode
 from .errors import Empty, IncompleteGroupsError, QueueClosed, QueueFailed
 from .sentinels import DONE, FAILED
 
@@ -628,8 +629,9 @@ class ReadableFolderQueue(_FolderQueue):
         heartbeat counts as abandoned (same-host claims are judged by process liveness).
     :param heartbeat_interval: if set, a background thread renews this object's claims
         every that many seconds (for tasks longer than ``lease_timeout``).
-    :param wakeups: ``"watchdog"`` (inotify hints wake a blocked ``get`` at once) or
-        ``"poll"`` (NFS/SMB: rescan every ``poll_interval`` seconds).
+    :param wakeups: ``"events"`` (default: inotify on Linux, else a watchdog observer,
+        wakes a blocked ``get`` at once), ``"watchdog"`` (always the watchdog observer) or
+        ``"poll"`` (NFS/SMB: no events, rescan every ``poll_interval`` seconds).
     :param poll_interval: seconds between rescans while the queue looks empty.
     :param rescan_interval: seconds between full rescans while messages are flowing (at
         least 20x the last scan's duration, so the cost of ``get()`` stays flat).
@@ -652,7 +654,7 @@ class ReadableFolderQueue(_FolderQueue):
         max_retries: Optional[int] = DEFAULT_MAX_RETRIES,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         heartbeat_interval: Optional[float] = None,
-        wakeups: str = WATCHDOG,
+        wakeups: str = EVENTS,
         poll_interval: float = 1.0,
         rescan_interval: float = 30.0,
         recover_interval: float = 10.0,
@@ -802,11 +804,19 @@ class ReadableFolderQueue(_FolderQueue):
     def _claim_next(self) -> Optional[str]:
         heap = self._heap
         pop = heapq.heappop
+        fails = 0
         while heap:
             _, name = pop(heap)
             path = self._claim_name(name)
             if path is not None:
                 return path
+            # Lost a race: another consumer works through the same sorted listing right
+            # here.  Jump ahead a random distance (growing with repeated losses) so that
+            # consumers spread out instead of colliding on every name.  Skipped names are
+            # not lost: the others take them, or our next rescan finds them.
+            fails += 1
+            for _ in range(_random.randrange(min(len(heap), 1 << min(fails + 3, 10)) + 1)):
+                pop(heap)
         return None
 
     # ------------------------------------------------------------------ control state
@@ -870,6 +880,9 @@ class ReadableFolderQueue(_FolderQueue):
                 failed, _, runs = self._check_control()
                 if failed:
                     return self._end_of_stream(FAILED, runs)
+            if self._wakeups.rescan_needed:  # the event queue overflowed
+                self._wakeups.rescan_needed = False
+                self._next_rescan = 0.0
             if self._wakeups.pending():
                 self._merge_hints()
             scanned = False

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Benchmark the folder queues against the raw system calls they are made of.
+
+Prints, in one run:
+
+* put/s (``put_data`` of small messages) vs a raw baseline (create+write, rename);
+* get+task_done/s in one process vs raw (rename, unlink);
+* drain/s with 4 consumer processes vs raw with 4 processes;
+* the cost of one ``get()`` with 1 000, 100 000 and 1 000 000 files waiting (flat);
+* the median delay from a put to a blocked consumer waking up (watchdog and poll mode).
+
+Usage::
+
+    python scripts/bench_folder.py                      # full run (1M files: ~1-2 min)
+    python scripts/bench_folder.py --sizes 1000,100000  # skip the 1M-file point
+    python scripts/bench_folder.py --quick              # small smoke run (used by tests)
+
+No timed assertions: figures are printed with ratios; the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pympx_queues import DONE  # noqa: E402
+from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue  # noqa: E402
+
+PAYLOAD = b"x" * 100
+
+
+# --------------------------------------------------------------------------- raw baselines
+def raw_put(d: str, n: int) -> float:
+    tmp = os.path.join(d, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        t = os.path.join(tmp, f"t{i}")
+        fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, PAYLOAD)
+        os.close(fd)
+        os.rename(t, os.path.join(d, f"m{i:08d}.tsv"))
+    return time.perf_counter() - t0
+
+
+def populate(d: str, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        fd = os.open(os.path.join(d, f"m{i:08d}.tsv"), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, PAYLOAD)
+        os.close(fd)
+
+
+def raw_drain_worker(d: str, k: int, nproc: int, start_evt, out) -> None:
+    wip = os.path.join(d, "wip")
+    names = sorted(n for n in os.listdir(d) if n.endswith(".tsv"))
+    start_evt.wait()
+    t0 = time.perf_counter()
+    done = 0
+    for name in names[k::nproc]:
+        w = os.path.join(wip, f"{k}_{name}")
+        try:
+            os.rename(os.path.join(d, name), w)
+        except FileNotFoundError:
+            continue
+        os.unlink(w)
+        done += 1
+    out.put((done, time.perf_counter() - t0))
+
+
+def raw_drain(d: str, n: int, nproc: int) -> float:
+    os.makedirs(os.path.join(d, "wip"), exist_ok=True)
+    populate(d, n)
+    if nproc == 1:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        ev = ctx.Event()
+        ev.set()
+        raw_drain_worker(d, 0, 1, ev, q)
+        return q.get()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ev = ctx.Event()
+    procs = [ctx.Process(target=raw_drain_worker, args=(d, k, nproc, ev, q)) for k in range(nproc)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # let every child list the folder before the clock starts
+    t0 = time.perf_counter()
+    ev.set()
+    results = [q.get() for _ in procs]
+    elapsed = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    assert sum(r[0] for r in results) == n, results
+    return elapsed
+
+
+# --------------------------------------------------------------------------- library
+def lib_put(d: str, n: int, durability: str) -> float:
+    w = WritableFolderQueue(d, durability=durability)
+    t0 = time.perf_counter()
+    for i in range(n):
+        w.put_data(f"m{i:08d}.tsv", PAYLOAD)
+    elapsed = time.perf_counter() - t0
+    w.close()
+    return elapsed
+
+
+def lib_drain_one(d: str, n: int, wakeups: str) -> float:
+    w = WritableFolderQueue(d)
+    populate(d, n)
+    w.close()
+    r = ReadableFolderQueue(d, wakeups=wakeups)
+    t0 = time.perf_counter()
+    got = 0
+    while True:
+        p = r.get()
+        if p is DONE:
+            break
+        r.task_done(p)
+        got += 1
+    elapsed = time.perf_counter() - t0
+    r.close()
+    assert got == n, got
+    return elapsed
+
+
+def lib_drain_worker(r: ReadableFolderQueue, start_evt, out) -> None:
+    start_evt.wait()
+    t0 = time.perf_counter()
+    got = 0
+    for p in r:
+        r.task_done(p)
+        got += 1
+    out.put((got, time.perf_counter() - t0))
+    r.close()
+
+
+def lib_drain_many(d: str, n: int, nproc: int, wakeups: str) -> float:
+    w = WritableFolderQueue(d)
+    populate(d, n)
+    w.close()
+    r = ReadableFolderQueue(d, wakeups=wakeups)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ev = ctx.Event()
+    procs = [ctx.Process(target=lib_drain_worker, args=(r, ev, q)) for _ in range(nproc)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    ev.set()
+    results = [q.get() for _ in procs]
+    elapsed = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    assert sum(x[0] for x in results) == n, results
+    return elapsed
+
+
+def get_cost(base: str, size: int, samples: int) -> dict:
+    d = os.path.join(base, f"getcost{size}")
+    os.makedirs(d)
+    w = WritableFolderQueue(d)
+    populate(d, size)
+    r = ReadableFolderQueue(d, wakeups="events")
+    t0 = time.perf_counter()
+    first = r.get()
+    first_cost = time.perf_counter() - t0
+    r.task_done(first)
+    costs = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        p = r.get()
+        costs.append(time.perf_counter() - t0)
+        r.task_done(p)
+    r.close()
+    w.close()
+    shutil.rmtree(d)
+    costs.sort()
+    return {"size": size, "first_get_s": first_cost,
+            "median_us": statistics.median(costs) * 1e6,
+            "mean_us": statistics.fmean(costs) * 1e6,
+            "p99_us": costs[int(len(costs) * 0.99) - 1] * 1e6}
+
+
+def wake_consumer(r: ReadableFolderQueue, ready, out) -> None:
+    ready.set()
+    while True:
+        p = r.get()
+        t = time.time()
+        if p is DONE:
+            break
+        out.put(t)
+        r.task_done(p)
+    r.close()
+
+
+def wake_delay(base: str, samples: int, wakeups: str, poll_interval: float) -> float:
+    d = os.path.join(base, f"wake-{wakeups}")
+    w = WritableFolderQueue(d)
+    r = ReadableFolderQueue(d, wakeups=wakeups, poll_interval=poll_interval)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ready = ctx.Event()
+    proc = ctx.Process(target=wake_consumer, args=(r, ready, out))
+    proc.start()
+    ready.wait(30)
+    time.sleep(0.5)  # consumer is blocked in get() with its observer running
+    delays = []
+    for i in range(samples):
+        t0 = time.time()
+        w.put_data(f"w{i:06d}.tsv", PAYLOAD)
+        t1 = out.get(timeout=30)
+        delays.append(t1 - t0)
+        time.sleep(0.02)
+    w.close()
+    proc.join(30)
+    shutil.rmtree(d)
+    return statistics.median(delays)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=20000, help="messages for put/drain (20000)")
+    ap.add_argument("--sizes", default="1000,100000,1000000",
+                    help="waiting-file counts for the get() cost (drop 1000000 to skip 1M)")
+    ap.add_argument("--samples", type=int, default=2000, help="get() samples per size")
+    ap.add_argument("--wake-samples", type=int, default=50)
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--dir", default=None, help="base folder (default: a temp dir on /tmp)")
+    ap.add_argument("--durability", default="flush", choices=["flush", "fsync"])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.sizes, args.samples, args.wake_samples = 300, "200,2000", 100, 5
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    base = tempfile.mkdtemp(prefix="bench_folder-", dir=args.dir)
+    print(f"# bench_folder: n={args.n} procs={args.procs} durability={args.durability} "
+          f"dir={base} cpus={os.cpu_count()}")
+    try:
+        def sub(name):
+            p = os.path.join(base, name)
+            os.makedirs(p)
+            return p
+
+        n = args.n
+        raw_p = raw_put(sub("rawput"), n)
+        lib_p = lib_put(sub("libput"), n, args.durability)
+        print(f"put/s            lib {n / lib_p:10.0f}   raw {n / raw_p:10.0f}   ratio {raw_p / lib_p:5.2f}")
+        raw_1 = raw_drain(sub("rawdrain1"), n, 1)
+        lib_1 = lib_drain_one(sub("libdrain1"), n, "events")
+        lib_1p = lib_drain_one(sub("libdrain1p"), n, "poll")
+        print(f"get+done/s 1proc lib {n / lib_1:10.0f}   raw {n / raw_1:10.0f}   ratio {raw_1 / lib_1:5.2f}"
+              f"   (poll mode: {n / lib_1p:.0f}/s, ratio {raw_1 / lib_1p:.2f})")
+        raw_k = raw_drain(sub("rawdrainK"), n, args.procs)
+        lib_k = lib_drain_many(sub("libdrainK"), n, args.procs, "events")
+        print(f"drain/s {args.procs}procs  lib {n / lib_k:10.0f}   raw {n / raw_k:10.0f}   ratio {raw_k / lib_k:5.2f}")
+        for size in sizes:
+            r = get_cost(base, size, min(args.samples, size - 1))
+            print(f"get() with {size:>8} waiting: median {r['median_us']:7.1f} us  mean "
+                  f"{r['mean_us']:7.1f} us  p99 {r['p99_us']:7.1f} us  (first get incl. "
+                  f"listing {r['first_get_s'] * 1e3:.0f} ms)")
+        ev = wake_delay(base, args.wake_samples, "events", 1.0)
+        print(f"put->wake median (events/inotify, poll_interval=1s): {ev * 1e3:6.2f} ms  (target < 10 ms)")
+        wd = wake_delay(base, max(3, args.wake_samples // 5), "watchdog", 1.0)
+        print(f"put->wake median (watchdog observer, poll_interval=1s): {wd * 1e3:6.2f} ms")
+        pd = wake_delay(base, max(3, args.wake_samples // 5), "poll", 0.1)
+        print(f"put->wake median (poll mode, poll_interval=0.1s): {pd * 1e3:6.2f} ms")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
