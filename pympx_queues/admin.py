@@ -375,8 +375,10 @@ class _FolderBackend(_Backend):
             moved = fa.requeue_stale(path, dry_run=True, include_live=include_live,
                                      force=include_live, **self._kw(o))
         else:
+            from . import _layout as layout
+
             total = len(before) - len(skipped)
-            wip = os.path.join(path, "wip")
+            wip = os.path.join(path, layout.WIP_DIR)
             moved = _run_with_progress(
                 lambda: fa.requeue_stale(path, include_live=include_live,
                                          force=include_live, **self._kw(o)),
