@@ -116,6 +116,10 @@ class Adapter:
     max_n: Optional[int] = None  # cap on n for very slow systems (reported)
     has_batch = False
     ack_note = ""
+    #: True when consumers learn the end of the stream from the queue (DONE sentinels);
+    #: False when "empty" is all they see (then the pipeline consumers poll until the
+    #: producer has finished).
+    has_eos = False
 
     def __init__(self, root: str, size: int, consumers: int) -> None:
         self.root = root
@@ -213,12 +217,22 @@ class _RawAppendConsumer:
         self.fsync = fsync
         self.f = open(data_path, "rb")  # buffered sequential read
         self.index, self.count, self.line = index, count, -1
+        self.partial = b""
         ack = "%s.ack%d" % (data_path, index)
         self.ack_fd = os.open(ack, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
+    def _readline(self) -> bytes:
+        rec = self.f.readline()
+        if rec and not rec.endswith(b"\n"):  # a record still being appended (pipeline)
+            self.partial += rec
+            return b""
+        if self.partial:
+            rec, self.partial = self.partial + rec, b""
+        return rec
+
     def get_ack(self) -> Any:
         while True:
-            rec = self.f.readline()
+            rec = self._readline()
             if not rec:
                 raise EndOfStream
             self.line += 1
@@ -231,7 +245,7 @@ class _RawAppendConsumer:
     def get_ack_many(self, k: int) -> List[Any]:
         out: List[bytes] = []
         while len(out) < k:
-            rec = self.f.readline()
+            rec = self._readline()
             if not rec:
                 break
             self.line += 1
@@ -365,6 +379,9 @@ class _RawFileConsumer:
             _fsync_dir(self.wip)  # one directory fsync covers the batch of unlinks
         return out
 
+    def reset(self) -> None:
+        self.names = None  # list the folder again (pipeline: the producer adds files)
+
     def close(self) -> None:
         pass
 
@@ -387,6 +404,7 @@ class RawFileFsync(RawFile):
 
 class OursPersistent(Adapter):
     kind = "ours"
+    has_eos = True
     family = "journal"
     mode = "flush"
     has_batch = False
@@ -496,6 +514,7 @@ class OursPersistentFsync(OursPersistent):
 
 class OursFolder(Adapter):
     kind = "ours"
+    has_eos = True
     family = "file"
     mode = "flush"
 
@@ -589,6 +608,7 @@ class OursFolderFlushPoll(OursFolder):
 class MpJoinable(Adapter):
     name = "mp-joinable"
     label = "multiprocessing.JoinableQueue"
+    has_eos = True
     kind = "peer"
     family = "memory"
     durability = "none"
@@ -652,6 +672,7 @@ def _pympx_queuing():
 class PympxPersistent(Adapter):
     name = "pympx-pq"
     label = "pympx PersistentQueue (orig.)"
+    has_eos = True
     kind = "peer"
     family = "journal"
     durability = "flush"
@@ -709,6 +730,7 @@ def _patch_getlogin(notes: List[str]) -> None:
 class PympxFolder(Adapter):
     name = "pympx-folder"
     label = "pympx Writable/ReadableFolderQueue"
+    has_eos = True
     kind = "peer"
     family = "file"
     durability = "flush"
@@ -813,11 +835,15 @@ class Dirq(Adapter):
 
 
 def _dirq_names(it: Any):
+    # After its StopIteration, QueueSimple's next() returns '' instead of raising again.
     while True:
         try:
-            yield next(it)
+            name = next(it)
         except StopIteration:
             return
+        if not name:
+            return
+        yield name
 
 
 class _DirqConsumer:
@@ -843,6 +869,10 @@ class _DirqConsumer:
             if self.passes_without > 1:
                 raise EndOfStream
             self.it = iter(self.q)
+
+    def reset(self) -> None:
+        self.passes_without = 0
+        self.it = iter(self.q)  # a fresh pass lists the folder again
 
     def close(self) -> None:
         pass
@@ -1039,8 +1069,14 @@ ADAPTERS: Dict[str, type] = {cls.name: cls for cls in (
 
 
 def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, start: Any,
-                   out_path: str, budget: float, batch: int = 0) -> None:
-    """Runs in each spawned consumer process of the drain workload."""
+                   out_path: str, budget: float, batch: int = 0,
+                   producer_done: Any = None) -> None:
+    """Runs in each spawned consumer process of the drain and pipeline workloads.
+
+    ``producer_done`` (pipeline): for a system without an end-of-stream signal, "empty"
+    only ends the consumer once the producer has finished and one more try finds nothing.
+    """
+    has_eos = ADAPTERS[name].has_eos
     ids: List[int] = []
     err = None
     t_end = None
@@ -1062,7 +1098,15 @@ def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, sta
                 else:
                     ids.append(payload_id(cons.get_ack()))
             except EndOfStream:
-                break
+                if producer_done is None or has_eos:
+                    break
+                if producer_done.is_set():
+                    producer_done = None  # one more pass after the producer finished
+                else:
+                    time.sleep(0.0005)  # empty for now: the producer is still putting
+                reset = getattr(cons, "reset", None)
+                if reset is not None:
+                    reset()
             if time.monotonic() > deadline:
                 err = "budget of %.0fs exceeded: stopped" % budget
                 break
@@ -1148,13 +1192,15 @@ def _phase_get_ack(ad: Adapter, n: int, budget: float,
 
 
 def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
-                 workdir: str, batch: int = 0) -> Dict[str, Any]:
+                 workdir: str, batch: int = 0, pipeline: bool = False) -> Dict[str, Any]:
+    """drain: consumers empty a preloaded queue.  pipeline: one producer (this process)
+    puts while the consumers take, clock from the first put to the last ack."""
     import multiprocessing
 
     if ad.multi:
         return {"na": ad.multi}
     ctx = multiprocessing.get_context("spawn")
-    tag = "drain_batch" if batch else "drain"
+    tag = "pipeline" if pipeline else ("drain_batch" if batch else "drain")
     ad.open_producer(tag)
     if batch and not ad.has_batch_get:
         return {"na": "no batch get/ack API"}
@@ -1163,29 +1209,41 @@ def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
     # end-of-stream markers go in before the clock starts.
     spec = ad.consumer_spec()
     start = ctx.Event()
+    producer_done = ctx.Event() if pipeline else None
     readies, procs, outs = [], [], []
     for k in range(consumers):
         ready = ctx.Event()
         out = os.path.join(workdir, "%s-consumer-%d.json" % (tag, k))
         p = ctx.Process(target=_consumer_main,
-                        args=(ad.name, spec, k, consumers, ready, start, out, budget, batch),
+                        args=(ad.name, spec, k, consumers, ready, start, out, budget, batch,
+                              producer_done),
                         daemon=True)
         p.start()
         readies.append(ready)
         procs.append(p)
         outs.append(out)
-    if ad.has_batch:  # preload (not timed)
-        for s in range(0, n, 1000):
-            ad.put_many([(i, make_payload(i, size)) for i in range(s, min(n, s + 1000))])
-    else:
-        for i in range(n):
-            ad.put(i, make_payload(i, size))
-    ad.finish_producer()
+    if not pipeline:
+        if ad.has_batch:  # preload (not timed)
+            for s in range(0, n, 1000):
+                ad.put_many([(i, make_payload(i, size)) for i in range(s, min(n, s + 1000))])
+        else:
+            for i in range(n):
+                ad.put(i, make_payload(i, size))
+        ad.finish_producer()
     for r in readies:
         if not r.wait(120):
             raise RuntimeError("a consumer process did not start within 120 s")
     t0 = time.monotonic()
     start.set()
+    t_put = None
+    if pipeline:
+        payloads = [make_payload(i, size) for i in range(n)]
+        for i in range(n):
+            ad.put(i, payloads[i])
+        ad.finish_producer()
+        t_put = time.monotonic() - t0
+        assert producer_done is not None
+        producer_done.set()
     for p in procs:
         p.join(budget + 60)
     hung = [p.pid for p in procs if p.is_alive()]
@@ -1218,6 +1276,8 @@ def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
                            "consumers": consumers, "duplicates": c["duplicates"],
                            "lost": c["lost"], "foreign": c["foreign"],
                            "per_consumer": per_consumer, "errors": errors}
+    if t_put is not None:
+        res["producer_seconds"] = t_put
     try:
         ad.close()
     except Exception:  # noqa: BLE001
@@ -1312,6 +1372,9 @@ def worker_main(args: argparse.Namespace) -> int:
         wl["get_ack_batch"] = {"na": "no batch get/ack API"}
     ad3 = cls(root, args.size, args.consumers)
     run("drain", lambda: _phase_drain(ad3, n, args.size, args.consumers, args.budget, root))
+    ad5 = cls(root, args.size, args.consumers)
+    run("pipeline", lambda: _phase_drain(ad5, n, args.size, args.consumers, args.budget,
+                                         root, pipeline=True))
     ad4 = cls(root, args.size, args.consumers)
     if cls.has_batch_get or getattr(ad, "has_batch_get", False):
         run("drain_batch", lambda: _phase_drain(ad4, n, args.size, args.consumers,
@@ -1320,7 +1383,7 @@ def worker_main(args: argparse.Namespace) -> int:
             wl["drain_batch"]["batch"] = args.batch
     else:
         wl["drain_batch"] = {"na": "no batch get/ack API"}
-    for a in (ad, ad3, ad4):
+    for a in (ad, ad3, ad4, ad5):
         result["notes"].extend(x for x in a.notes if x not in result["notes"])
     result["notes"].extend(x for x in WORKER_NOTES if x not in result["notes"])
     errs = [k for k, v in wl.items() if isinstance(v, dict) and "error" in v]
@@ -1391,14 +1454,17 @@ def baseline_for(cls: type) -> Optional[str]:
     return "raw-append-fsync" if cls.durability == "fsync" else "raw-append-flush"
 
 
-WORKLOADS = ("put", "put_batch", "get_ack", "get_ack_batch", "drain", "drain_batch")
+WORKLOADS = ("put", "put_batch", "get_ack", "get_ack_batch", "drain", "drain_batch",
+             "pipeline")
 WORKLOAD_LABELS = {"put": "put (1 process)",
                    "put_batch": "put_many (batched API)",
                    "get_ack": "get+ack (1 process)",
                    "get_ack_batch": "get_many+task_done_many (batched API, 1 process)",
                    "drain": "drain (%d consumer processes, spawn)",
-                   "drain_batch": "drain with batched get/ack (%d consumer processes)"}
-COUNTED = ("get_ack", "get_ack_batch", "drain", "drain_batch")  # dup/loss columns
+                   "drain_batch": "drain with batched get/ack (%d consumer processes)",
+                   "pipeline": "pipeline: 1 producer putting while %d consumer processes "
+                               "get+ack (first put to last ack)"}
+COUNTED = ("get_ack", "get_ack_batch", "drain", "drain_batch", "pipeline")  # dup/loss
 
 
 def run_worker(name: str, args: argparse.Namespace, root: str,
@@ -1730,6 +1796,65 @@ def render(report: Dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _md_rate(d: Dict[str, Any]) -> str:
+    if not d:
+        return ""
+    if "na" in d:
+        return "n/a"
+    if "error" in d and not d.get("rate"):
+        return "error"
+    r = d.get("rate")
+    if r is None:
+        return "-"
+    txt = "{:,}".format(int(round(r))).replace(",", "\u202f") if r >= 100 else "%.1f" % r
+    return txt + ("*" if d.get("partial") else "")
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    """README-ready tables of one run (same figures as the text report)."""
+    m, a = report["machine"], report["args"]
+    lines = [
+        "Measured %s on %s CPU(s) (%s), %s on %s, %s %s, kernel %s; load average %s at "
+        "the start. Code at commit %s%s." % (
+            report["started"], m["nproc"], m["cpu"], m["filesystem"], m["device"],
+            m["implementation"], m["python"], m["kernel"],
+            " / ".join("%.2f" % x for x in m["loadavg_at_start"] or []),
+            report.get("code", {}).get("commit"),
+            " (uncommitted: %s)" % ", ".join(report["code"]["dirty"])
+            if report.get("code", {}).get("dirty") else ""),
+        "",
+        "`%s`: %d messages of %d bytes per workload, drain with %d spawned consumer "
+        "processes, batches of %d, %d round(s), median shown." % (
+            report["command"], a["n"], a["size"], a["consumers"], a["batch"],
+            a.get("repeat", 1)),
+        "",
+        "| system | durability | put/s | put_many/s | get+ack/s | batched get+ack/s "
+        "| drain/s | batched drain/s | drain dup | drain lost |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["systems"]:
+        w = r["workloads"]
+        if r["error"] and not w:
+            lines.append("| %s | %s | error: %s |||||||| " % (r["name"], r["durability"],
+                                                            r["error"][:80]))
+            continue
+        d = w.get("drain") or {}
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["name"], r["durability"], _md_rate(w.get("put")), _md_rate(w.get("put_batch")),
+            _md_rate(w.get("get_ack")), _md_rate(w.get("get_ack_batch")),
+            _md_rate(d), _md_rate(w.get("drain_batch")),
+            "" if "na" in d else d.get("duplicates", ""),
+            "" if "na" in d or d.get("lost") is None else d.get("lost")))
+    lines += ["", "| target (issue 6) | measured | need | status |", "|---|--:|---|---|"]
+    for t in report["targets"]:
+        val = ("-" if t["value"] is None else str(t["value"])) if t["need"] == "== 0" \
+            else _fx(t["value"])
+        lines.append("| %s | %s | %s | %s |" % (
+            t["target"], val, t["need"].replace(">", "&gt;"),
+            {True: "met", False: "**missed**", None: "not measured"}[t["met"]]))
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1750,6 +1875,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="comma-separated subset (see --list); default: all")
     p.add_argument("--list", action="store_true", help="list the systems and exit")
     p.add_argument("--json", default=None, metavar="PATH", help="also write JSON here")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="also write README-ready markdown tables here")
     p.add_argument("--dir", default=None,
                    help="parent of the temp directory (same file system for all systems)")
     p.add_argument("--keep", action="store_true", help="keep the temp directory")
@@ -1825,6 +1952,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
         print("JSON written to %s" % args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(render_markdown(report))
+        print("markdown written to %s" % args.markdown)
     return 0
 
 

@@ -37,11 +37,11 @@ def test_quick_run_reports_every_system_and_ours_lose_and_duplicate_nothing(tmp_
     names = _system_names(tmp_path)
     assert set(OURS) | set(RAW) <= set(names)
     js = tmp_path / "bench.json"
-    out = _run(["--quick", "--n", "200", "--budget", "6", "--dir", str(tmp_path),
+    out = _run(["--quick", "--n", "150", "--budget", "6", "--dir", str(tmp_path),
                 "--json", str(js)], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for title in ("== put (1 process) ==", "== get+ack (1 process) ==", "== drain (4 consumer",
-                  "== targets (issue 6) =="):
+                  "== pipeline: 1 producer", "== targets (issue 6) =="):
         assert title in out.stdout, out.stdout[-3000:]
 
     report = json.loads(js.read_text())
@@ -63,11 +63,12 @@ def test_quick_run_reports_every_system_and_ours_lose_and_duplicate_nothing(tmp_
         for w in ("put", "get_ack", "drain"):
             d = row["workloads"][w]
             assert "error" not in d and d["rate"], (name, w, d)
-        for w in ("get_ack", "drain"):
+        for w in ("get_ack", "drain", "pipeline"):
             d = row["workloads"][w]
             assert d["lost"] == 0 and d["duplicates"] == 0, (name, w, d)
-        assert not row["workloads"]["drain"]["errors"], (name, row["workloads"]["drain"])
-        assert row["workloads"]["drain"]["n"] == row["n"]
+        for w in ("drain", "pipeline"):
+            assert not row["workloads"][w]["errors"], (name, row["workloads"][w])
+            assert row["workloads"][w]["n"] == row["n"]
     assert {t["target"].split(":")[0] for t in report["targets"]}
 
 
