@@ -1917,8 +1917,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = tempfile.mkdtemp(prefix="pympx-bench-", dir=args.dir)
     report: Dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": " ".join(["python", os.path.relpath(__file__)] + sys.argv[1:]
-                            if argv is None else ["bench.py", *argv]),
+        "command": " ".join(["python", "scripts/bench.py"] + (sys.argv[1:] if argv is None
+                                                              else list(argv))),
         "args": {"n": args.n, "size": args.size, "consumers": args.consumers,
                  "batch": args.batch, "budget": args.budget, "quick": args.quick,
                  "repeat": args.repeat,
