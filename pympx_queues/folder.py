@@ -688,6 +688,7 @@ class ReadableFolderQueue(_FolderQueue):
                                 check_mode(wakeups))
         self._claims: Dict[str, _Claim] = {}
         self._closed_reader = False
+        self._saw_failed: Optional[List[str]] = None
         _, ended = self._scan_control()
         # Runs already ended when this consumer was created are history (G6).
         self._history: Set[str] = set(ended) if self.run_id is None else set()
@@ -846,6 +847,8 @@ class ReadableFolderQueue(_FolderQueue):
         return state
 
     def _end_of_stream(self, sentinel: Any, runs: List[str]) -> Any:
+        if sentinel is FAILED:
+            self._saw_failed = runs  # sticky: every later get() returns FAILED too
         try:
             self._mark_ended(runs, "consumer saw " + repr(sentinel))
         except OSError:
@@ -874,6 +877,8 @@ class ReadableFolderQueue(_FolderQueue):
         now = time.monotonic()
         if now >= self._next_recover:
             self._auto_recover()
+        if self._saw_failed is not None:
+            return FAILED
         while True:
             now = time.monotonic()
             if self._wakeups.control_dirty or now >= self._next_control:
@@ -1421,6 +1426,8 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
         self._wakeups.start()
         if time.monotonic() >= self._next_recover:
             self._auto_recover()
+        if self._saw_failed is not None:
+            return FAILED
         while True:
             failed, closed, runs = self._check_control()
             if failed:
