@@ -684,3 +684,19 @@ def is_flocked(path: PathLike) -> Optional[bool]:
         return False
     finally:
         os.close(fd)
+
+
+def remove_claim(path: PathLike) -> bool:
+    """Delete a claimed message (``task_done``): one ``unlink``, no ``lstat`` first.
+
+    The claim was checked to be a regular file when it was made, and ``unlink`` never
+    follows a symlink, so nothing outside the queue can be deleted through it.  Returns
+    False if the claim is gone (requeued by recovery, or settled twice).
+    """
+    path = os.fspath(path)
+    try:
+        os.unlink(path)  # G4: the acknowledged message is gone for good
+    except FileNotFoundError:
+        return False
+    _trace("unlink", path)
+    return True

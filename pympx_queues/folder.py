@@ -509,17 +509,65 @@ class WritableFolderQueue(_FolderQueue):
                  copy: bool = False) -> List[str]:
         """Put a batch: items are file paths (moved, or copied) or ``(name, data)`` pairs.
 
-        In fsync mode every file is fsynced but the queue directory only once for the whole
-        batch (G1 holds when this returns).  If an item fails, the ones before it stay
-        published (and are made durable) and the exception propagates.  Returns the paths.
+        Three phases: every item is written to ``tmp/`` (or checked, for files moved in),
+        then in fsync mode every file is fsynced, then all are published, then the queue
+        directory is fsynced once for the whole batch (G1 holds when this returns).  If
+        writing or syncing any item fails, nothing of the batch is published (the temp
+        files are removed).  If publishing fails midway (a name clash with
+        ``if_exists="error"``), the items before it stay published and are made durable.
+        Returns the published paths.
         """
         self._check_open()
-        published: List[str] = []
+        durable = self._durable
+        staged: List[Tuple[str, str, bool]] = []  # (file to publish, name, is_temp)
         try:
             for msg in messages:
-                published.append(self._put_one(msg, copy, self._durable))
+                if isinstance(msg, tuple) or copy:
+                    if isinstance(msg, tuple):
+                        name, data = msg
+                        name = self._message_name(name)
+                        if isinstance(data, str):
+                            data = data.encode("utf-8")
+                        elif not isinstance(data, (bytes, bytearray, memoryview)):
+                            raise TypeError("message data must be bytes or str, got "
+                                            f"{type(data).__name__}")
+                        tmp = self._tmp_path(name)
+                        _fs.write_new(tmp, bytes(data), durable=False, mode=self.file_mode)
+                    else:
+                        src = os.fspath(msg)
+                        name = self._message_name(os.path.basename(src))
+                        tmp = self._tmp_path(name)
+                        _fs.copy_new(src, tmp, durable=False, mode=self.file_mode)
+                    staged.append((tmp, name, True))
+                else:
+                    src = os.fspath(msg)
+                    name = self._message_name(os.path.basename(src))
+                    if not _fs.is_regular_nofollow(src):
+                        raise ValueError(f"{src!r} is not a regular file (or does not exist)")
+                    staged.append((src, name, False))
+            if durable:
+                for path, _, _ in staged:
+                    _fs.fsync_path(path)  # G1: data durable before any name is published
+        except BaseException:
+            for path, _, is_temp in staged:
+                if is_temp:
+                    _fs.unlink_quiet(path)
+            raise
+        published: List[str] = []
+        try:
+            for i, (path, name, is_temp) in enumerate(staged):
+                try:
+                    if is_temp:
+                        published.append(self._publish(path, name))
+                    else:
+                        published.append(self._put_one(path, False, durable))
+                except BaseException:
+                    for rest, _, rest_temp in staged[i + 1:]:
+                        if rest_temp:
+                            _fs.unlink_quiet(rest)
+                    raise
         finally:
-            if self._durable and published:
+            if durable and published:
                 _fs.fsync_dir(self.path)  # G1: one directory fsync per batch
         return published
 
@@ -558,8 +606,10 @@ class WritableFolderQueue(_FolderQueue):
     def purge_control_messages(self, force: bool = False) -> int:
         """Remove control files of earlier runs (pympx name).
 
-        Keeps this producer's own registration and, unless ``force``, the files of
-        producers still running on this host.  Returns how many files were removed.
+        Without ``force`` only runs that are over (ENDED marker: a consumer saw them end,
+        or a newer producer superseded their FAILED) are removed, so consumers still
+        draining a closed run are never left waiting.  ``force`` removes every control
+        file but this producer's own.  Returns how many files were removed.
         """
         from .folder_admin import _purge_control
 
@@ -944,6 +994,9 @@ class ReadableFolderQueue(_FolderQueue):
 
     # ------------------------------------------------------------------ settling claims
     def _resolve(self, path: PathLike) -> Tuple[str, _Claim]:
+        claim = self._claims.get(path) if isinstance(path, str) else None  # type: ignore[call-overload]
+        if claim is not None:  # the exact string get() returned: the common case
+            return path, claim  # type: ignore[return-value]
         p = os.path.abspath(os.fspath(path))
         with self._claims_lock:
             claim = self._claims.get(p)
@@ -975,24 +1028,41 @@ class ReadableFolderQueue(_FolderQueue):
         acknowledged is never redelivered).  Raises ``FileNotFoundError`` when the claim
         is no longer held and ``ValueError`` for a path that ``get()`` did not return.
         """
+        self._settle(path)
+        if self._durable:
+            if self.task_done_directory is not None:
+                _fs.fsync_dir(self.task_done_directory)  # G4
+            _fs.fsync_dir(self._wip)  # G4: the removal of the claim survives power loss
+
+    def task_done_many(self, paths: Iterable[PathLike]) -> None:
+        """Acknowledge several claims; in fsync mode with one directory fsync for all.
+
+        If one path fails (``FileNotFoundError``: claim lost), the ones before it stay
+        acknowledged (and are made durable) and the exception propagates.
+        """
+        settled = 0
+        try:
+            for p in paths:
+                self._settle(p)
+                settled += 1
+        finally:
+            if self._durable and settled:
+                if self.task_done_directory is not None:
+                    _fs.fsync_dir(self.task_done_directory)  # G4, once per batch
+                _fs.fsync_dir(self._wip)  # G4, once per batch
+
+    def _settle(self, path: PathLike) -> None:
         p, claim = self._resolve(path)
         if self.task_done_directory is None:
-            try:
-                gone = _fs.unlink_regular(p)  # G4: the claim is removed, never redelivered
-            except OSError as exc:
-                raise ValueError(f"{p!r} is not a regular file: {exc}") from None
-            if not gone:
+            if not _fs.remove_claim(p):  # G4: the claim is removed, never redelivered
                 raise self._lost(p)
         else:
             try:
                 self._move_out(p, self.task_done_directory, claim.name)
             except FileNotFoundError:
                 raise self._lost(p) from None
-            if self._durable:
-                _fs.fsync_dir(self.task_done_directory)  # G4
-        if self._durable:
-            _fs.fsync_dir(self._wip)  # G4: the removal of the claim survives power loss
-        self._forget(p)
+        with self._claims_lock:
+            self._claims.pop(p, None)
         self._drop_retry_sidecar(claim.name, known=False)
 
     def _move_out(self, src: str, directory: str, name: str) -> str:
@@ -1467,9 +1537,8 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
         return list(paths)
 
     def task_done(self, paths: Union[PathLike, Sequence[PathLike]]) -> None:  # type: ignore[override]
-        """Acknowledge a whole group (the list ``get()`` returned)."""
-        for p in self._group_paths(paths):
-            super().task_done(p)
+        """Acknowledge a whole group (the list ``get()`` returned); one fsync per group."""
+        self.task_done_many(self._group_paths(paths))
 
     def nack(self, paths: Union[PathLike, Sequence[PathLike]], error: Any = None) -> List[str]:  # type: ignore[override]
         """Return a whole group for a retry (or to dead letters, all together)."""

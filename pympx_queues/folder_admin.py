@@ -365,17 +365,31 @@ def close_producer(path: Any, producer_id: str, failed: bool = False, reason: An
 
 
 def _purge_control(q: Any, keep: set, force: bool = False) -> int:
-    """Remove control files except ``keep`` producers and (unless force) live ones."""
+    """Remove the control files of runs that are over; returns how many were removed.
+
+    Without ``force`` only runs with an ENDED marker go (a consumer saw them end, or a
+    newer producer superseded their FAILED): a run that is closed but still being drained
+    keeps its HELO/DONE, or its consumers would never see DONE.  With ``force`` every
+    control file goes except those of the producers in ``keep``.
+    """
+    entries = list(_regular(q._control))
+    ended = {r for r in (L.parse_ended(e.name) for e in entries) if r}
     removed = 0
-    for entry in list(_regular(q._control)):
+    for entry in entries:
         c = L.parse_control(entry.name)
         if c is not None:
             if c.producer.format() in keep:
                 continue
-            if not force and c.producer.alive():
+            if not force and c.run not in ended:
                 continue
-        elif L.parse_ended(entry.name) is None:
-            continue  # not ours (or the lock file): leave it
+        else:
+            run = L.parse_ended(entry.name)
+            if run is None:
+                continue  # not ours (or the lock file): leave it
+            if not force and any(
+                    (pc := L.parse_control(e.name)) is not None and pc.run == run
+                    and pc.producer.format() in keep for e in entries):
+                continue  # keep the marker of a run we keep files of
         if _fs.unlink_quiet(entry.path):
             removed += 1
     return removed
@@ -396,8 +410,9 @@ def _requeue_claims(q: Any, include_live: bool = False) -> List[str]:
 def reset(path: Any, force: bool = False, message_extension: str = ".tsv",
           lease_timeout: float = 600.0) -> ResetReport:
     """pympx ``reset`` for an operator: requeue abandoned claims (live ones only with
-    ``force``), remove control files of producers that are not running (all with
-    ``force``) and crashed producers' temp files.  Never deletes a message."""
+    ``force``), remove the control files of runs that are over (runs with an ENDED
+    marker; every control file with ``force``) and crashed producers' temp files.
+    Safe while consumers drain a closed run.  Never deletes a message."""
     p = _check(path)
     q = _reader(p, message_extension, lease_timeout)
     try:

@@ -380,6 +380,28 @@ def test_reset_never_revives_live_claims_unless_forced(tmp_path):
     r.close()
 
 
+def test_reset_keeps_the_control_files_of_a_run_still_being_drained(tmp_path):
+    old = WritableFolderQueue(tmp_path)
+    old.put_data("yesterday.tsv", b"x")
+    old.fail("yesterday")
+    r0 = reader(tmp_path)
+    assert r0.get(timeout=5) is FAILED  # seen: that run is over (ENDED)
+    w = WritableFolderQueue(tmp_path)
+    for n in ("a.tsv", "b.tsv"):
+        w.put_data(n, b"x")
+    w.close()
+    r = reader(tmp_path)
+    r.task_done(r.get(timeout=5))
+    admin.reset(tmp_path)  # an operator resets while the closed run is drained
+    ctrl = os.listdir(tmp_path / "control")
+    assert any(n.startswith("DONE__" + w.run_id) for n in ctrl)
+    assert not any(old.run_id in n for n in ctrl)  # the ended run's files are gone
+    left = drain(r)
+    assert left == ["yesterday.tsv", "b.tsv"] or sorted(left) == ["b.tsv", "yesterday.tsv"]
+    r.close()
+    r0.close()
+
+
 def test_purge_refuses_with_live_claims_unless_forced(tmp_path):
     w = WritableFolderQueue(tmp_path)
     w.put_data("a.tsv", b"x")
