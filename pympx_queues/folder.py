@@ -686,6 +686,10 @@ class ReadableFolderQueue(_FolderQueue):
     :param rescan_interval: seconds between full rescans while messages are flowing (at
         least 20x the last scan's duration, so the cost of ``get()`` stays flat).
     :param recover_interval: seconds between automatic :meth:`recover` passes.
+
+    One object serves one thread; give each thread (or process: the object pickles, its
+    observer and claims stay behind) its own.  ``close()`` stops the wake-up observer
+    and the heartbeat thread.
     """
 
     _RUNTIME_ATTRS = ("_heap", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
@@ -1207,11 +1211,18 @@ class ReadableFolderQueue(_FolderQueue):
         return back
 
     def heartbeat(self, path: Union[PathLike, Sequence[PathLike]]) -> bool:
-        """Renew the lease of a claim (or of every path in a list); False if one is gone."""
+        """Renew the lease of a claim (or of every path in a list); False if one is gone.
+
+        Touches the claimed file (its mtime is the lease).  Raises ``ValueError`` for a
+        path that is not a claim in this queue's ``wip/``.
+        """
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         ok = True
         for p in paths:
-            ok = _fs.touch(os.path.abspath(os.fspath(p))) and ok
+            ap = os.path.abspath(os.fspath(p))
+            if os.path.dirname(ap) != self._wip or L.parse_owned(os.path.basename(ap)) is None:
+                raise ValueError(f"{os.fspath(p)!r} is not a claim of {self.path}")
+            ok = _fs.touch(ap) and ok
         return ok
 
     def _start_heartbeat(self) -> None:
