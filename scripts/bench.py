@@ -1065,6 +1065,13 @@ ADAPTERS: Dict[str, type] = {cls.name: cls for cls in (
     RawAppendFlush, RawAppendFsync, RawFileFlush, RawFileFsync,
 )}
 
+#: Systems compared by a target run next to each other, so that a noisy minute on a shared
+#: machine falls on both sides of the comparison.
+RUN_ORDER = ["folder-flush", "dirq", "folder-flush-poll", "pq-flush", "mp-joinable",
+             "pq-fsync", "raw-append-fsync", "folder-fsync", "raw-file-fsync",
+             "raw-file-flush", "raw-append-flush", "pympx-pq", "pympx-folder", "diskcache",
+             "litequeue", "persist-queue", "queuelib"]
+
 # --------------------------------------------------------------------------- consumer
 
 
@@ -1570,6 +1577,8 @@ def merge_rounds(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             continue
         m = dict(good[0])
         samples = [d["rate"] for d in good]
+        m["round_rates"] = [d.get("rate") for d in
+                            (r["workloads"].get(w) or {} for r in rows)]
         m["rate"] = statistics.median(samples)
         m["samples"] = samples
         m["n"] = sum(d.get("n", 0) for d in good)
@@ -1621,39 +1630,66 @@ def _wrate(rows_by: Dict[str, Any], name: str, w: str) -> Optional[float]:
     return (r["workloads"].get(w) or {}).get("rate")
 
 
+def _paired_ratio(by: Dict[str, Any], a_name: str, a_w: str, b_name: str,
+                  b_w: str) -> Tuple[Optional[float], List[float]]:
+    """Median over rounds of (a / b) measured in the same round (noise on a shared machine
+    hits both sides of a pair alike), with the per-round ratios; falls back to the ratio
+    of the medians."""
+    import statistics
+
+    da = (by.get(a_name) or {}).get("workloads", {}).get(a_w) or {}
+    db = (by.get(b_name) or {}).get("workloads", {}).get(b_w) or {}
+    ra, rb = da.get("round_rates"), db.get("round_rates")
+    if ra and rb and len(ra) == len(rb):
+        pairs = [x / y for x, y in zip(ra, rb) if x and y]
+        if pairs:
+            return statistics.median(pairs), pairs
+    a, b = da.get("rate"), db.get("rate")
+    return (a / b if a and b else None), []
+
+
 def evaluate_targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The issue's targets, each with the figures it was judged on."""
+    """The issue's targets, each with the figures it was judged on.  Ratios are medians of
+    per-round ratios (see _paired_ratio)."""
     by = {r["name"]: r for r in rows}
     out: List[Dict[str, Any]] = []
 
     def add(target: str, value: Optional[float], need: str, met: Optional[bool],
-            detail: str) -> None:
+            detail: str, rounds: Optional[List[float]] = None) -> None:
+        if rounds and len(rounds) > 1:
+            detail += "; per round: " + " ".join(_fx(x) for x in rounds)
         out.append({"target": target, "value": value, "need": need, "met": met,
-                    "detail": detail})
+                    "detail": detail, "per_round": rounds or []})
 
-    for w in ("put", "get_ack", "drain"):
+    for w in ("put", "get_ack", "drain", "pipeline"):
         a, b = _wrate(by, "folder-flush", w), _wrate(by, "dirq", w)
-        ratio = a / b if a and b else None
-        add("folder queue ahead of dirq: %s" % w, ratio, "> 1.0x",
-            None if ratio is None else ratio > 1.0,
-            "folder-flush %s msg/s vs dirq %s msg/s" % (_fmt(a), _fmt(b)))
-    for w in ("put", "get_ack", "drain"):
+        ratio, rounds = _paired_ratio(by, "folder-flush", w, "dirq", w)
+        add("folder queue ahead of dirq: %s%s" % (w, " (extra)" if w == "pipeline" else ""),
+            ratio, "> 1.0x", None if ratio is None else ratio > 1.0,
+            "folder-flush %s msg/s vs dirq %s msg/s" % (_fmt(a), _fmt(b)), rounds)
+    for w in ("put", "get_ack", "drain", "pipeline"):
         a, b = _wrate(by, "pq-flush", w), _wrate(by, "mp-joinable", w)
-        ratio = a / b if a and b else None
-        add("PersistentQueue within 0.6x of mp.JoinableQueue: %s" % w, ratio, ">= 0.6x",
+        ratio, rounds = _paired_ratio(by, "pq-flush", w, "mp-joinable", w)
+        add("PersistentQueue within 0.6x of mp.JoinableQueue: %s%s" % (
+            w, " (issue 2's measure)" if w == "pipeline" else ""), ratio, ">= 0.6x",
             None if ratio is None else ratio >= 0.6,
-            "pq-flush %s msg/s vs mp-joinable %s msg/s" % (_fmt(a), _fmt(b)))
+            "pq-flush %s msg/s vs mp-joinable %s msg/s" % (_fmt(a), _fmt(b)), rounds)
     for name in ("pq-flush", "pq-fsync", "folder-flush", "folder-fsync"):
         d = (by.get(name) or {}).get("workloads", {}).get("drain") or {}
+        p = (by.get(name) or {}).get("workloads", {}).get("pipeline") or {}
+        if p.get("lost") is not None and d.get("lost") is not None:
+            d = {"lost": d["lost"] + p["lost"],
+                 "duplicates": d["duplicates"] + p.get("duplicates", 0),
+                 "errors": (d.get("errors") or []) + (p.get("errors") or [])}
         if "lost" in d and d.get("lost") is not None:
             bad = d["lost"] + d["duplicates"]
-            add("%s: zero losses and zero duplicates in the drain" % name, bad, "== 0",
+            add("%s: zero losses and zero duplicates (drain + pipeline)" % name, bad, "== 0",
                 bad == 0 and not d.get("errors"),
                 "lost %d, duplicates %d%s" % (d["lost"], d["duplicates"],
                                               "; errors: " + "; ".join(d["errors"])
                                               if d.get("errors") else ""))
         else:
-            add("%s: zero losses and zero duplicates in the drain" % name, None, "== 0",
+            add("%s: zero losses and zero duplicates (drain + pipeline)" % name, None, "== 0",
                 None, "not measured: %s" % (d.get("error") or d.get("na") or "missing"))
     # fsync durability: our batched commits (the batch API where the system has one) vs
     # the naive one-fsync-per-message rate of the same work (raw *-fsync, unbatched).
@@ -1661,14 +1697,13 @@ def evaluate_targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for w in ("put", "get_ack", "drain"):
             single = _wrate(by, name, w)
             batched = _wrate(by, name, w + "_batch")
-            a = batched if batched else single
             b = _wrate(by, naive, w)
-            ratio = a / b if a and b else None
+            ratio, rounds = _paired_ratio(by, name, w + "_batch" if batched else w, naive, w)
             add("%s >= 10x naive one-fsync-per-message: %s%s" % (
                 name, w, " (batched API)" if batched else " (no batch API)"),
                 ratio, ">= 10x", None if ratio is None else ratio >= 10.0,
                 "%s %s msg/s batched, %s msg/s one call per message; %s %s msg/s" % (
-                    name, _fmt(batched), _fmt(single), naive, _fmt(b)))
+                    name, _fmt(batched), _fmt(single), naive, _fmt(b)), rounds)
     return out
 
 
@@ -1829,22 +1864,28 @@ def render_markdown(report: Dict[str, Any]) -> str:
             a.get("repeat", 1)),
         "",
         "| system | durability | put/s | put_many/s | get+ack/s | batched get+ack/s "
-        "| drain/s | batched drain/s | drain dup | drain lost |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| drain/s | batched drain/s | drain dup/lost | pipeline/s | pipeline dup/lost |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+
+    def dl(d: Dict[str, Any]) -> str:
+        if not d or "na" in d or "duplicates" not in d:
+            return ""
+        lost = d.get("lost")
+        return "%s/%s" % (d["duplicates"], "?" if lost is None else lost)
+
     for r in report["systems"]:
         w = r["workloads"]
         if r["error"] and not w:
-            lines.append("| %s | %s | error: %s |||||||| " % (r["name"], r["durability"],
-                                                            r["error"][:80]))
+            lines.append("| %s | %s | error: %s ||||||||| " % (r["name"], r["durability"],
+                                                             r["error"][:80]))
             continue
         d = w.get("drain") or {}
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        pl = w.get("pipeline") or {}
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["name"], r["durability"], _md_rate(w.get("put")), _md_rate(w.get("put_batch")),
             _md_rate(w.get("get_ack")), _md_rate(w.get("get_ack_batch")),
-            _md_rate(d), _md_rate(w.get("drain_batch")),
-            "" if "na" in d else d.get("duplicates", ""),
-            "" if "na" in d or d.get("lost") is None else d.get("lost")))
+            _md_rate(d), _md_rate(w.get("drain_batch")), dl(d), _md_rate(pl), dl(pl)))
     lines += ["", "| target (issue 6) | measured | need | status |", "|---|--:|---|---|"]
     for t in report["targets"]:
         val = ("-" if t["value"] is None else str(t["value"])) if t["need"] == "== 0" \
@@ -1930,8 +1971,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         # Rounds go over every system in turn, so a noisy minute on a shared machine
         # hits all systems alike; each figure is the median over the rounds.
+        run_order = [n for n in RUN_ORDER if n in names] + [n for n in names
+                                                            if n not in RUN_ORDER]
         for rnd in range(args.repeat):
-            for name in names:
+            for name in run_order:
                 print("... round %d/%d: %s" % (rnd + 1, args.repeat, name), file=sys.stderr,
                       flush=True)
                 rounds[name].append(run_worker(name, args, root, rnd))
