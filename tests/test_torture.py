@@ -80,8 +80,8 @@ def test_crashstates_folder_queue_fsync_mode_survives_the_weak_power_loss_model(
 
 @pytest.mark.timeout(120)
 @pytest.mark.xfail(strict=True, reason="bug (BUGS.md): persistent fsync mode under the weak "
-                   "power-loss model: pickup dir created without fsyncing its parent, and "
-                   "compaction's unlinks of merged journals may be reordered")
+                   "power-loss model: compaction deletes the merged journals with un-synced "
+                   "unlinks; if they are reordered a done message comes back (G4)")
 def test_crashstates_persistent_queue_fsync_mode_survives_the_weak_power_loss_model():
     code, summaries, out = run("--mode", "crashstates", "--queue", "persistent", "--size",
                                "3", "--durability", "fsync")
