@@ -519,11 +519,12 @@ class OursFolder(Adapter):
     mode = "flush"
 
     def open_producer(self, tag: str) -> None:
-        from pympx_queues.folder import WritableFolderQueue
+        from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
         self.dir = os.path.join(self.root, tag)
         self.w = WritableFolderQueue(self.dir, durability=self.mode)
         self.has_batch = hasattr(self.w, "put_many")
+        self.has_batch_get = hasattr(ReadableFolderQueue, "task_done_many")
 
     def _name(self, i: int) -> str:
         return "%0*d.tsv" % (ID_WIDTH, i)
@@ -558,18 +559,45 @@ class _FolderConsumer:
 
         self.r = ReadableFolderQueue(path, durability=mode, **kwargs)
         self.ends = (DONE, FAILED)
+        self.ended = False
 
     def get_ack(self) -> Any:
+        if self.ended:
+            raise EndOfStream
         try:
             item = self.r.get(timeout=30)
         except std_queue.Empty:
             raise EndOfStream from None
         if item in self.ends:
+            self.ended = True
             raise EndOfStream
         with open(item, "rb") as f:
             data = f.read()
         self.r.task_done(item)
         return data
+
+    def get_ack_many(self, k: int) -> List[Any]:
+        """k gets (the first may wait, the rest do not), one task_done_many for all."""
+        if self.ended:
+            raise EndOfStream
+        paths: List[str] = []
+        while len(paths) < k:
+            try:
+                item = self.r.get(timeout=30) if not paths else self.r.get(block=False)
+            except std_queue.Empty:
+                break
+            if item in self.ends:
+                self.ended = True
+                break
+            paths.append(item)
+        if not paths:
+            raise EndOfStream
+        out = []
+        for p in paths:
+            with open(p, "rb") as f:
+                out.append(f.read())
+        self.r.task_done_many(paths)
+        return out
 
     def close(self) -> None:
         fn = getattr(self.r, "dispose", None) or getattr(self.r, "close", None)
