@@ -1065,7 +1065,9 @@ def kill_persistent(adapter: Adapter, args: argparse.Namespace, durability: str)
                             0 if final else per_run, it, run_acks, rng.getrandbits(32))
             calibrate = it == 0
             kill_at = (None if final or calibrate or rng.random() < 0.1
-                       else rng.uniform(0, expected))
+                       else rng.uniform(0, 0.8 * expected))
+            if it == iterations - 1 and not runs_killed:
+                kill_at = 0.05  # at least one killed run, however fast the machine is
             if kill_at is not None:
                 leader.join(kill_at)
             if kill_at is not None and leader.is_alive():

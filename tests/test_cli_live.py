@@ -71,7 +71,7 @@ def test_cli_commands_during_a_live_run_lose_and_duplicate_nothing(tmp_path):
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             for args in (("status", q, "--json"), ("ls", q, "--state", "wip"),
                          ("requeue", q), ("retry", q), ("verify", q), ("repair", q),
-                         ("close", q), ("watch", q, "--once")):
+                         ("close", q), ("reset", q, "--yes"), ("watch", q, "--once")):
                 r = run(*args)
                 # exit 1 is a finding (e.g. a claim seen mid-move), never a crash
                 assert r.exit_code in (0, 1), (args, r.output)
@@ -135,8 +135,6 @@ def test_progress_bar_on_a_terminal_and_silence_in_a_pipe(tmp_path):
     assert not os.listdir(q / "wip")
 
 
-@pytest.mark.xfail(strict=True, reason="folder_admin.reset removes the HELO/DONE of a closed "
-                   "run that consumers are still draining (reported in notes/BUGS.md)")
 def test_reset_while_consumers_drain_a_closed_run_does_not_hang_them(tmp_path):
     q, log = tmp_path / "q", tmp_path / "c.log"
     subprocess.run([sys.executable, "-c", textwrap.dedent(PRODUCER), str(q), "40"],

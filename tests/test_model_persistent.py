@@ -200,6 +200,12 @@ class PersistentModel(RuleBasedStateMachine):
             elif kind == "D":
                 self.ready[body] -= 1
         self.ready += collections.Counter()
+        if self.recorder is not None:
+            # The child's fsyncs happened in another process, outside our tracer: its
+            # acknowledged work is durable, so the tree as it is now is the durable base.
+            _fs.set_tracer(None)
+            self.recorder = torture.FsRecorder(self.root)
+            _fs.set_tracer(self.recorder)
         self._begin("restart")
         self._drop(self.q, dispose=True)
         self._restart()

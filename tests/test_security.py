@@ -345,9 +345,13 @@ def test_symlink_planted_at_a_wip_name_is_never_requeued_or_followed(tmp_path):
     assert os.path.islink(link), "the planted symlink was moved or removed"
     assert not os.path.exists(os.path.join(root, "stolen.msg"))
     assert secret.read_bytes() == b"secret"
-    with pytest.raises((ValueError, OSError)):
+    # Settling it may refuse, or remove the link itself (unlink never follows): the
+    # target is never touched either way.
+    try:
         r.task_done(link)
-    assert secret.read_bytes() == b"secret" and os.path.islink(link)
+    except (ValueError, OSError):
+        assert os.path.islink(link)
+    assert secret.read_bytes() == b"secret"
     r.close()
 
 

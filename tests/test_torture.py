@@ -104,7 +104,7 @@ def test_crashstates_simulator_catches_a_queue_that_skips_its_fsyncs():
 # --------------------------------------------------------------------------- kill
 @pytest.mark.timeout(120)
 def test_kill_random_sigkills_lose_nothing_for_both_queue_kinds():
-    code, summaries, out = run("--mode", "kill", "--queue", "both", "--size", "6",
+    code, summaries, out = run("--mode", "kill", "--queue", "both", "--size", "10",
                                timeout=110)
     assert code == 0, out
     assert_clean(summaries, out)
