@@ -1095,6 +1095,10 @@ ADAPTERS: Dict[str, type] = {cls.name: cls for cls in (
 
 #: Systems compared by a target run next to each other, so that a noisy minute on a shared
 #: machine falls on both sides of the comparison.
+#: --quick caps n for slow systems so that the smoke test stays under a minute.
+QUICK_CAP = {"pympx-folder": 60}
+QUICK_CAP_FSYNC = 100
+
 RUN_ORDER = ["folder-flush", "dirq", "folder-flush-poll", "pq-flush", "mp-joinable",
              "pq-fsync", "raw-append-fsync", "folder-fsync", "raw-file-fsync",
              "raw-file-flush", "raw-append-flush", "pympx-pq", "pympx-folder", "diskcache",
@@ -1348,10 +1352,13 @@ def worker_main(args: argparse.Namespace) -> int:
     root = args.root
     os.makedirs(root, exist_ok=True)
     n = args.n if cls.max_n is None else min(args.n, cls.max_n)
+    if args.quick:  # smoke test: one fsync per message and pympx's 10 ms per get are slow
+        n = min(n, QUICK_CAP.get(cls.name, QUICK_CAP_FSYNC if cls.durability == "fsync"
+                                 else n))
     result: Dict[str, Any] = {"n": n, "workloads": {}, "notes": [], "error": None}
     if n < args.n:
-        result["notes"].append("n capped at %d (too slow for %d in the time budget)"
-                               % (n, args.n))
+        result["notes"].append("n capped at %d (too slow for %d in the time budget%s)"
+                               % (n, args.n, " of --quick" if args.quick else ""))
     prof_prefix = None
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
@@ -1411,7 +1418,9 @@ def worker_main(args: argparse.Namespace) -> int:
     run("pipeline", lambda: _phase_drain(ad5, n, args.size, args.consumers, args.budget,
                                          root, pipeline=True))
     ad4 = cls(root, args.size, args.consumers)
-    if cls.has_batch_get or getattr(ad, "has_batch_get", False):
+    if args.quick:
+        wl["drain_batch"] = {"na": "skipped in --quick (4 more process spawns per system)"}
+    elif cls.has_batch_get or getattr(ad, "has_batch_get", False):
         run("drain_batch", lambda: _phase_drain(ad4, n, args.size, args.consumers,
                                                 args.budget, root, batch=args.batch))
         if "rate" in wl["drain_batch"]:
@@ -1509,6 +1518,8 @@ def run_worker(name: str, args: argparse.Namespace, root: str,
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--root", sysroot,
            "--n", str(args.n), "--size", str(args.size), "--consumers", str(args.consumers),
            "--batch", str(args.batch), "--budget", str(args.budget)]
+    if args.quick:
+        cmd.append("--quick")
     if args.profile:
         cmd += ["--profile", args.profile]
     row: Dict[str, Any] = {"name": name, "label": cls.label, "kind": cls.kind,
@@ -1955,7 +1966,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.n is None:
-        args.n = 300 if args.quick else 10000
+        args.n = 200 if args.quick else 10000
     if args.budget is None:
         args.budget = 8.0 if args.quick else 60.0
     if args.repeat is None:
