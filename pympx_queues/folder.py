@@ -743,6 +743,8 @@ class ReadableFolderQueue(_FolderQueue):
         self._claims: Dict[str, _Claim] = {}
         self._closed_reader = False
         self._saw_failed: Optional[List[str]] = None
+        # (run, producer) -> HELO / DONE / FAILED / GONE, as this consumer has seen them
+        self._seen_producers: Dict[Tuple[str, str], str] = {}
         _, ended = self._scan_control()
         # Runs already ended when this consumer was created are history (G6).
         self._history: Set[str] = set(ended) if self.run_id is None else set()
@@ -764,6 +766,13 @@ class ReadableFolderQueue(_FolderQueue):
         self._hb_stop = threading.Event()
         self._prefix_cache: Optional[Tuple[int, str]] = None
         self._last_incomplete: Dict[Any, List[str]] = {}
+        self._runtime_pid = os.getpid()
+        self._claims = {}  # claims belong to the process that made them
+
+    def _check_process(self) -> None:
+        """Inherited through ``fork`` (not pickled): start this process's own state."""
+        if self._runtime_pid != os.getpid():
+            self._init_runtime()
 
     @property
     def wakeups(self) -> str:
@@ -876,25 +885,40 @@ class ReadableFolderQueue(_FolderQueue):
 
     # ------------------------------------------------------------------ control state
     def _check_control(self) -> Tuple[bool, bool, List[str]]:
-        """(failed, all registered producers closed, runs followed)."""
+        """(failed, all registered producers closed, runs followed).
+
+        What this consumer has seen is cumulative: a producer seen closed stays closed,
+        and a producer whose control files disappeared after we saw them (an operator's
+        ``reset``/``purge`` between runs) counts as closed, so removing the files of a run
+        never leaves a consumer that was draining it waiting forever.
+        """
         runs, ended = self._scan_control()
         if self.run_id is not None:
             followed = {self.run_id: runs.get(self.run_id, {})}
         else:
             followed = {r: p for r, p in runs.items() if r not in self._history}
-        producers = 0
-        open_ = 0
-        failed = False
-        for run_producers in followed.values():
-            for kinds in run_producers.values():
-                producers += 1
-                if L.FAILED in kinds:
-                    failed = True
-                elif L.DONE not in kinds:
-                    open_ += 1
+        seen = self._seen_producers
+        present = set()
+        for run, run_producers in followed.items():
+            for prod, kinds in run_producers.items():
+                key = (run, prod)
+                present.add(key)
+                state = (L.FAILED if L.FAILED in kinds else L.DONE if L.DONE in kinds
+                         else L.HELO)
+                if seen.get(key) in (None, L.HELO):
+                    seen[key] = state
+        for key, state in seen.items():
+            if key not in present and state == L.HELO:
+                seen[key] = "GONE"
+                log.warning("control files of producer %s (run %s) disappeared from %s "
+                            "(reset or purge?); counting it as closed", key[1], key[0],
+                            self._control)
+        producers = len(seen)
+        open_ = sum(1 for st in seen.values() if st == L.HELO)
+        failed = any(st == L.FAILED for st in seen.values())
         need = self.expected_producers or 1
         closed = producers >= need and open_ == 0
-        state = (failed, closed, sorted(r for r in followed if followed[r]))
+        state = (failed, closed, sorted({run for run, _ in seen}))
         self._control_state = state
         self._wakeups.control_dirty = False
         self._next_control = time.monotonic() + self.poll_interval
@@ -923,16 +947,27 @@ class ReadableFolderQueue(_FolderQueue):
         ``block=False``), ``ValueError`` for a negative timeout, ``QueueClosed`` after
         :meth:`close`.
         """
-        timeout = _fs.check_timeout(timeout)
+        if timeout is not None:
+            timeout = _fs.check_timeout(timeout)
         if self._closed_reader:
             raise QueueClosed(f"consumer of {self.path} is closed")
-        deadline = None if (timeout is None or not block) else time.monotonic() + timeout
-        self._wakeups.start()
-        now = time.monotonic()
-        if now >= self._next_recover:
-            self._auto_recover()
         if self._saw_failed is not None:
             return FAILED
+        if self._runtime_pid != os.getpid():
+            self._init_runtime()
+        wake = self._wakeups
+        now = time.monotonic()
+        # Fast path: messages are flowing and no timer or hint needs attention.
+        if self._heap and now < self._next_control and now < self._next_rescan \
+                and now < self._next_recover and not wake.control_dirty \
+                and not wake.rescan_needed and not wake.pending():
+            path = self._claim_next()
+            if path is not None:
+                return path
+        deadline = None if (timeout is None or not block) else now + timeout
+        wake.start()
+        if now >= self._next_recover:
+            self._auto_recover()
         while True:
             now = time.monotonic()
             if self._wakeups.control_dirty or now >= self._next_control:
@@ -1503,6 +1538,7 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
         timeout = _fs.check_timeout(timeout)
         if self._closed_reader:
             raise QueueClosed(f"consumer of {self.path} is closed")
+        self._check_process()
         deadline = None if (timeout is None or not block) else time.monotonic() + timeout
         self._wakeups.start()
         if time.monotonic() >= self._next_recover:
