@@ -1806,6 +1806,7 @@ def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: in
     a process crash between phases, so the next phase's recovery really runs.
     """
     adapter = get_adapter(adapter_name)
+    _apply_publish_mode()
     if phase == 0:
         adapter.prepare(root, durability)
         rec = FsRecorder(root)
@@ -1822,6 +1823,12 @@ def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: in
         pickle.dump(rec, f)
     os.replace(rec_path + ".new", rec_path)
     os._exit(0)  # no atexit/close handlers: the process "dies" with its claims held
+
+
+def _apply_publish_mode() -> None:
+    """``--publish link``: use the link()+unlink() fallback (NFS, some FUSE) everywhere."""
+    if os.environ.get("TORTURE_PUBLISH") == "link":
+        _fs._renameat2_ok = False
 
 
 def record_workload(adapter_name: str, workdir: str, durability: str, n: int,
@@ -1857,6 +1864,9 @@ def run_crashstates(adapter: Adapter, durability: str, size: int, seed: int,
     weak = durability == _fs.FSYNC
     model = "power-loss(weak)" if weak else "process-crash"
     summary = new_summary("crashstates", adapter.name, durability=durability, model=model)
+    if os.environ.get("TORTURE_PUBLISH") == "link":
+        summary["publish"] = "link"
+    _apply_publish_mode()
     rng = random.Random(seed)
     examples: List[str] = []
     # tmpfs when there is one: thousands of tiny trees, and fsync costs nothing there
@@ -1976,6 +1986,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--durability", default=None, choices=["flush", "fsync", "both"],
                     help="crashstates/powercut: which durability mode(s) (default both)")
+    ap.add_argument("--publish", choices=["renameat2", "link"], default="renameat2",
+                    help="crashstates: no-clobber publish primitive; 'link' forces the "
+                         "link()+unlink() fallback used where renameat2 is missing (NFS)")
     ap.add_argument("--recovery-crash-every", type=int, default=1,
                     help="crashstates: also crash recovery itself in every Nth state (0: never)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -1984,6 +1997,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
+    if args.publish == "link":
+        os.environ["TORTURE_PUBLISH"] = "link"  # inherited by the workload processes
     kinds = ["persistent", "folder"] if args.queue == "both" else [args.queue]
     for k in kinds:
         if k not in ADAPTERS:
