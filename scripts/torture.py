@@ -34,6 +34,16 @@ Every run ends with one summary line per queue kind::
 Exit status: 0 all counts (other than acked / iterations / states / figures) are zero;
 1 a guarantee was violated; 2 usage error; 0 with ``skipped=<reason>`` in the summary
 when the mode cannot run here (not root, no loop devices, mount refused).
+
+Counts that must be zero: lost, corrupt, redelivered_done, dup_beyond_inflight,
+unrecoverable, not_idempotent, half_written_visible, failed_after_free, errors,
+worker_errors.  Figures: acked, delivered, acked_done, iterations, states,
+recovery_states, processes_killed, puts_refused, acks_during_cut, and in flush mode after
+a power cut lost_unsynced / redelivered_unsynced / dup_unsynced (allowed: flush mode does
+not promise to survive power loss).  Mount points and images live under a temp dir and
+are always unmounted.  Debugging: ``-v`` prints example violations, ``TORTURE_DEBUG=1``
+lost ids and unreadable messages, ``TORTURE_KEEP=<dir>`` keeps the pre-recovery tree of a
+bad power-cut iteration.
 """
 
 from __future__ import annotations
@@ -1981,11 +1991,13 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--queue", default="both",
                     help="persistent | folder | both (also toy, toy-buggy: simulator self-test)")
     ap.add_argument("--size", type=int, default=None,
-                    help="work per run: iterations (kill, powercut), messages (enospc, "
-                         "crashstates)")
+                    help="kill: SIGKILL rounds (default 20 persistent / 50 folder); "
+                         "powercut: cuts (10); enospc: puts (200); crashstates: messages per "
+                         "workload phase (8)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--durability", default=None, choices=["flush", "fsync", "both"],
-                    help="crashstates/powercut: which durability mode(s) (default both)")
+                    help="durability mode(s) to run (default: flush for kill, both for "
+                         "the other modes)")
     ap.add_argument("--publish", choices=["renameat2", "link"], default="renameat2",
                     help="crashstates: no-clobber publish primitive; 'link' forces the "
                          "link()+unlink() fallback used where renameat2 is missing (NFS)")
