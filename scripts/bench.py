@@ -1116,6 +1116,7 @@ def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, sta
     only ends the consumer once the producer has finished and one more try finds nothing.
     """
     has_eos = ADAPTERS[name].has_eos
+    calls = 0
     ids: List[int] = []
     err = None
     t_end = None
@@ -1134,6 +1135,7 @@ def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, sta
             try:
                 if batch:
                     ids.extend(payload_id(x) for x in cons.get_ack_many(batch))
+                    calls += 1
                 else:
                     ids.append(payload_id(cons.get_ack()))
             except EndOfStream:
@@ -1158,7 +1160,7 @@ def _consumer_main(name: str, spec: Any, index: int, count: int, ready: Any, sta
         t_end = time.monotonic()
         err = "%s (after %d messages)" % (repr(exc)[:300], len(ids))
     with open(out_path, "w") as f:
-        json.dump({"ids": ids, "error": err, "t_end": t_end}, f)
+        json.dump({"ids": ids, "error": err, "t_end": t_end, "calls": calls}, f)
 
 
 # --------------------------------------------------------------------------- worker
@@ -1206,10 +1208,12 @@ def _phase_get_ack(ad: Adapter, n: int, budget: float,
     deadline = time.monotonic() + budget
     t0 = time.perf_counter()
     partial = None
+    calls = 0
     while True:
         try:
             if batch:
                 ids.extend(payload_id(x) for x in cons.get_ack_many(batch))
+                calls += 1
             else:
                 ids.append(payload_id(cons.get_ack()))
         except EndOfStream:
@@ -1222,6 +1226,8 @@ def _phase_get_ack(ad: Adapter, n: int, budget: float,
     if cons is not ad:
         cons.close()
     res: Dict[str, Any] = {"n": len(ids), "seconds": dt, "rate": _rate(len(ids), dt)}
+    if calls:
+        res["mean_batch"] = len(ids) / calls  # acks per batch call (per fsync in fsync mode)
     c = count_ids(ids, n)
     res["duplicates"] = c["duplicates"]
     res["lost"] = None if partial else c["lost"]
@@ -1294,6 +1300,7 @@ def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
     errors: List[str] = []
     t_ends: List[float] = []
     per_consumer: List[int] = []
+    batch_calls = 0
     for k, out in enumerate(outs):
         try:
             with open(out) as f:
@@ -1303,6 +1310,7 @@ def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
             continue
         ids.extend(r["ids"])
         per_consumer.append(len(r["ids"]))
+        batch_calls += r.get("calls") or 0
         if r.get("error"):
             errors.append("consumer %d: %s" % (k, r["error"]))
         if r.get("t_end"):
@@ -1317,6 +1325,8 @@ def _phase_drain(ad: Adapter, n: int, size: int, consumers: int, budget: float,
                            "per_consumer": per_consumer, "errors": errors}
     if t_put is not None:
         res["producer_seconds"] = t_put
+    if batch and batch_calls:
+        res["mean_batch"] = len(ids) / batch_calls  # acks per task_done_many / fsync
     try:
         ad.close()
     except Exception:  # noqa: BLE001
