@@ -713,10 +713,10 @@ def fail(path: str, *, producer: Optional[str] = None, force: bool = False,
 
 def reset(path: str, *, force: bool = False, progress: Optional[Progress] = None,
           **options: Any) -> Dict[str, Any]:
-    """pympx ``reset()`` for a folder queue: return abandoned claims to ready, remove
-    control files of producers that are not running and crashed producers' temp files.
-    Live claims and live producers are left alone unless ``force``.  Never deletes a
-    message."""
+    """pympx ``reset()`` for a folder queue: return abandoned claims to ready, remove the
+    control files of runs that are over (a consumer saw them end) and crashed producers'
+    temp files.  Live claims, and runs still being produced or drained, are left alone
+    unless ``force``.  Never deletes a message."""
     path, backend, o = _backend(path, options)
     return backend.reset(path, force, o, progress)
 

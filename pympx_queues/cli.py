@@ -583,7 +583,12 @@ def _render_summary(result: Dict[str, Any]) -> str:
 @json_option
 @queue_options
 def reset(path: str, force: bool, yes: bool, as_json: bool) -> None:
-    """pympx reset: drop old control files, return claims to ready (live ones only with --force)."""
+    """pympx reset: stale claims back to ready, control files of ended runs removed.
+
+    A run's control files go only once a consumer saw it end (so consumers still draining
+    a closed run are not affected); --force also takes live claims and every control file.
+    Never deletes a message.
+    """
     _confirm("Reset", path, yes)
     with ProgressBar("reset", enabled=None if not as_json else False) as bar:
         result = admin.reset(path, force=force, progress=bar, **_opts())
