@@ -68,7 +68,7 @@ def test_cli_commands_during_a_live_run_lose_and_duplicate_nothing(tmp_path):
     for i in range(5):  # hand drops from the shell, before the run starts
         assert run("put", q, "--data", str(i), "--name", f"hand-{i}.tsv").exit_code == 0
 
-    producer = spawn(PRODUCER, q, 120, stderr=tmp_path / "producer.err")
+    producer = spawn(PRODUCER, q, 200, stderr=tmp_path / "producer.err")
     consumers = [spawn(CONSUMER, q, logs / f"c{i}.log", stderr=tmp_path / f"c{i}.err")
                  for i in range(2)]
     procs = [producer, *consumers]
@@ -99,9 +99,9 @@ def test_cli_commands_during_a_live_run_lose_and_duplicate_nothing(tmp_path):
     seen = []
     for f in logs.iterdir():
         seen += f.read_text().split()
-    assert len(seen) == len(set(seen)) == 125  # exactly once each
+    assert len(seen) == len(set(seen)) == 205  # exactly once each
     report = json.loads(run("status", q, "--json").stdout)
-    assert report["outstanding"] == 0 and report["counts"]["done"] == 125
+    assert report["outstanding"] == 0 and report["counts"]["done"] == 205
     assert run("status", q, "--check").exit_code == 0
 
 
