@@ -72,9 +72,14 @@ from pympx_queues import _fs  # noqa: E402
 
 import logging  # noqa: E402
 
-# Recovery logs every torn tail it cuts: thousands of crash states would flood stderr.
-logging.getLogger("pympx_queues").addHandler(logging.NullHandler())
-logging.getLogger("pympx_queues").propagate = False
+
+def _quiet_library_logs() -> None:
+    """Recovery logs every torn tail it cuts: thousands of crash states would flood
+    stderr.  Called by the script and its worker processes only, never on import (tests
+    import this module and must keep the library's logging as it is)."""
+    lib = logging.getLogger("pympx_queues")
+    lib.addHandler(logging.NullHandler())
+    lib.propagate = False
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 
@@ -1815,6 +1820,7 @@ def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: in
     Each phase runs in its own process and ends with ``os._exit`` (no close, no atexit):
     a process crash between phases, so the next phase's recovery really runs.
     """
+    _quiet_library_logs()
     adapter = get_adapter(adapter_name)
     _apply_publish_mode()
     if phase == 0:
@@ -2009,6 +2015,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
+    _quiet_library_logs()
     if args.publish == "link":
         os.environ["TORTURE_PUBLISH"] = "link"  # inherited by the workload processes
     kinds = ["persistent", "folder"] if args.queue == "both" else [args.queue]
