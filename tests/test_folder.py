@@ -24,6 +24,35 @@ pytestmark = pytest.mark.timeout(60)
 FAST = dict(poll_interval=0.05)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def text(self):
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def folder_log():
+    """Warnings of pympx_queues.folder, captured on that logger itself (independent of
+    propagation, which other tests' command-line runs may have changed)."""
+    logger = logging.getLogger("pympx_queues.folder")
+    handler = _Records()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def reader(path, **kw):
     opts = dict(FAST)
     opts.update(kw)
@@ -183,6 +212,39 @@ def test_get_times_out_with_queue_empty(tmp_path):
     r.close()
 
 
+def test_get_does_not_list_the_folder_on_every_call(tmp_path, monkeypatch):
+    w = WritableFolderQueue(tmp_path)
+    w.put_many([(f"m{i:04d}.tsv", b"x") for i in range(1000)])
+    r = reader(tmp_path, rescan_interval=60, recover_interval=60)
+    listed = []
+    real = _fs.scandir
+
+    def counting(path):
+        if os.fspath(path) == str(tmp_path):
+            listed.append(1)
+        return real(path)
+
+    monkeypatch.setattr(_fs, "scandir", counting)
+    for _ in range(500):
+        r.task_done(r.get(timeout=5))
+    assert len(listed) <= 2, len(listed)  # one listing serves hundreds of gets
+    r.close()
+
+
+def test_put_refuses_a_symlink_and_leaves_its_target_alone(tmp_path):
+    target = tmp_path / "target.tsv"
+    target.write_text("secret")
+    link = tmp_path / "link.tsv"
+    os.symlink(target, link)
+    w = WritableFolderQueue(tmp_path / "q")
+    with pytest.raises(ValueError):
+        w.put(link)
+    with pytest.raises(FileNotFoundError):
+        w.put(tmp_path / "missing.tsv")
+    assert link.is_symlink() and target.read_text() == "secret"
+    assert ready_names(tmp_path / "q") == []
+
+
 def test_hand_dropped_files_are_picked_up(tmp_path):
     r = reader(tmp_path)
     (tmp_path / "by-hand.tsv").write_text("hello")
@@ -192,7 +254,7 @@ def test_hand_dropped_files_are_picked_up(tmp_path):
     r.close()
 
 
-def test_symlinks_fifos_and_litter_are_skipped_never_claimed_or_deleted(tmp_path, caplog):
+def test_symlinks_fifos_and_litter_are_skipped_never_claimed_or_deleted(tmp_path, folder_log):
     secret = tmp_path / "secret.txt"
     secret.write_text("do not touch")
     q = tmp_path / "q"
@@ -206,14 +268,13 @@ def test_symlinks_fifos_and_litter_are_skipped_never_claimed_or_deleted(tmp_path
     w.put_data("real.tsv", b"real")
     w.close()
     r = reader(q)
-    with caplog.at_level(logging.WARNING, logger="pympx_queues.folder"):
-        got = drain(r)
+    got = drain(r)
     assert got == ["real.tsv"]
     assert (q / "link.tsv").is_symlink() and os.path.exists(q / "fifo.tsv")
     assert secret.read_text() == "do not touch"
     for n in litter + ["bad\x01name.tsv"]:
         assert (q / n).exists(), n
-    text = caplog.text
+    text = folder_log.text
     assert "link.tsv" in text and "fifo.tsv" in text and "bad" in text
     r.close()
 

@@ -22,6 +22,35 @@ pytestmark = pytest.mark.timeout(60)
 UNITS = ["north", "south", "east"]
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def text(self):
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def folder_log():
+    """Warnings of pympx_queues.folder, captured on that logger itself (independent of
+    propagation, which other tests' command-line runs may have changed)."""
+    logger = logging.getLogger("pympx_queues.folder")
+    handler = _Records()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def group_of(name):  # "20260101_north.tsv" -> "20260101"
     return name.split("_")[0]
 
@@ -62,22 +91,21 @@ def test_a_group_is_handed_out_only_when_complete(tmp_path):
     q.close()
 
 
-def test_groups_come_in_sorted_order_and_foreign_files_are_reported_not_claimed(tmp_path, caplog):
+def test_groups_come_in_sorted_order_and_foreign_files_are_reported_not_claimed(tmp_path, folder_log):
     w = WritableFolderQueue(tmp_path)
     for day in ("20260102", "20260101"):
         put(w, *[f"{day}_{u}.tsv" for u in UNITS])
     put(w, "20260101_west.tsv", "garbage.tsv")
     w.close()
     q = grouped(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="pympx_queues.folder"):
-        first = q.get(timeout=5)
-        second = q.get(timeout=5)
+    first = q.get(timeout=5)
+    second = q.get(timeout=5)
     assert {group_of(n) for n in originals(q, first)} == {"20260101"}
     assert {group_of(n) for n in originals(q, second)} == {"20260102"}
     q.task_done(first)
     q.task_done(second)
     assert q.foreign_files == ["20260101_west.tsv", "garbage.tsv"]
-    assert "20260101_west.tsv" in caplog.text and "garbage.tsv" in caplog.text
+    assert "20260101_west.tsv" in folder_log.text and "garbage.tsv" in folder_log.text
     assert q.get(timeout=5) is DONE
     assert (tmp_path / "20260101_west.tsv").exists() and (tmp_path / "garbage.tsv").exists()
     q.close()
@@ -101,15 +129,14 @@ def test_incomplete_groups_at_done_raise_by_default(tmp_path):
     q.close()
 
 
-def test_incomplete_groups_can_be_returned_instead(tmp_path, caplog):
+def test_incomplete_groups_can_be_returned_instead(tmp_path, folder_log):
     w = WritableFolderQueue(tmp_path)
     put(w, "20260102_north.tsv")
     w.close()
     q = grouped(tmp_path, on_incomplete="return")
-    with caplog.at_level(logging.WARNING, logger="pympx_queues.folder"):
-        assert q.get(timeout=5) is DONE
+    assert q.get(timeout=5) is DONE
     assert q.incomplete_groups == {"20260102": ["20260102_north.tsv"]}
-    assert "incomplete" in caplog.text
+    assert "incomplete" in folder_log.text
     q.close()
 
 

@@ -288,6 +288,17 @@ def test_enospc_during_put_leaves_no_half_message_and_queue_recovers(tiny_tmpfs)
     r.close()
 
 
+@pytest.mark.timeout(60)
+def test_put_moves_a_file_across_file_systems_by_copy_then_delete(tiny_tmpfs, tmp_path):
+    src = tmp_path / "outside.tsv"  # on the disk; the queue lives on the tmpfs
+    src.write_bytes(b"across")
+    w = WritableFolderQueue(str(tiny_tmpfs / "q"))
+    final = w.put(src)
+    assert not src.exists()
+    assert open(final, "rb").read() == b"across"
+    assert os.listdir(tiny_tmpfs / "q" / "tmp") == []
+
+
 # --------------------------------------------------------------------------- crash of a put
 def _crash_in_put(path):
     """A producer killed between writing the temp file and publishing it."""
