@@ -77,6 +77,7 @@ class RecoveryReport(NamedTuple):
     live: int  # claims left alone because their owner is alive / lease fresh
     temp_removed: List[str]  # crashed producers' partial writes removed
     skipped: bool  # another process held the recovery lock (automatic passes only)
+    dead_lettered: List[str] = []  # claims whose owners died max_retries times (poison)
 
 
 def _identity(x: Any) -> Any:
@@ -1306,7 +1307,8 @@ class ReadableFolderQueue(_FolderQueue):
         A claim is abandoned when its owner process is gone (same host: pid + start time)
         or, for another host, when its lease expired (no heartbeat for ``lease_timeout``
         seconds).  Live claims are never touched unless ``include_live`` (an operator's
-        decision).  Idempotent and crash-safe (G5): each claim moves back by one rename.
+        decision).  A claim abandoned for the ``max_retries``-th time (its consumers keep
+        dying on it) goes to the dead letters instead of back to the queue.  Idempotent and crash-safe (G5): each claim moves back by one rename.
         Runs automatically at consumer start, every ``recover_interval`` seconds and
         before DONE.  With ``wait=False`` it skips the pass when another process holds the
         recovery lock.
@@ -1317,9 +1319,10 @@ class ReadableFolderQueue(_FolderQueue):
         try:
             lock.acquire(timeout=-1 if wait else 0)
         except Timeout:
-            return RecoveryReport([], 0, [], True)
+            return RecoveryReport([], 0, [], True, [])
         try:
             requeued: List[str] = []
+            dead: List[str] = []
             live = 0
             now = _now()
             for entry in list(_fs.scandir(self._wip)):
@@ -1348,10 +1351,15 @@ class ReadableFolderQueue(_FolderQueue):
                     attempts = int(prev.get("attempts", 0)) + 1
                 why = ("forced requeue" if include_live and not self._stale(parsed.owner, st, now)
                        else "owner died" if parsed.owner.is_local() else "lease expired")
+                text = f"claim by {parsed.owner.format()} recovered: {why}"
                 try:
-                    target = self._requeue(entry.path, parsed.name, st, attempts,
-                                           f"claim by {parsed.owner.format()} recovered: {why}",
-                                           why, claim_rid=name)
+                    if self.max_retries is not None and attempts >= self.max_retries \
+                            and why != "forced requeue":
+                        # A message whose consumers keep dying is poison: stop the loop.
+                        dead.append(self._dead_letter(entry.path, parsed.name, attempts, text))
+                        continue
+                    target = self._requeue(entry.path, parsed.name, st, attempts, text, why,
+                                           claim_rid=name)
                 except FileNotFoundError:
                     continue  # settled or recovered meanwhile
                 requeued.append(target)
@@ -1359,7 +1367,7 @@ class ReadableFolderQueue(_FolderQueue):
             if requeued:
                 log.warning("recovered %d abandoned claim(s) in %s", len(requeued), self.path)
                 self._next_rescan = 0.0
-            return RecoveryReport(requeued, live, temp_removed, False)
+            return RecoveryReport(requeued, live, temp_removed, False, dead)
         finally:
             lock.release()
 

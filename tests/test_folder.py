@@ -393,6 +393,29 @@ def test_recover_requeues_claims_of_dead_owner_never_live_ones(tmp_path):
     r.close()
 
 
+def test_a_message_whose_consumers_keep_dying_becomes_a_dead_letter(tmp_path):
+    w = WritableFolderQueue(tmp_path)
+    w.put_data("poison.tsv", b"x")
+    r = reader(tmp_path, max_retries=2, recover_on_start=False)
+    claim_and_die = ("import os, signal, sys; from pympx_queues.folder import "
+                     "ReadableFolderQueue as R; q = R(sys.argv[1], wakeups='poll', "
+                     "recover_on_start=False); q.get(timeout=10); "
+                     "os.kill(os.getpid(), signal.SIGKILL)")
+    for attempt in (1, 2):
+        proc = subprocess.run([sys.executable, "-c", claim_and_die, str(tmp_path)])
+        assert proc.returncode == -9 and len(os.listdir(tmp_path / "wip")) == 1
+        rep = r.recover()
+        if attempt == 1:
+            assert [os.path.basename(p) for p in rep.requeued] == ["poison.tsv"]
+        else:
+            assert rep.requeued == []
+            assert [os.path.basename(p) for p in rep.dead_lettered] == ["poison.tsv"]
+    err = json.loads((tmp_path / "failed" / "poison.tsv.error.json").read_text())
+    assert err["attempts"] == 2 and "owner died" in err["error"]
+    assert ready_names(tmp_path) == [] and os.listdir(tmp_path / "wip") == []
+    r.close()
+
+
 def test_recover_judges_other_hosts_by_lease(tmp_path):
     WritableFolderQueue(tmp_path)
     r = reader(tmp_path, lease_timeout=60)
