@@ -10,6 +10,7 @@ import queue
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -328,3 +329,14 @@ def test_a_put_killed_before_publishing_is_never_published_and_is_cleaned(tmp_pa
     assert [n for n in os.listdir(q) if n.endswith(".tsv")] == []
     WritableFolderQueue(q)  # the next start cleans the dead producer's temp file
     assert os.listdir(os.path.join(q, "tmp")) == []
+
+
+@pytest.mark.timeout(120)
+def test_bench_folder_quick_run_prints_every_figure():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "bench_folder.py")
+    res = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True,
+                         timeout=110)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for label in ("put/s", "get+done/s 1proc", "drain/s 4procs", "get() with", "put->wake"):
+        assert label in res.stdout, (label, res.stdout)
