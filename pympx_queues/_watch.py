@@ -172,6 +172,24 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+class _StopNoise(logging.Filter):
+    """Drop watchdog's ERROR "queue_events() called when the thread is inactive", which
+    some watchdog versions log on every normal ``observer.stop()``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+_stop_noise_installed = False
+
+
+def _quiet_watchdog_stop() -> None:
+    global _stop_noise_installed
+    if not _stop_noise_installed:
+        logging.getLogger("watchdog.observers.inotify").addFilter(_StopNoise())
+        _stop_noise_installed = True
+
+
 class Wakeups:
     """Collects wake-up hints for one consumer object.
 
@@ -254,6 +272,8 @@ class Wakeups:
     def _make_observer(self) -> Any:
         from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
         from watchdog.observers import Observer
+
+        _quiet_watchdog_stop()
 
         wake = self
 
