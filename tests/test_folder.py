@@ -678,17 +678,33 @@ def test_poll_mode_has_no_observer_threads(tmp_path):
 def test_close_stops_observer_threads(tmp_path):
     WritableFolderQueue(tmp_path)
     before = set(threading.enumerate())
-    readers = [reader(tmp_path, wakeups=m) for m in ("events", "watchdog", "events")]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    readers = [reader(tmp_path, wakeups=m) for m in ("events", "events")]
     for r in readers:
         with pytest.raises(queue.Empty):
             r.get(timeout=0.05)
-    assert len(set(threading.enumerate()) - before) >= 3
+    assert len(set(threading.enumerate()) - before) >= 2
     for r in readers:
         r.close()
     from conftest import wait_for
 
     wait_for(lambda: not (set(threading.enumerate()) - before), timeout=10,
              message="observer threads to stop")
+    assert len(os.listdir("/proc/self/fd")) <= fds_before  # inotify fds and pipes closed
+
+
+def test_close_stops_the_watchdog_observer(tmp_path):
+    WritableFolderQueue(tmp_path)
+    before = set(threading.enumerate())
+    r = reader(tmp_path, wakeups="watchdog")
+    with pytest.raises(queue.Empty):
+        r.get(timeout=0.05)
+    assert set(threading.enumerate()) - before
+    r.close()
+    from conftest import wait_for
+
+    wait_for(lambda: not (set(threading.enumerate()) - before), timeout=10,
+             message="watchdog threads to stop")
 
 
 def test_readers_and_writers_pickle_without_runtime_state(tmp_path):
