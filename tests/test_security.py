@@ -409,3 +409,41 @@ def test_persistent_queue_treats_a_pickle_in_its_journal_as_data(tmp_path, no_un
     assert q.get_list_of_outstanding_work() == [bait]
     assert not no_unpickling and not os.path.exists(marker)
     q.joinable_queue.close()
+
+
+def _journal_name(prefix: str) -> str:
+    return _journal.format_journal_name(prefix, _journal.new_run_id(), 999999, "deadbeef")
+
+
+def test_fifo_named_like_a_journal_never_hangs_recovery(tmp_path):
+    from pympx_queues.persistent import PersistentQueue
+
+    fifo = tmp_path / _journal_name("sec")
+    os.mkfifo(fifo)
+    q = _run_with_deadline(lambda: PersistentQueue("sec", current_pickup_dir=str(tmp_path),
+                                                   context="spawn"))
+    assert q.get_list_of_outstanding_work() == []
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    q.joinable_queue.close()
+
+
+def test_symlink_named_like_a_journal_is_never_followed_read_or_cut(tmp_path):
+    from pympx_queues.persistent import PersistentQueue
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "precious.log"
+    # Looks like a journal with a torn tail: recovery would cut it if it followed links.
+    good = _write_journal(outside, "sec", [_journal_line(1, "P", json.dumps({"i": "x",
+                                                                             "m": "y"}))])
+    with open(good, "ab") as f:
+        f.write(b"torn tail without newline")
+    os.rename(good, target)
+    before = target.read_bytes()
+    pickup = tmp_path / "pickup"
+    pickup.mkdir()
+    os.symlink(target, pickup / _journal_name("sec"))
+    q = PersistentQueue("sec", current_pickup_dir=str(pickup), context="spawn")
+    assert q.get_list_of_outstanding_work() == []  # not read through the link
+    assert target.read_bytes() == before  # never cut, never deleted
+    q.joinable_queue.close()
