@@ -1365,6 +1365,8 @@ def worker_main(args: argparse.Namespace) -> int:
     if args.quick:  # smoke test: one fsync per message and pympx's 10 ms per get are slow
         n = min(n, QUICK_CAP.get(cls.name, QUICK_CAP_FSYNC if cls.durability == "fsync"
                                  else n))
+    if args.fsync_n and cls.durability == "fsync":
+        n = min(n, args.fsync_n)
     result: Dict[str, Any] = {"n": n, "workloads": {}, "notes": [], "error": None}
     if n < args.n:
         result["notes"].append("n capped at %d (too slow for %d in the time budget%s)"
@@ -1528,6 +1530,8 @@ def run_worker(name: str, args: argparse.Namespace, root: str,
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--root", sysroot,
            "--n", str(args.n), "--size", str(args.size), "--consumers", str(args.consumers),
            "--batch", str(args.batch), "--budget", str(args.budget)]
+    if args.fsync_n:
+        cmd += ["--fsync-n", str(args.fsync_n)]
     if args.quick:
         cmd.append("--quick")
     if args.profile:
@@ -1907,10 +1911,11 @@ def render_markdown(report: Dict[str, Any]) -> str:
             " (uncommitted: %s)" % ", ".join(report["code"]["dirty"])
             if report.get("code", {}).get("dirty") else ""),
         "",
-        "`%s`: %d messages of %d bytes per workload, drain with %d spawned consumer "
+        "`%s`: %d messages of %d bytes per workload%s, drain with %d spawned consumer "
         "processes, batches of %d, %d round(s), median shown." % (
-            report["command"], a["n"], a["size"], a["consumers"], a["batch"],
-            a.get("repeat", 1)),
+            report["command"], a["n"], a["size"],
+            " (%d for the systems that fsync)" % a["fsync_n"] if a.get("fsync_n") else "",
+            a["consumers"], a["batch"], a.get("repeat", 1)),
         "",
         "| system | durability | put/s | put_many/s | get+ack/s | batched get+ack/s "
         "| drain/s | batched drain/s | drain dup/lost | pipeline/s | pipeline dup/lost |",
@@ -1954,6 +1959,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: small n and budgets, finishes in under a minute")
     p.add_argument("--n", type=int, default=None, help="messages per workload (10000)")
+    p.add_argument("--fsync-n", type=int, default=None, metavar="N",
+                   help="cap n for the systems that fsync (their per-message cost does not "
+                        "depend on n; this shortens a full run)")
     p.add_argument("--size", type=int, default=100, help="message size in bytes (100)")
     p.add_argument("--consumers", type=int, default=4, help="drain consumer processes (4)")
     p.add_argument("--batch", type=int, default=100, help="batch size for put_many (100)")
@@ -2009,7 +2017,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(["python", "scripts/bench.py"] + (sys.argv[1:] if argv is None
                                                               else list(argv))),
-        "args": {"n": args.n, "size": args.size, "consumers": args.consumers,
+        "args": {"n": args.n, "fsync_n": args.fsync_n, "size": args.size,
+                 "consumers": args.consumers,
                  "batch": args.batch, "budget": args.budget, "quick": args.quick,
                  "repeat": args.repeat,
                  "systems": names},
