@@ -1365,12 +1365,13 @@ def worker_main(args: argparse.Namespace) -> int:
     if args.quick:  # smoke test: one fsync per message and pympx's 10 ms per get are slow
         n = min(n, QUICK_CAP.get(cls.name, QUICK_CAP_FSYNC if cls.durability == "fsync"
                                  else n))
-    if args.fsync_n and cls.durability == "fsync":
-        n = min(n, args.fsync_n)
+    why = "too slow for %d in the time budget%s" % (args.n, " of --quick" if args.quick
+                                                    else "")
+    if args.fsync_n and cls.durability == "fsync" and args.fsync_n < n:
+        n, why = args.fsync_n, "--fsync-n"
     result: Dict[str, Any] = {"n": n, "workloads": {}, "notes": [], "error": None}
     if n < args.n:
-        result["notes"].append("n capped at %d (too slow for %d in the time budget%s)"
-                               % (n, args.n, " of --quick" if args.quick else ""))
+        result["notes"].append("n capped at %d (%s)" % (n, why))
     prof_prefix = None
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
