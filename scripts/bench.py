@@ -1941,6 +1941,26 @@ def render_markdown(report: Dict[str, Any]) -> str:
             r["name"], r["durability"], _md_rate(w.get("put")), _md_rate(w.get("put_batch")),
             _md_rate(w.get("get_ack")), _md_rate(w.get("get_ack_batch")),
             _md_rate(d), _md_rate(w.get("drain_batch")), dl(d), _md_rate(pl), dl(pl)))
+    lines += ["", "Our systems as ratios: *x raw* to the raw system calls of the same kind and "
+              "durability, *x peer* to the fastest peer that promises at least the same "
+              "durability (named), both measured in the same run.", "",
+              "| system | put | put_many | get+ack | batched get+ack | drain | batched drain "
+              "| pipeline |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["systems"]:
+        if r["kind"] != "ours":
+            continue
+        cells = []
+        for w in ("put", "put_batch", "get_ack", "get_ack_batch", "drain", "drain_batch",
+                  "pipeline"):
+            d = r["workloads"].get(w) or {}
+            if not d.get("rate"):
+                cells.append("n/a" if "na" in d else "-")
+                continue
+            txt = "%s raw" % _fx(d.get("vs_raw"))
+            if d.get("best_peer"):
+                txt += ", %s %s" % (_fx(d.get("vs_best_peer")), d["best_peer"])
+            cells.append(txt)
+        lines.append("| %s | %s |" % (r["name"], " | ".join(cells)))
     lines += ["", "| target (issue 6) | measured | need | status |", "|---|--:|---|---|"]
     for t in report["targets"]:
         val = ("-" if t["value"] is None else str(t["value"])) if t["need"] == "== 0" \
