@@ -24,3 +24,19 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
 @pytest.fixture
 def deadline_wait():
     return wait_for
+
+
+@pytest.fixture(autouse=True)
+def _restore_library_logger():
+    """The CLI (run in-process by CliRunner) and the torture script configure the
+    ``pympx_queues`` logger as a program would; put it back after every test so that
+    ``caplog`` in later tests sees the library's warnings."""
+    import logging
+
+    logger = logging.getLogger("pympx_queues")
+    saved = (logger.level, list(logger.handlers), logger.propagate, logger.disabled)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+    logger.disabled = saved[3]
