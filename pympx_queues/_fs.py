@@ -302,6 +302,24 @@ def claim(src: PathLike, dst: PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------- files
+def _open_new(path: str, flags: int, mode: int) -> int:
+    """``os.open(path, O_CREAT|O_EXCL|O_NOFOLLOW|flags, mode)`` with ``mode`` applied exactly.
+
+    ``open()`` honours the umask, which would turn a group-shared ``0o660`` into ``0o640``
+    under the usual ``022``; group/other bits are therefore set again with ``fchmod``.
+    Owner-only modes (the default) need no extra system call.
+    """
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, mode)
+    if mode & 0o077:
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(path)
+            raise
+    return fd
+
+
 def write_new(path: PathLike, data: bytes, *, durable: bool,
               mode: int = DEFAULT_FILE_MODE) -> None:
     """Create ``path`` exclusively (O_EXCL, O_NOFOLLOW), write ``data``, optionally fsync.
@@ -311,8 +329,7 @@ def write_new(path: PathLike, data: bytes, *, durable: bool,
     removed before the exception propagates (G2).
     """
     path = os.fspath(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                 mode)
+    fd = _open_new(path, os.O_WRONLY, mode)
     _trace("create", path, fd)
     try:
         view = memoryview(data)
@@ -373,8 +390,7 @@ def open_append_exclusive(path: PathLike, mode: int = DEFAULT_FILE_MODE) -> int:
     a reused pid can never truncate an old journal.
     """
     path = os.fspath(path)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
-                 | _O_CLOEXEC, mode)
+    fd = _open_new(path, os.O_WRONLY | os.O_APPEND, mode)
     _trace("create", path, fd)
     return fd
 
@@ -559,8 +575,7 @@ def copy_new(src: PathLike, dst: PathLike, *, durable: bool,
     try:
         if not stat.S_ISREG(os.fstat(sfd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", src)
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                      mode)
+        dfd = _open_new(dst, os.O_WRONLY, mode)
         _trace("create", dst)
         try:
             total = 0

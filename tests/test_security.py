@@ -283,9 +283,6 @@ def test_group_shared_folder_modes_are_applied_to_folders(tmp_path):
     r.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug (BUGS.md): file_mode is passed to open() and so "
-                   "reduced by the umask (0o660 becomes 0o640 under umask 022); directories "
-                   "get an explicit chmod, files do not")
 def test_group_shared_folder_modes_are_applied_to_files_whatever_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
