@@ -183,10 +183,21 @@ def get_cost(base: str, size: int, samples: int) -> dict:
         costs.append(time.perf_counter() - t0)
         r.task_done(p)
     r.close()
+    # The same claim with bare system calls on the same folder (rename into wip/), to
+    # show how much of any growth with size is the file system's own directory lookups.
+    raw = []
+    wip = os.path.join(d, "wip")
+    for i in range(samples + 1, min(size, 2 * samples + 1)):
+        name = f"m{i:08d}.tsv"
+        t0 = time.perf_counter()
+        os.rename(os.path.join(d, name), os.path.join(wip, name))
+        raw.append(time.perf_counter() - t0)
+        os.unlink(os.path.join(wip, name))
     w.close()
     shutil.rmtree(d)
     costs.sort()
     return {"size": size, "first_get_s": first_cost,
+            "raw_median_us": statistics.median(raw) * 1e6 if raw else float("nan"),
             "median_us": statistics.median(costs) * 1e6,
             "mean_us": statistics.fmean(costs) * 1e6,
             "p99_us": costs[int(len(costs) * 0.99) - 1] * 1e6}
@@ -283,7 +294,8 @@ def main(argv=None) -> int:
             r = get_cost(base, size, min(args.samples, size - 1))
             print(f"get() with {size:>8} waiting: median {r['median_us']:7.1f} us  mean "
                   f"{r['mean_us']:7.1f} us  p99 {r['p99_us']:7.1f} us  (first get incl. "
-                  f"listing {r['first_get_s'] * 1e3:.0f} ms)")
+                  f"listing {r['first_get_s'] * 1e3:.0f} ms; bare rename claim median "
+                  f"{r['raw_median_us']:.1f} us)")
         ev = wake_delay(base, args.wake_samples, "events", 1.0)
         print(f"put->wake median (events/inotify, poll_interval=1s): {ev * 1e3:6.2f} ms  (target < 10 ms)")
         wd = wake_delay(base, max(3, args.wake_samples // 5), "watchdog", 1.0)
