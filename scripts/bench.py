@@ -1542,7 +1542,7 @@ def run_worker(name: str, args: argparse.Namespace, root: str,
                            "durability_note": cls.durability_note, "ack_note": cls.ack_note,
                            "baseline": baseline_for(cls), "multi_process": cls.multi is None,
                            "error": None, "notes": [], "workloads": {}}
-    timeout = args.budget * 6 + 150
+    timeout = args.worker_timeout or (args.budget * 8 + 150)
     errpath = os.path.join(root, "%s.round%d.stderr" % (name, round_no))
     t0 = time.monotonic()
     with open(errpath, "w") as err:
@@ -2001,6 +2001,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp directory")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="cProfile the single-process phases into DIR/<system>-<phase>.prof")
+    p.add_argument("--worker-timeout", type=float, default=None, metavar="S",
+                   help="kill a system's worker (and its consumers) after S seconds "
+                        "(default 8 budgets + 150 s); the row then reports the time-out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
