@@ -383,14 +383,21 @@ class _StderrHandler(logging.StreamHandler):
 
 def setup_logging(verbose: int) -> None:
     """Library log records go to stderr; by default only errors (the commands report
-    what they did themselves, so the library's warnings would repeat it)."""
+    what they did themselves, so the library's warnings would repeat it).
+
+    The ``pympx_queues`` logger's own level is changed only for ``-v``/``-vv``; records
+    still propagate, so an embedding program's logging sees them as before.
+    """
     level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logger = logging.getLogger("pympx_queues")
-    logger.setLevel(level)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
+    handler.setLevel(level)
+    if verbose and logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
 
 
 path_argument = click.argument("path", type=click.Path(path_type=str))
