@@ -402,11 +402,14 @@ def open_append_existing(path: PathLike) -> int:
 
 def append(fd: int, data: bytes, path: PathLike = "") -> None:
     """Append ``data`` fully to ``fd`` (handles short writes)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    _trace("write", os.fspath(path), len(data), fd)
+    n = os.write(fd, data)  # one write(2) on the hot path (journal records)
+    if n != len(data):
+        view = memoryview(data)[n:]
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    if _tracer is not None:
+        _tracer("write", os.fspath(path), len(data), fd)
 
 
 def truncate(path: PathLike, length: int, *, durable: bool = True) -> None:

@@ -203,13 +203,14 @@ def encode_value(obj: Any) -> Any:
     t = type(obj)
     if t in _SCALARS:
         return obj
-    if t is list:
-        return [encode_value(x) for x in obj]
+    # Scalars inline (no call per item): the common messages are flat tuples/lists/dicts.
     if t is tuple:
-        return {TAG_TUPLE: [encode_value(x) for x in obj]}
+        return {TAG_TUPLE: [x if type(x) in _SCALARS else encode_value(x) for x in obj]}
+    if t is list:
+        return [x if type(x) in _SCALARS else encode_value(x) for x in obj]
     if t is dict:
         if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in TAGS):
-            return {k: encode_value(v) for k, v in obj.items()}
+            return {k: v if type(v) in _SCALARS else encode_value(v) for k, v in obj.items()}
         return {TAG_DICT: [[encode_value(k), encode_value(v)] for k, v in obj.items()]}
     if t is bytes or t is bytearray:
         return {TAG_BYTES: base64.b64encode(obj).decode("ascii")}
@@ -257,9 +258,26 @@ def decode_value(data: Any) -> Any:
     return data
 
 
+def _not_json(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+try:  # the C encoder, built once (json.dumps builds an encoder per call)
+    from json.encoder import c_make_encoder as _c_make_encoder
+    from json.encoder import encode_basestring as _encode_str
+
+    _C_ENCODE = _c_make_encoder(None, _not_json, _encode_str, None, ":", ",", False, False,
+                                True) if _c_make_encoder is not None else None
+except ImportError:  # pragma: no cover
+    _C_ENCODE = None
+
+
 def dumps(data: Any) -> str:
-    """Compact JSON text (one line, UTF-8 kept as is)."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text (one line, UTF-8 kept as is).  ``data`` must be plain JSON data
+    (the output of :func:`encode_value`); raises TypeError otherwise."""
+    if _C_ENCODE is not None:
+        return "".join(_C_ENCODE(data, 0))
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- writer
@@ -361,6 +379,22 @@ class JournalWriter:
         if self.durability == _fs.FSYNC:
             self._group_commit(ticket, fd)
 
+    def append_one(self, kind: str, payload: str) -> None:
+        """:meth:`append` of a single record (the hot path of put and task_done)."""
+        with self._lock:
+            if self._broken is not None:
+                raise JournalBroken(f"journal {self.path} failed earlier: {self._broken!r}")
+            if self._fd is None:
+                raise ValueError(f"journal {self.path} is closed")
+            body = f"{self._seq} {kind} {payload}".encode("utf-8")
+            self._write(b"%08x %s\n" % (zlib.crc32(body), body))
+            self._seq += 1
+            self._written += 1
+            ticket = self._written
+            fd = self._fd
+        if self.durability == _fs.FSYNC:
+            self._group_commit(ticket, fd)
+
     def _group_commit(self, ticket: int, fd: int) -> None:
         # Leader/follower: whoever holds the sync lock fsyncs everything written so far;
         # appenders that queued behind it find their batch already covered.
@@ -377,6 +411,18 @@ class JournalWriter:
                 self._broken = exc  # never retried: a later fsync could lie (fsyncgate)
                 raise
             self._synced = target
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copy of the fd, never write to it.
+
+        The flock belongs to the open file description shared with the parent; closing
+        our copy leaves the parent's lock (and file) untouched.
+        """
+        with self._lock:
+            fd, self._fd = self._fd, None
+            self._broken = JournalBroken("journal inherited across fork")
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         """Close the file descriptor (records are already written; idempotent)."""

@@ -29,7 +29,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections import OrderedDict
+import weakref
 from queue import Empty, Full
 from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence,
                     Tuple, Union)
@@ -83,8 +83,27 @@ def _check_hooks(name: str, hooks: Optional[Sequence[Callable[[Any], Any]]]
 
 
 # Per-process attributes: never pickled, rebuilt in each process that uses the queue.
-_PROCESS_STATE = ("_pid", "_lock", "_writer", "_inflight", "_ids", "_id_prefix", "_closed",
-                  "_keys_put", "_local_items", "_ctx")
+_PROCESS_STATE = ("_pid", "_lock", "_ilock", "_writer", "_inflight", "_ids", "_id_prefix",
+                  "_closed", "_fast", "_keys_put", "_local_items", "_ctx")
+
+# Queues of this process, reset in a forked child (its parent's journal, locks and
+# unacknowledged messages are not its own).  Spawned children go through __setstate__.
+_LIVE_QUEUES: "weakref.WeakSet[PersistentQueue]" = weakref.WeakSet()
+_fork_hook_installed = False
+
+
+def _after_fork_in_child() -> None:
+    for q in list(_LIVE_QUEUES):
+        q._pid = None
+        q._ensure_process()
+
+
+def _track(q: "PersistentQueue") -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_installed = True
+    _LIVE_QUEUES.add(q)
 
 
 class PersistentQueue:
@@ -207,17 +226,23 @@ class PersistentQueue:
         pid = os.getpid()
         if self._pid == pid:
             return
+        old_writer = getattr(self, "_writer", None)
+        if old_writer is not None and old_writer.pid != pid:
+            old_writer.forget()  # the parent's journal: close our copy of its fd only
         self._pid = pid
         self._lock = threading.RLock()
+        self._ilock = threading.Lock()  # guards _inflight
         self._writer: Optional[jr.JournalWriter] = None
-        self._inflight: "OrderedDict[str, Any]" = OrderedDict()
+        self._inflight: Dict[str, Any] = {}  # id -> body, oldest first
         self._ids = itertools.count()
         self._id_prefix = _fs.random_id(6)
         self._closed = False
+        self._fast = self.use_queue  # hot paths allowed (cleared by close/fail)
         self._keys_put: set = set()
         self._local_items: Optional[List[Any]] = None
         if getattr(self, "_ctx", None) is None:
             self._ctx = None
+        _track(self)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
@@ -375,6 +400,25 @@ class PersistentQueue:
         ``ValueError`` for a negative timeout or a DONE/FAILED sentinel; nothing is written
         then.
         """
+        writer = self._writer
+        if key is None and self._fast and obj is not DONE and obj is not FAILED \
+                and (writer is not None or self.current_pickup_dir is None):
+            # Hot path (no key, no lock): journal one record, then queue the message.
+            if timeout is not None:
+                timeout = _fs.check_timeout(timeout)
+            mid = f"{self._id_prefix}.{next(self._ids):x}"
+            if writer is not None:
+                body = jr.encode_value(obj) if self._formatters is None else self._encode(obj)
+                # G1: written (synced in fsync mode) before the queue sees it.  The body
+                # is encoded first: a bad message raises with nothing written.
+                writer.append_one(jr.KIND_PUT, f'{{"i":"{mid}","m":{jr.dumps(body)}}}')
+            try:
+                self.joinable_queue.put((mid, obj), block, timeout)  # type: ignore[union-attr]
+            except Full:
+                if writer is not None:
+                    writer.append_one(jr.KIND_CANCEL, f'{{"i":"{mid}"}}')
+                raise
+            return mid
         return self._put_batch([obj], [key], block, timeout)[0]
 
     def put_nowait(self, obj: Any, *, key: Optional[str] = None) -> Optional[str]:
@@ -401,6 +445,7 @@ class PersistentQueue:
         self._ensure_process()
         with self._lock:
             was_closed, self._closed = self._closed, True
+            self._fast = False
             if not was_closed or sentinel is FAILED:
                 self._journal([(kind, jr.dumps({"workers": self.number_of_workers}))])
         if self.use_queue:
@@ -465,7 +510,7 @@ class PersistentQueue:
                 self.joinable_queue.task_done()
                 return item
         mid, obj = item
-        with self._lock:
+        with self._ilock:
             self._inflight[mid] = obj
         return item
 
@@ -477,6 +522,16 @@ class PersistentQueue:
         is ready.  The id is remembered for :meth:`task_done`.  ``ValueError`` for a
         negative timeout.
         """
+        if self.use_queue:
+            if timeout is not None:
+                timeout = _fs.check_timeout(timeout)
+            item = self.joinable_queue.get(block, timeout)  # type: ignore[union-attr]
+            if item is DONE or item is FAILED:
+                self.joinable_queue.task_done()  # type: ignore[union-attr]
+                return item
+            with self._ilock:
+                self._inflight[item[0]] = item[1]
+            return item[1]
         item = self._take(block, timeout)
         return item if is_sentinel(item) else item[1]
 
@@ -519,7 +574,8 @@ class PersistentQueue:
         if not inflight:
             raise ValueError("task_done() called more times than this process called get()")
         if obj is _MISSING:
-            return inflight.popitem(last=False)
+            key = next(iter(inflight))
+            return key, inflight.pop(key)
         for key, value in inflight.items():
             if value is obj:
                 del inflight[key]
@@ -544,6 +600,25 @@ class PersistentQueue:
         may have been got by another process).  Blocks on the journal write (and fsync in
         fsync mode).  ``ValueError`` when nothing matches (nothing is written).
         """
+        if id is None and self.use_queue and type(obj) is not Message \
+                and obj is not DONE and obj is not FAILED:
+            # Hot path: one record, ids of our own making need no JSON escaping.
+            with self._ilock:
+                mid, value = self._resolve(obj, None)
+            writer = self._writer
+            try:
+                if writer is None and self.current_pickup_dir is not None:
+                    with self._lock:
+                        writer = self._get_writer()
+                if writer is not None:
+                    # G4: the completion is journaled (synced in fsync mode) before the ack.
+                    writer.append_one(jr.KIND_DONE, f'{{"i":"{mid}"}}')
+            except BaseException:
+                with self._ilock:
+                    self._inflight[mid] = value  # a failed ack changes nothing
+                raise
+            self.joinable_queue.task_done()  # type: ignore[union-attr]
+            return
         self.task_done_many([obj], ids=[id])
 
     def task_done_many(self, objs: Sequence[Any], *,
@@ -562,21 +637,23 @@ class PersistentQueue:
         with self._lock:
             taken: List[Tuple[str, Any]] = []
             try:
-                for obj, mid in zip(objs, ids):
-                    if mid is None and is_sentinel(obj):
-                        continue
-                    m, value = self._resolve(obj, mid)
-                    resolved.append(m)
-                    taken.append((m, value))
+                with self._ilock:
+                    for obj, mid in zip(objs, ids):
+                        if mid is None and is_sentinel(obj):
+                            continue
+                        m, value = self._resolve(obj, mid)
+                        resolved.append(m)
+                        taken.append((m, value))
                 if resolved:
                     # G4: the completion is journaled (synced in fsync mode) before the ack.
                     self._journal([(jr.KIND_DONE, jr.dumps({"i": m})) for m in resolved])
             except BaseException:
                 # A failed ack changes nothing: the messages stay unacknowledged.
-                for m, value in reversed(taken):
-                    if value is not _MISSING:
-                        self._inflight[m] = value
-                        self._inflight.move_to_end(m, last=False)
+                with self._ilock:
+                    back = {m: v for m, v in taken if v is not _MISSING}
+                    back.update(self._inflight)
+                    self._inflight.clear()
+                    self._inflight.update(back)
                 raise
             if not resolved:
                 return

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Throughput of put -> get -> task_done: PersistentQueue vs multiprocessing.JoinableQueue.
+
+One producer process and two consumer processes (spawn) move ``--n`` messages through:
+
+* ``plain``        multiprocessing.JoinableQueue (no journal): the reference.
+* ``flush``        PersistentQueue(durability="flush"): one put / get / task_done per
+                   message, every put and ack journaled (survives a process crash).
+* ``fsync``        PersistentQueue(durability="fsync") with batching: the producer calls
+                   put_many(batch), consumers get_many(batch) + task_done_many(batch), so
+                   one fsync covers a batch of records (group commit).
+* ``fsync-single`` PersistentQueue(durability="fsync") without batching: one fsync per put
+                   and per ack (on a smaller count, it is slow).
+* ``naive-fsync``  the baseline of the fsync target: one process appending one journal-size
+                   record per message with write() + fsync() each time (no queue at all).
+
+Timing starts when all processes are ready and stops when the last consumer saw DONE.
+Run on the disk you care about (``--dir``; default: a temp dir under the current
+directory, because /tmp is often tmpfs where fsync costs nothing).
+
+    python scripts/bench_persistent.py --n 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pympx_queues.persistent import PersistentQueue  # noqa: E402
+from pympx_queues.sentinels import DONE, is_sentinel  # noqa: E402
+
+CTX = mp.get_context("spawn")
+CONSUMERS = 2
+
+
+def message(i: int):
+    return (i, f"row-{i:08d}", "2026-11-22")
+
+
+# ------------------------------------------------------------------ plain queue
+def plain_producer(q, n, start, ends):
+    start.wait()
+    c0 = time.process_time()
+    for i in range(n):
+        q.put(message(i))
+    for _ in range(CONSUMERS):
+        q.put(None)
+    q.close()
+    q.join_thread()  # the feeder thread's pickling and sending is part of the cost
+    ends.put(("producer", time.process_time() - c0))
+
+
+def plain_consumer(q, start, ends):
+    start.wait()
+    c0 = time.process_time()
+    count = 0
+    while True:
+        item = q.get()
+        if item is None:
+            q.task_done()
+            break
+        count += 1
+        q.task_done()
+    ends.put((time.monotonic(), count, time.process_time() - c0))
+
+
+# ------------------------------------------------------------------ PersistentQueue
+def pq_producer(q, n, start, batch, ends):
+    start.wait()
+    c0 = time.process_time()
+    if batch > 1:
+        for lo in range(0, n, batch):
+            q.put_many([message(i) for i in range(lo, min(n, lo + batch))])
+    else:
+        for i in range(n):
+            q.put(message(i))
+    q.close()
+    q.joinable_queue.close()
+    q.joinable_queue.join_thread()
+    q.dispose()
+    ends.put(("producer", time.process_time() - c0))
+
+
+def pq_consumer(q, start, ends, batch):
+    start.wait()
+    c0 = time.process_time()
+    count = 0
+    if batch > 1:
+        while True:
+            items = q.get_many(batch)
+            q.task_done_many(items)
+            count += sum(1 for x in items if not is_sentinel(x))
+            if is_sentinel(items[-1]):
+                break
+    else:
+        while True:
+            item = q.get()
+            if item is DONE:
+                break
+            count += 1
+            q.task_done(item)
+    q.dispose()
+    ends.put((time.monotonic(), count, time.process_time() - c0))
+
+
+def run_pipeline(kind, n, workdir, batch=1):
+    start = CTX.Event()
+    ends = CTX.Queue()
+    if kind == "plain":
+        q = CTX.JoinableQueue()
+        prod = CTX.Process(target=plain_producer, args=(q, n, start, ends))
+        cons = [CTX.Process(target=plain_consumer, args=(q, start, ends))
+                for _ in range(CONSUMERS)]
+    else:
+        durability = "fsync" if kind.startswith("fsync") else "flush"
+        pickup = tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=workdir)
+        q = PersistentQueue("bench", pickup, number_of_workers=CONSUMERS,
+                            durability=durability, context=CTX)
+        prod = CTX.Process(target=pq_producer, args=(q, n, start, batch, ends))
+        cons = [CTX.Process(target=pq_consumer, args=(q, start, ends, batch))
+                for _ in range(CONSUMERS)]
+    procs = [prod, *cons]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # let the spawned interpreters finish importing before the clock starts
+    t0 = time.monotonic()
+    start.set()
+    reports = [ends.get(timeout=600) for _ in procs]
+    results = [r for r in reports if r[0] != "producer"]
+    cpu = sum(r[2] for r in results) + sum(r[1] for r in reports if r[0] == "producer")
+    t1 = max(r[0] for r in results)
+    got = sum(r[1] for r in results)
+    for p in procs:
+        p.join(60)
+    if got != n:
+        raise SystemExit(f"{kind}: consumers got {got} of {n} messages")
+    if kind != "plain":
+        left = PersistentQueue("bench", pickup).get_list_of_outstanding_work()
+        if left:
+            raise SystemExit(f"{kind}: {len(left)} messages left outstanding")
+        shutil.rmtree(pickup, ignore_errors=True)
+    return n / (t1 - t0), cpu / n * 1e6
+
+
+def naive_fsync(n, workdir):
+    """Records/s of write()+fsync() per journal-size record, one process."""
+    path = os.path.join(workdir, "naive.journal")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+    try:
+        t0 = time.monotonic()
+        for i in range(n):
+            body = f'{i} P {{"i":"abcdef012345.{i:x}","m":{json.dumps(message(i))}}}'.encode()
+            os.write(fd, b"%08x %s\n" % (zlib.crc32(body), body))
+            os.fsync(fd)
+        t1 = time.monotonic()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return n / (t1 - t0), None
+
+
+def fs_type(path):
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and real.startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000, help="messages per pipeline run")
+    ap.add_argument("--batch", type=int, default=100, help="batch size of the fsync run")
+    ap.add_argument("--single-n", type=int, default=None,
+                    help="messages for fsync-single and naive-fsync (default: min(n, 2000))")
+    ap.add_argument("--dir", default=None, help="work directory (default: temp dir in cwd)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per case; the best is kept")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args(argv)
+    n = args.n
+    single = args.single_n or min(n, 2000)
+    own = args.dir is None
+    workdir = tempfile.mkdtemp(prefix="bench-persistent-", dir=".") if own else args.dir
+    os.makedirs(workdir, exist_ok=True)
+    fstype = fs_type(workdir)
+    cases = {
+        "plain": lambda: run_pipeline("plain", n, workdir),
+        "flush": lambda: run_pipeline("flush", n, workdir),
+        "fsync": lambda: run_pipeline("fsync", n, workdir, batch=args.batch),
+        "fsync-single": lambda: run_pipeline("fsync-single", single, workdir),
+        "naive-fsync": lambda: naive_fsync(single, workdir),
+    }
+    measured = {k: [] for k in cases}
+    try:
+        for _ in range(args.repeat):  # interleaved, so that noise hits every case alike
+            for key, fn in cases.items():
+                measured[key].append(fn())
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    best = {k: max(v, key=lambda r: r[0]) for k, v in measured.items()}
+    rates = {k: v[0] for k, v in best.items()}
+    cpu_us = {k: v[1] for k, v in best.items() if v[1] is not None}
+    ratios = {
+        "flush / plain": rates["flush"] / rates["plain"],
+        "fsync (batched) / naive-fsync": rates["fsync"] / rates["naive-fsync"],
+        "fsync-single / naive-fsync": rates["fsync-single"] / rates["naive-fsync"],
+    }
+    targets = {"flush / plain": 0.6, "fsync (batched) / naive-fsync": 10.0}
+    info = {"n": n, "single_n": single, "batch": args.batch, "consumers": CONSUMERS,
+            "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "filesystem": fstype, "rates": rates, "cpu_us_per_msg": cpu_us,
+            "ratios": ratios,
+            "targets": targets,
+            "met": {k: ratios[k] >= v for k, v in targets.items()}}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"put -> get -> task_done, 1 producer + {CONSUMERS} consumer processes (spawn), "
+          f"python {info['python']}, {info['cpus']} cpus, {info['filesystem']}")
+    print(f"  n={n}; fsync batched: put_many/get_many/task_done_many of {args.batch}; "
+          f"fsync-single and naive-fsync: n={single}")
+    labels = {
+        "plain": "multiprocessing.JoinableQueue",
+        "flush": "PersistentQueue flush (no batching)",
+        "fsync": f"PersistentQueue fsync (batches of {args.batch})",
+        "fsync-single": "PersistentQueue fsync (one fsync per put and per ack)",
+        "naive-fsync": "baseline: one write+fsync per record, 1 process",
+    }
+    for key, label in labels.items():
+        cpu = f"   {cpu_us[key]:6.1f} us CPU/msg" if key in cpu_us else ""
+        print(f"  {label:<56} {rates[key]:>10,.0f} msg/s{cpu}")
+    for key, value in ratios.items():
+        target = targets.get(key)
+        verdict = "" if target is None else (
+            f"  (target >= {target:g}x: {'met' if value >= target else 'NOT met'})")
+        print(f"  {key:<31} {value:6.2f}x{verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
