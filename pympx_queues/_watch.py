@@ -198,9 +198,11 @@ class Wakeups:
     timeout passes (returns True when woken by a hint).
     """
 
-    def __init__(self, root: str, control_dir: str, extension: str, mode: str = EVENTS):
+    def __init__(self, root: str, control_dir: str, extension: str, mode: str = EVENTS,
+                 side_dir: Optional[str] = None):
         self.root = root
         self.control_dir = control_dir
+        self.side_dir = side_dir  # a folder whose new entry names are collected in ``side``
         self.extension = extension
         self.mode = check_mode(mode)
         self._reset_runtime()
@@ -210,6 +212,8 @@ class Wakeups:
         self._names: Deque[str] = collections.deque()
         self.control_dirty = True
         self.rescan_needed = False
+        #: Names created in ``side_dir`` (retry sidecars) since the consumer last cleared it.
+        self.side: set = set()
         self._observer: Any = None
         self._pid: Optional[int] = None
         self._failed = False
@@ -217,7 +221,7 @@ class Wakeups:
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
         return {"root": self.root, "control_dir": self.control_dir,
-                "extension": self.extension, "mode": self.mode}
+                "extension": self.extension, "mode": self.mode, "side_dir": self.side_dir}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -244,7 +248,10 @@ class Wakeups:
             self._names = collections.deque()
         try:
             if self.mode == EVENTS and _inotify_libc():
-                self._observer = _InotifyReader([self.root, self.control_dir], self._on_inotify)
+                folders = [self.root, self.control_dir]
+                if self.side_dir:
+                    folders.append(self.side_dir)
+                self._observer = _InotifyReader(folders, self._on_inotify)
             else:
                 self._observer = self._make_observer()
         except Exception as exc:  # inotify limits, missing backend: fall back to polling
@@ -264,6 +271,8 @@ class Wakeups:
         elif idx == 1:
             self.control_dirty = True
             self._event.set()
+        elif idx == 2:
+            self.side.add(name)  # no wake-up: only a hint for the consumer's bookkeeping
         else:  # overflow: events were lost, the folder must be listed again
             self.rescan_needed = True
             self.control_dirty = True
@@ -290,6 +299,8 @@ class Wakeups:
                 elif head == wake.control_dir:
                     wake.control_dirty = True
                     wake._event.set()
+                elif wake.side_dir and head == wake.side_dir:
+                    wake.side.add(name)
 
         observer = Observer()
         observer.daemon = True
@@ -304,6 +315,8 @@ class Wakeups:
             pass
         observer.schedule(handler, self.root, recursive=False, **kwargs)
         observer.schedule(handler, self.control_dir, recursive=False, **kwargs)
+        if self.side_dir:
+            observer.schedule(handler, self.side_dir, recursive=False, **kwargs)
         observer.start()
         return observer
 

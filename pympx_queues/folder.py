@@ -740,7 +740,7 @@ class ReadableFolderQueue(_FolderQueue):
         self.rescan_interval = _fs.check_timeout(rescan_interval) or 0.0
         self.recover_interval = _fs.check_timeout(recover_interval) or 0.0
         self._wakeups = Wakeups(self.path, self._control, self.message_extension,
-                                check_mode(wakeups))
+                                check_mode(wakeups), side_dir=self._retries)
         self._claims: Dict[str, _Claim] = {}
         self._closed_reader = False
         self._saw_failed: Optional[List[str]] = None
@@ -810,6 +810,7 @@ class ReadableFolderQueue(_FolderQueue):
     def _rescan(self) -> None:
         t0 = time.monotonic()
         self._wakeups.names()  # the listing below supersedes the hints received so far
+        self._wakeups.side.clear()  # so does the listing of retries/ below
         names = self._scan_ready()
         # Listed after the root: a sidecar written before its message was returned to
         # the root is seen here (a hint for task_done, which removes it).
@@ -1129,7 +1130,11 @@ class ReadableFolderQueue(_FolderQueue):
         if name in self._retry_hint:
             self._retry_hint.discard(name)
         elif not known:
-            return
+            side = self._wakeups.side
+            entry = L.format_retry_sidecar(name)
+            if entry not in side:  # written by another consumer after our last listing?
+                return
+            side.discard(entry)
         _fs.unlink_quiet(os.path.join(self._retries, L.format_retry_sidecar(name)))
 
     def _read_retry(self, name: str, dev: int, ino: int) -> dict:
@@ -1192,6 +1197,7 @@ class ReadableFolderQueue(_FolderQueue):
                 raise self._lost(wip_path) from None
             if self._durable:
                 _fs.fsync_dir(self.path)  # G1
+            self._retry_hint.add(target_name)  # task_done of its next claim removes it
             self._wakeups.poke()
             return target
         raise FileExistsError(f"could not find a free name for {name!r} in {self.path}")
@@ -1364,12 +1370,45 @@ class ReadableFolderQueue(_FolderQueue):
                     continue  # settled or recovered meanwhile
                 requeued.append(target)
             temp_removed = self._clean_tmp()
+            self._sweep_retry_sidecars()
             if requeued:
                 log.warning("recovered %d abandoned claim(s) in %s", len(requeued), self.path)
                 self._next_rescan = 0.0
             return RecoveryReport(requeued, live, temp_removed, False, dead)
         finally:
             lock.release()
+
+    def _wip_names(self) -> Set[str]:
+        out = set()
+        for entry in _fs.scandir(self._wip):
+            parsed = L.parse_owned(entry.name)
+            if parsed is not None:
+                out.add(parsed.name)
+        return out
+
+    def _sweep_retry_sidecars(self) -> int:
+        """Remove retry sidecars whose message is neither waiting nor claimed any more
+        (their ``task_done`` ran in a consumer that did not know of them, or crashed)."""
+        candidates = []
+        for entry in _fs.scandir(self._retries):
+            name = L.parse_retry_sidecar(entry.name)
+            if name is not None and _fs.entry_is_regular(entry):
+                candidates.append((name, entry.path))
+        if not candidates:
+            return 0
+        root = self.path
+        candidates = [(n, p) for n, p in candidates if _fs.lstat(os.path.join(root, n)) is None]
+        if not candidates:
+            return 0
+        in_wip = self._wip_names()
+        removed = 0
+        for name, path in candidates:
+            # Root, wip/, root again: a message moving between them is seen in one of them.
+            if name in in_wip or _fs.lstat(os.path.join(root, name)) is not None:
+                continue
+            if _fs.unlink_quiet(path):
+                removed += 1
+        return removed
 
     # ------------------------------------------------------------------ misc
     def qsize(self) -> int:

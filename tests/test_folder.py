@@ -341,6 +341,37 @@ def test_stale_retry_sidecar_of_an_earlier_message_is_not_counted(tmp_path):
     r.close()
 
 
+def _nack_in_child(path):
+    from pympx_queues.folder import ReadableFolderQueue as R
+
+    q = R(path, wakeups="poll", recover_on_start=False)
+    q.nack(q.get(timeout=10), "child says no")
+    q.close()
+
+
+def test_sidecar_written_by_another_consumer_is_cleaned_after_task_done(tmp_path):
+    import multiprocessing as mp
+
+    w = WritableFolderQueue(tmp_path)
+    r = reader(tmp_path, max_retries=3)
+    with pytest.raises(queue.Empty):
+        r.get(timeout=0.05)  # listed the empty folder; the observer runs
+    w.put_data("x.tsv", b"1")
+    child = mp.get_context("spawn").Process(target=_nack_in_child, args=(str(tmp_path),))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    p = r.get(timeout=5)
+    assert r.attempts(p) == 2
+    r.task_done(p)
+    r.recover()  # sweeps any sidecar the hints missed
+    assert os.listdir(tmp_path / "retries") == []
+    w.put_data("x.tsv", b"2")  # same name, possibly the same recycled inode
+    p = r.get(timeout=5)
+    assert r.attempts(p) == 1
+    r.close()
+
+
 def test_task_done_directory_keeps_files(tmp_path):
     done = tmp_path / "archive"
     w = WritableFolderQueue(tmp_path / "q")
