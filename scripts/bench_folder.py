@@ -291,7 +291,7 @@ def main(argv=None) -> int:
               f"   (poll mode: {n / lib_1p:.0f}/s, ratio {raw_1 / lib_1p:.2f})")
         print(f"drain/s {args.procs}procs  lib {n / lib_k:10.0f}   raw {n / raw_k:10.0f}   ratio {raw_k / lib_k:5.2f}")
         for size in sizes:
-            r = get_cost(base, size, min(args.samples, size - 1))
+            r = get_cost(base, size, min(args.samples, size // 2))
             print(f"get() with {size:>8} waiting: median {r['median_us']:7.1f} us  mean "
                   f"{r['mean_us']:7.1f} us  p99 {r['p99_us']:7.1f} us  (first get incl. "
                   f"listing {r['first_get_s'] * 1e3:.0f} ms; bare rename claim median "
