@@ -162,6 +162,26 @@ def test_fsync_mode_syncs_data_before_publishing(tmp_path):
     assert kinds.index("fsync") < kinds.index("rename") < kinds.index("fsync_dir")
 
 
+def test_fsync_mode_end_to_end(tmp_path):
+    ops = []
+    w = WritableFolderQueue(tmp_path, durability="fsync")
+    r = reader(tmp_path, durability="fsync", max_retries=1, task_done_directory=tmp_path / "kept")
+    _fs.set_tracer(lambda op, *a: ops.append(op))
+    try:
+        w.put_many([(f"m{i}.tsv", b"x") for i in range(4)])
+        a, b, c = r.get(timeout=5), r.get(timeout=5), r.get(timeout=5)
+        r.task_done_many([a, b])
+        assert r.nack(c, "once") == str(tmp_path / "failed" / "m2.tsv")
+        assert r.retry_failed() == [str(tmp_path / "m2.tsv")]
+        w.close()
+        assert sorted(drain(r)) == ["m2.tsv", "m3.tsv"]
+    finally:
+        _fs.set_tracer(None)
+    assert ops.count("fsync_dir") >= 6 and ops.count("fsync") >= 4
+    assert sorted(os.listdir(tmp_path / "kept")) == ["m0.tsv", "m1.tsv", "m2.tsv", "m3.tsv"]
+    r.close()
+
+
 @pytest.mark.parametrize("bad", ["../evil.tsv", "a/b.tsv", "", ".", "..", ".hidden.tsv",
                                  "con.tsv", "nul\x00.tsv", "x\n.tsv", "noext", "x.swp"])
 def test_bad_names_are_refused_and_nothing_is_written(tmp_path, bad):
