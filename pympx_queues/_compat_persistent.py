@@ -55,8 +55,7 @@ class PersistentQueue(_main.PersistentQueue):
             self._ensure_process()
             self._check_open()
             if self.use_queue:
-                assert self.joinable_queue is not None
-                self.joinable_queue.put(obj, block, timeout)
+                self._enqueue_sentinel(obj, block, timeout)
             return None
         if self.requeued_work and obj in self.requeued_work:
             log.debug("not putting %r: it was requeued from an earlier run", obj)

@@ -449,9 +449,15 @@ class PersistentQueue:
             if not was_closed or sentinel is FAILED:
                 self._journal([(kind, jr.dumps({"workers": self.number_of_workers}))])
         if self.use_queue:
-            assert self.joinable_queue is not None
             for _ in range(self.number_of_workers):
-                self.joinable_queue.put(sentinel)
+                self._enqueue_sentinel(sentinel)
+
+    def _enqueue_sentinel(self, sentinel: Any, block: bool = True,
+                          timeout: Optional[float] = None) -> None:
+        """Queue a sentinel that ``join()`` does not wait for (it is not work)."""
+        assert self.joinable_queue is not None
+        self.joinable_queue.put(sentinel, block, timeout)
+        self.joinable_queue.task_done()  # settles the count the put just raised
 
     def close(self) -> None:
         """End the stream: journal the close and put one DONE per worker.
@@ -505,10 +511,7 @@ class PersistentQueue:
             assert self.joinable_queue is not None
             item = self.joinable_queue.get(block, timeout)
             if is_sentinel(item):
-                # Sentinels count as tasks in the JoinableQueue: settle them at once so
-                # that join() waits for real work only.
-                self.joinable_queue.task_done()
-                return item
+                return item  # settled for join() when it was put
         mid, obj = item
         with self._ilock:
             self._inflight[mid] = obj
@@ -527,8 +530,7 @@ class PersistentQueue:
                 timeout = _fs.check_timeout(timeout)
             item = self.joinable_queue.get(block, timeout)  # type: ignore[union-attr]
             if item is DONE or item is FAILED:
-                self.joinable_queue.task_done()  # type: ignore[union-attr]
-                return item
+                return item  # sentinels were settled for join() when they were put
             with self._ilock:
                 self._inflight[item[0]] = item[1]
             return item[1]
