@@ -609,12 +609,18 @@ class History:
     completed_keys: set = field(default_factory=set)
     runs: Dict[str, RunState] = field(default_factory=dict)
     scans: List[JournalScan] = field(default_factory=list)
+    live_ids: set = field(default_factory=set)  # put by a writer that is still running
 
-    def outstanding(self) -> List[Requested]:
-        """Requested, not cancelled and not completed, in order of first request."""
+    def outstanding(self, *, exclude_live: bool = False) -> List[Requested]:
+        """Requested, not cancelled and not completed, in order of first request.
+
+        ``exclude_live`` leaves out messages that a still-running writer put (or
+        requeued): they are that run's work in progress, not unfinished work (G3).
+        """
         done = self.completed
+        live = self.live_ids if exclude_live else ()
         return [r for r in self.requested.values()
-                if r.id not in done and r.id not in self.cancelled]
+                if r.id not in done and r.id not in self.cancelled and r.id not in live]
 
     def outstanding_keys(self) -> Dict[str, str]:
         return {r.key: r.id for r in self.outstanding() if r.key is not None}
@@ -643,12 +649,15 @@ class History:
         run = self.runs.setdefault(scan.name.run, RunState(scan.name.run))
         run.paths.append(scan.path)
         run.snapshot = run.snapshot or scan.name.is_snapshot
-        if not scan.name.is_snapshot and scan.writer_alive():
+        live = not scan.name.is_snapshot and scan.writer_alive()
+        if live:
             run.live = True
         requested = self.requested
         for _seq, kind, payload in scan.records:
             if kind == KIND_PUT:
                 mid = payload["i"]
+                if live:
+                    self.live_ids.add(mid)
                 if mid not in requested:
                     requested[mid] = Requested(mid, payload.get("m"), payload.get("k"),
                                                scan.name.run, len(requested))

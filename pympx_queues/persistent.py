@@ -183,7 +183,13 @@ class PersistentQueue:
 
         # Earlier runs: recovered, compacted, and summarised for requeue and keys.
         history = self._load_history(compact, lock_timeout)
-        outstanding = history.outstanding()
+        # Work a still-running writer holds is its own, not unfinished work (G3).
+        outstanding = history.outstanding(exclude_live=True)
+        if history.live_ids:
+            log.warning("queue %s: %d message(s) belong to runs whose processes are still "
+                        "running; they are not requeued (dispose() those queues first)",
+                        self.pickup_file_prefix, len({r.id for r in history.outstanding()}
+                                                     & history.live_ids))
         self._outstanding: List[Tuple[str, Optional[str], Any]] = [
             (r.id, r.key, r.body) for r in outstanding]
         self._outstanding_keys: Dict[str, int] = {
@@ -672,16 +678,19 @@ class PersistentQueue:
 
     def qsize(self) -> int:
         """Approximate number of messages (and sentinels) waiting in the queue."""
-        self._ensure_process()
         if not self.use_queue:
-            return len(self._local_items or [])
+            return 0 if self.empty() else len(self._local_items or [])
         assert self.joinable_queue is not None
         return self.joinable_queue.qsize()
 
     def empty(self) -> bool:
         """True when no message is waiting (approximate, like ``multiprocessing``)."""
         if not self.use_queue:
-            return not self._local_items
+            self._ensure_process()
+            with self._lock:
+                if self._local_items is None:
+                    self._local_items = self._load_local_items()
+                return not self._local_items
         assert self.joinable_queue is not None
         return self.joinable_queue.empty()
 

@@ -375,3 +375,15 @@ def test_compat_iteration_raises_queue_failed_on_failed(tmp_path):
     with pytest.raises(QueueFailed):
         for body in q:
             q.task_done(body)
+
+
+def test_work_of_a_run_still_running_is_not_requeued_nor_compacted(tmp_path, caplog):
+    running = PersistentQueue("jobs", tmp_path)
+    running.put_many(["in progress", "waiting"])  # its writer is alive (not disposed)
+    with caplog.at_level("WARNING", logger="pympx_queues"):
+        q2 = PersistentQueue("jobs", tmp_path)
+    assert q2.get_outstanding_messages() == []
+    assert "still" in caplog.text and len(_journal_files(tmp_path)) == 1
+    running.dispose()  # now it is over: its unfinished work is found
+    assert PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == [
+        "in progress", "waiting"]
