@@ -769,8 +769,9 @@ def write_snapshot(directory: str, prefix: str, run: str, history: History, *,
     if latest is not None and latest.failed:
         records.append((KIND_FAIL, dumps({})))
     rand = _fs.random_id(6)
-    final = os.path.join(directory, format_journal_name(prefix, run, SNAPSHOT_PID, rand))
-    tmp = os.path.join(directory, f".{prefix}.{rand}.snapshot-tmp")
+    final_name = format_journal_name(prefix, run, SNAPSHOT_PID, rand)
+    final = os.path.join(directory, final_name)
+    tmp = os.path.join(directory, TEMP_NAME_FORMAT.format(name=final_name))
     host, pid, start = _fs.owner_tag()
     header = {"v": FORMAT_VERSION, "prefix": prefix, "run": run, "host": host, "pid": pid,
               "start": start, "created": time.time(), "snapshot": True,

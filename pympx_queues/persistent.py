@@ -452,8 +452,9 @@ class PersistentQueue:
         with self._lock:
             was_closed, self._closed = self._closed, True
             self._fast = False
-            if not was_closed or sentinel is FAILED:
-                self._journal([(kind, jr.dumps({"workers": self.number_of_workers}))])
+            if was_closed and sentinel is DONE:
+                return  # close() is idempotent: one DONE per worker, once
+            self._journal([(kind, jr.dumps({"workers": self.number_of_workers}))])
         if self.use_queue:
             for _ in range(self.number_of_workers):
                 self._enqueue_sentinel(sentinel)
@@ -468,8 +469,9 @@ class PersistentQueue:
     def close(self) -> None:
         """End the stream: journal the close and put one DONE per worker.
 
-        Puts from this process raise :class:`QueueClosed` afterwards.  May block on a
-        full bounded queue.  The queue stays usable for ``get``/``task_done``/``join``.
+        Puts from this process raise :class:`QueueClosed` afterwards; a second
+        ``close()`` does nothing.  May block on a full bounded queue.  The queue stays
+        usable for ``get``/``task_done``/``join``.
         """
         self._put_sentinels(DONE, jr.KIND_CLOSE)
 

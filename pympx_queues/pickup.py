@@ -226,11 +226,15 @@ def _issue(problem: jr.Problem, alive: bool) -> JournalIssue:
 
 
 def _leftovers(path: str) -> List[str]:
-    """Hidden temp journals whose creator died before publishing them."""
+    """Hidden temp files of journals, snapshots or repairs whose creator died before
+    publishing them (``.<journal name>.tmp`` / ``.repair-*``): copies or headers only."""
     out = []
     for entry in _fs.scandir(path):
-        if entry.name.startswith(".") and entry.name.endswith(".tmp") \
-                and jr.parse_journal_name(entry.name[1:-4]) is not None \
+        name = entry.name
+        if not name.startswith("."):
+            continue
+        head, sep, _ = name[1:].partition(jr.JOURNAL_SUFFIX + ".")
+        if sep and jr.parse_journal_name(head + jr.JOURNAL_SUFFIX) is not None \
                 and _fs.entry_is_regular(entry) and _fs.is_flocked(entry.path) is False:
             out.append(entry.path)
     return sorted(out)

@@ -63,6 +63,9 @@ def test_put_after_close_or_fail_raises_queue_closed(tmp_path):
             call()
     assert [r[2]["m"] for r in _records(tmp_path, jr.KIND_PUT)] == [1]
     assert [q.get(timeout=5) for _ in range(3)] == [1, DONE, DONE]
+    q.close()  # idempotent: no more DONEs
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
     q2 = PersistentQueue("jobs2", tmp_path)
     q2.fail()
     with pytest.raises(QueueClosed):
@@ -387,3 +390,15 @@ def test_work_of_a_run_still_running_is_not_requeued_nor_compacted(tmp_path, cap
     running.dispose()  # now it is over: its unfinished work is found
     assert PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == [
         "in progress", "waiting"]
+
+
+def test_repair_removes_unpublished_temp_journals_of_dead_writers(tmp_path):
+    q = PersistentQueue("jobs", tmp_path)
+    q.put("a")
+    name = os.path.basename(q.journal_path)
+    q.dispose()
+    leftover = tmp_path / f".{name[:-8]}0.journal.tmp"
+    leftover.write_bytes(b"header only")
+    assert pickup.inspect(tmp_path).leftovers == [str(leftover)]
+    assert pickup.repair(tmp_path).removed == [str(leftover)]
+    assert not leftover.exists() and PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == ["a"]
