@@ -11,7 +11,12 @@ runs the same workloads on messages of ``--size`` bytes:
 * ``get_ack_batch`` - the same through the batch API (``get_many`` + ``task_done_many``);
 * ``drain``    - ``--consumers`` (4) spawned consumer processes drain a preloaded queue of
   ``--n`` messages; the ids they saw are counted for duplicates and losses;
-* ``drain_batch`` - the same with batched gets and acks, where the system has them.
+* ``drain_batch`` - the same with batched gets and acks, where the system has them;
+* ``pipeline`` - one producer (the worker) puts ``--n`` messages while the consumers get and
+  acknowledge them; clock from the first put to the last ack; duplicates/losses counted.
+
+Runs go in ``--repeat`` rounds over all systems (median shown); systems compared by a
+target run back to back and targets use the median of per-round ratios.
 
 Systems: our PersistentQueue and folder queue (flush and fsync), the original
 ``pympx.queuing`` classes, python-dirq ``QueueSimple``, diskcache ``Deque``, litequeue,
@@ -25,8 +30,10 @@ time-out), so a peer that fails to import, hangs or crashes is reported as a row
 its error, never hidden.  Output: tables on stdout and, with ``--json PATH``, a JSON file.
 
     python scripts/bench.py --quick                 # smoke test, < 1 minute
-    python scripts/bench.py --json bench-results.json   # full run (see README "Benchmarks")
+    python scripts/bench.py --repeat 3 --fsync-n 4000 --json bench-results.json \
+        --markdown bench.md                         # the full run in the README
     python scripts/bench.py --systems folder-flush,dirq --n 20000
+    python scripts/bench.py --list                  # the systems
 
 Peers: ``bash scripts/install_bench_peers.sh`` (pip extra ``bench`` plus ``pympx`` with
 ``--no-deps``).  Figures on a shared machine are noisy: compare ratios within one run.
