@@ -255,10 +255,12 @@ def _renameat2_noreplace(src: str, dst: str) -> bool:
 def rename_noreplace(src: PathLike, dst: PathLike) -> None:
     """Atomically move ``src`` to ``dst``; raise ``FileExistsError`` if ``dst`` exists (G2).
 
-    Uses ``renameat2(RENAME_NOREPLACE)``; where the file system lacks it, ``link()`` then
-    ``unlink()`` (a crash between the two leaves both names: the caller's recovery treats
-    a temp name with a published twin as already published).  Raises
-    ``FileNotFoundError`` when ``src`` vanished (a lost claim race).
+    Uses ``renameat2(RENAME_NOREPLACE)``; where the file system lacks it (NFS, some
+    FUSE), ``link()`` then ``unlink()``.  A crash between the two leaves both names on one
+    inode (``st_nlink == 2``): recovery treats a wip or temp name whose source name still
+    exists as the same file and drops the extra name.  Raises ``FileNotFoundError`` when
+    ``src`` vanished (a lost claim race); in the fallback the loser's extra link is
+    removed again, so exactly one of several racing claimers keeps the file.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if _renameat2_noreplace(src, dst):
@@ -266,7 +268,15 @@ def rename_noreplace(src: PathLike, dst: PathLike) -> None:
         return
     os.link(src, dst, follow_symlinks=False)
     _trace("link", src, dst)
-    os.unlink(src)
+    # G1: make the new name durable before the old one goes, or a power cut could keep
+    # the unlink and drop the link (the two names may live in different directories).
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    try:
+        os.unlink(src)
+    except FileNotFoundError:
+        # Another claimer linked the same file and unlinked the source first: it won.
+        _unlink_quiet(dst)
+        raise
     _trace("unlink", src)
 
 

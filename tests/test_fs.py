@@ -88,3 +88,23 @@ def test_makedirs_is_owner_only(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "x" / "y").st_mode & 0o777) == 0o700
+
+
+def test_link_fallback_racing_claimers_leave_exactly_one_copy(tmp_path, monkeypatch):
+    # Without renameat2 (NFS), two claimers can both link() before either unlink()s.
+    monkeypatch.setattr(_fs, "_renameat2_ok", False)
+    (tmp_path / "n").write_text("y")
+    os.link(tmp_path / "n", tmp_path / "w2")  # the other claimer's link()
+    real_unlink = os.unlink
+
+    def racing_unlink(path, *a, **k):
+        if os.fspath(path) == os.fspath(tmp_path / "n"):
+            real_unlink(path)  # the other claimer's unlink() lands first: it won
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", racing_unlink)
+    with pytest.raises(FileNotFoundError):
+        _fs.rename_noreplace(tmp_path / "n", tmp_path / "w3")
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert not (tmp_path / "w3").exists()  # the loser's stray link is gone
+    assert (tmp_path / "w2").read_text() == "y" and os.stat(tmp_path / "w2").st_nlink == 1
