@@ -184,10 +184,16 @@ def _run(ctx: Any, pickup: str, report: DemoReport, work: float, batch: int,
                           name=f"consumer-{i}") for i in range(1, k)]
     producer = ctx.Process(target=_producer, args=(q1, n, events), name="producer")
     log: List[tuple] = []
-    for p in (victim, producer, *others):
-        p.start()
+    victim.start()
+    producer.start()
     if not holding.wait(timeout):
         raise TimeoutError("demo: the victim consumer never got its messages")
+    # The victim now holds unacknowledged messages; the other consumers start working
+    # and, once they are busy, the victim is killed: a crash in the middle of the run.
+    for p in others:
+        p.start()
+    _collect(events, log, lambda out: any(e[0] == "acked" and e[1] != victim.pid
+                                          for e in out), timeout)
     os.kill(victim.pid, signal.SIGKILL)  # mid-run, with messages not yet acknowledged
     victim.join(timeout)
     report.killed_pid = victim.pid or 0
