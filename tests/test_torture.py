@@ -154,9 +154,6 @@ def test_powercut_flush_mode_persistent_queue_may_lose_unsynced_work_but_never_c
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug/limitation (BUGS.md): folder queue in flush mode "
-                   "publishes a file whose data is still delayed-allocated; a power cut after "
-                   "the next journal commit leaves an EMPTY file under the message name (G2)")
 def test_powercut_flush_mode_folder_put_never_leaves_an_empty_message():
     from pympx_queues.folder import WritableFolderQueue
 
