@@ -693,7 +693,7 @@ class ReadableFolderQueue(_FolderQueue):
     and the heartbeat thread.
     """
 
-    _RUNTIME_ATTRS = ("_heap", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
+    _RUNTIME_ATTRS = ("_listing", "_cursor", "_hints", "_contention", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
                       "_last_scan", "_next_rescan", "_next_recover", "_next_control",
                       "_retry_hint", "_control_state", "_prefix_cache")
 
@@ -754,7 +754,12 @@ class ReadableFolderQueue(_FolderQueue):
             self.recover(wait=False)
 
     def _init_runtime(self) -> None:
-        self._heap: List[Tuple[str, str]] = []
+        # The cached ordered listing: sorted (key, name) pairs and a cursor into them, plus
+        # a small heap of names announced by wake-up events since the listing was made.
+        self._listing: List[Tuple[str, str]] = []
+        self._cursor = 0
+        self._hints: List[Tuple[str, str]] = []
+        self._contention = 0  # > 0 for a while after losing a claim race
         self._retry_hint: Set[str] = set()
         self._last_scan = 0.0
         self._next_rescan = 0.0
@@ -818,12 +823,14 @@ class ReadableFolderQueue(_FolderQueue):
                                         for e in _fs.scandir(self._retries)) if n}
         if self._sorting_function is None:
             names.sort()
-            self._heap = [(n, n) for n in names]
+            listing = [(n, n) for n in names]
         else:
             key = self.sorting_function
-            heap = [(key(n), n) for n in names]
-            heap.sort()
-            self._heap = heap
+            listing = [(key(n), n) for n in names]
+            listing.sort()
+        self._listing = listing
+        self._cursor = 0
+        self._hints = []
         now = time.monotonic()
         self._last_scan = now
         self._next_rescan = now + max(self.rescan_interval, 20 * (now - t0))
@@ -836,7 +843,10 @@ class ReadableFolderQueue(_FolderQueue):
         valid = L.valid_message_name
         for name in names:
             if valid(name):
-                heapq.heappush(self._heap, (key(name), name))
+                heapq.heappush(self._hints, (key(name), name))
+
+    def _has_candidates(self) -> bool:
+        return self._cursor < len(self._listing) or bool(self._hints)
 
     # ------------------------------------------------------------------ claiming
     def _claim_prefix(self) -> str:
@@ -867,23 +877,41 @@ class ReadableFolderQueue(_FolderQueue):
             self._start_heartbeat()
         return dst
 
+    #: While consumers contend (a claim race was lost recently), each takes a random one of
+    #: the next CONTENTION_WINDOW names instead of the very next: a single consumer keeps
+    #: strict order, several stop colliding on every name.
+    CONTENTION_WINDOW = 16
+
     def _claim_next(self) -> Optional[str]:
-        heap = self._heap
-        pop = heapq.heappop
+        listing = self._listing
+        hints = self._hints
         fails = 0
-        while heap:
-            _, name = pop(heap)
+        while True:
+            c = self._cursor
+            n = len(listing)
+            if hints and (c >= n or hints[0] < listing[c]):
+                name = heapq.heappop(hints)[1]
+            elif c < n:
+                if self._contention > 0 and n - c > 1:
+                    j = c + _random.randrange(min(self.CONTENTION_WINDOW, n - c))
+                    listing[c], listing[j] = listing[j], listing[c]
+                name = listing[c][1]
+                self._cursor = c + 1
+            else:
+                return None
             path = self._claim_name(name)
             if path is not None:
+                if self._contention > 0:
+                    self._contention -= 1
                 return path
-            # Lost a race: another consumer works through the same sorted listing right
-            # here.  Jump ahead a random distance (growing with repeated losses) so that
-            # consumers spread out instead of colliding on every name.  Skipped names are
-            # not lost: the others take them, or our next rescan finds them.
+            # Lost a race: another consumer works through the same listing right here.
+            # Jump ahead a random distance (growing with repeated losses) so consumers
+            # spread out.  Skipped names are not lost: the others take them, or our next
+            # rescan finds them.
             fails += 1
-            for _ in range(_random.randrange(min(len(heap), 1 << min(fails + 3, 10)) + 1)):
-                pop(heap)
-        return None
+            self._contention = 256
+            c = self._cursor
+            self._cursor = c + _random.randrange(min(n - c, 1 << min(fails + 3, 10)) + 1)
 
     # ------------------------------------------------------------------ control state
     def _check_control(self) -> Tuple[bool, bool, List[str]]:
@@ -960,7 +988,8 @@ class ReadableFolderQueue(_FolderQueue):
         wake = self._wakeups
         now = time.monotonic()
         # Fast path: messages are flowing and no timer or hint needs attention.
-        if self._heap and now < self._next_control and now < self._next_rescan \
+        if (self._cursor < len(self._listing) or self._hints) \
+                and now < self._next_control and now < self._next_rescan \
                 and now < self._next_recover and not wake.control_dirty \
                 and not wake.rescan_needed and not wake.pending():
             path = self._claim_next()
