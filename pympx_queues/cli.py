@@ -435,7 +435,7 @@ def _opts() -> Dict[str, Any]:
     return dict((ctx.obj or {}).get("opts", {}))
 
 
-@main.command()
+@main.command(short_help="Counts, claims, producers, runs and problems of a queue.")
 @path_argument
 @json_option
 @queue_options
@@ -449,7 +449,7 @@ def status(path: str, as_json: bool, check: bool) -> None:
         sys.exit(EXIT_PROBLEM)
 
 
-@main.command(name="ls")
+@main.command(name="ls", short_help="List messages (state, size, age, retries, owner).")
 @path_argument
 @click.option("--state", type=click.Choice(admin.STATES), default=None,
               help="Only messages in this state (default: all).")
@@ -460,7 +460,7 @@ def ls_command(path: str, state: Optional[str], as_json: bool) -> None:
     emit(admin.list_messages(path, state, **_opts()), as_json, render_messages)
 
 
-@main.command()
+@main.command(short_help="Everything about one message (retries, error, owner, lease).")
 @path_argument
 @click.argument("message")
 @json_option
@@ -470,7 +470,7 @@ def show(path: str, message: str, as_json: bool) -> None:
     emit(admin.show_message(path, message, **_opts()), as_json, render_mapping)
 
 
-@main.command()
+@main.command(short_help="Enqueue files, or --data TEXT --name NAME.")
 @path_argument
 @click.argument("files", nargs=-1, type=click.Path(path_type=str))
 @click.option("--data", default=None, help="Message content ('-' reads stdin).")
@@ -498,7 +498,7 @@ def put(path: str, files: Sequence[str], data: Optional[str], name: Optional[str
     emit({"published": published}, as_json, lambda r: "\n".join(r["published"]))
 
 
-@main.command()
+@main.command(short_help="Return stale claims / earlier runs' work to the queue.")
 @path_argument
 @click.option("--all", "include_live", is_flag=True,
               help="Also take claims whose owner is alive (requires --force).")
@@ -516,7 +516,7 @@ def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: 
     emit(result, as_json, render_requeue)
 
 
-@main.command()
+@main.command(short_help="Move dead letters back to ready.")
 @path_argument
 @click.option("--pattern", default=None, metavar="GLOB",
               help="Only dead letters whose name matches GLOB (default: all).")
@@ -538,7 +538,7 @@ def _render_written(result: Dict[str, Any]) -> str:
                      for w in written)
 
 
-@main.command()
+@main.command(short_help="Write DONE for producers that died before closing.")
 @path_argument
 @click.option("--producer", default=None, help="Only this producer id (default: every "
               "producer that registered and died without closing).")
@@ -551,7 +551,7 @@ def close(path: str, producer: Optional[str], force: bool, as_json: bool) -> Non
          _render_written)
 
 
-@main.command()
+@main.command(short_help="Write FAILED for producers that died before closing.")
 @path_argument
 @click.option("--producer", default=None, help="Only this producer id (default: every "
               "producer that registered and died without closing).")
@@ -583,7 +583,7 @@ def _render_summary(result: Dict[str, Any]) -> str:
                            for k, v in result.items()})
 
 
-@main.command()
+@main.command(short_help="pympx reset: requeue stale claims, drop ended runs' control files.")
 @path_argument
 @click.option("--force", is_flag=True, help="Also return claims whose owner is alive.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -602,7 +602,7 @@ def reset(path: str, force: bool, yes: bool, as_json: bool) -> None:
     emit(result, as_json, _render_summary)
 
 
-@main.command()
+@main.command(short_help="pympx purge: delete every message (asks first).")
 @path_argument
 @click.option("--force", is_flag=True,
               help="Even while a live consumer holds a claim (or a journal writer runs).")
@@ -617,7 +617,7 @@ def purge(path: str, force: bool, yes: bool, as_json: bool) -> None:
     emit(result, as_json, _render_summary)
 
 
-@main.command()
+@main.command(short_help="Check journals and folder consistency (exit 1 on problems).")
 @path_argument
 @json_option
 @queue_options
@@ -629,7 +629,7 @@ def verify(path: str, as_json: bool) -> None:
         sys.exit(EXIT_PROBLEM)
 
 
-@main.command()
+@main.command(short_help="Quarantine corrupt records, clean leftovers; keeps messages.")
 @path_argument
 @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 @json_option
@@ -652,7 +652,7 @@ def render_watch(report: Dict[str, Any], rates: Dict[str, float], interval: floa
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(short_help="Live counts and rates until Ctrl-C.")
 @path_argument
 @click.option("--interval", type=click.FloatRange(min=0.01), default=2.0, show_default=True,
               help="Seconds between refreshes.")
