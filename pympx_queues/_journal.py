@@ -350,12 +350,29 @@ class JournalWriter:
         return self._fd is None
 
     def _write(self, data: bytes) -> None:
+        """Write under ``self._lock``; a failure closes the journal for good."""
         assert self._fd is not None
         try:
             _fs.append(self._fd, data, self.path)
         except BaseException as exc:
-            self._broken = exc
+            self._break(exc)
             raise
+
+    def _break(self, exc: BaseException) -> None:
+        """Called with ``self._lock`` held: refuse further records and close the fd.
+
+        Closing releases the flock, so the file (with a possibly torn tail) is a finished
+        journal for recovery; the owner opens a new journal for its next record
+        (:attr:`closed` is True).  The failed records are never retried.
+        """
+        self._broken = exc
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        log.error("journal %s: write failed (%r); it takes no more records", self.path, exc)
 
     def append(self, records: Sequence[Tuple[str, str]]) -> None:
         """Append ``(kind, payload_json)`` records durably (see class doc); blocks on I/O."""
@@ -408,7 +425,8 @@ class JournalWriter:
             try:
                 _fs.fsync_fd(fd, self.path)  # G1: records durable before put/task_done return
             except BaseException as exc:
-                self._broken = exc  # never retried: a later fsync could lie (fsyncgate)
+                with self._lock:  # never retried: a later fsync could lie (fsyncgate)
+                    self._break(exc)
                 raise
             self._synced = target
 
@@ -690,15 +708,41 @@ def scan_dirs(dirs: Iterable[str], prefix: str, *, exclude_run: Optional[str] = 
         if real in seen:
             continue
         seen.add(real)
-        for path, name in list_journals(directory, prefix):
-            if name.run == exclude_run:
-                continue
-            try:
-                scan = scan_journal(path, strict=strict)
-            except FileNotFoundError:
-                continue  # compacted away by another process meanwhile
+        for scan in _live_scans(directory, prefix, exclude_run, strict)[0]:
             history.add_scan(scan)
     return history
+
+
+def _scan_directory(directory: str, prefix: str, exclude_run: Optional[str],
+                    strict: bool) -> List[JournalScan]:
+    scans = []
+    for path, name in list_journals(directory, prefix):
+        if name.run == exclude_run:
+            continue
+        try:
+            scans.append(scan_journal(path, strict=strict))
+        except FileNotFoundError:
+            continue  # compacted away by another process meanwhile
+    return scans
+
+
+def _live_scans(directory: str, prefix: str, exclude_run: Optional[str], strict: bool
+                ) -> "tuple[List[JournalScan], List[JournalScan]]":
+    """(scans that count, scans superseded by a snapshot that merged them).
+
+    A snapshot's header lists the journals it merged.  If a power cut kept some of their
+    unlinks and lost others, the survivors are ignored: their records are in the
+    snapshot, and a survivor's put must not come back without the ack that was in a
+    journal already gone (G4).
+    """
+    scans = _scan_directory(directory, prefix, exclude_run, strict)
+    merged = set()
+    for scan in scans:
+        if scan.name.is_snapshot:
+            merged.update(scan.header.get("merged") or ())
+    counted = [s for s in scans if os.path.basename(s.path) not in merged]
+    superseded = [s for s in scans if os.path.basename(s.path) in merged]
+    return counted, superseded
 
 
 # --------------------------------------------------------------------------- recovery
@@ -749,12 +793,14 @@ def cut_torn_tail(scan: JournalScan, *, durable: bool = True) -> Optional[str]:
 
 def write_snapshot(directory: str, prefix: str, run: str, history: History, *,
                    durability: str, file_mode: int = _fs.DEFAULT_FILE_MODE,
-                   merged: Sequence[str] = ()) -> str:
-    """Publish one journal holding the outstanding work and completed keys of ``history``.
+                   merged: Sequence[str] = (), empty: bool = False) -> str:
+    """Publish one journal holding the outstanding work and completed keys of ``history``
+    (``empty``: nothing but a closed marker, for a finished history being deleted).
 
-    Written under a temp name, fsynced, then published without clobbering (G1, G2).
+    Written under a temp name, fsynced, then published without clobbering (G1, G2).  Its
+    header lists the ``merged`` journal names, which readers ignore from then on.
     """
-    outstanding = history.outstanding()
+    outstanding = [] if empty else history.outstanding()
     latest = history.latest_run()
     records: List[Tuple[str, str]] = []
     for req in outstanding:
@@ -762,12 +808,15 @@ def write_snapshot(directory: str, prefix: str, run: str, history: History, *,
         if req.key is not None:
             payload["k"] = req.key
         records.append((KIND_PUT, dumps(payload)))
-    for key in sorted(history.keys_done(), key=str):
-        records.append((KIND_KEY, dumps({"k": key})))
-    if latest is not None and latest.closed:
+    if empty:
         records.append((KIND_CLOSE, dumps({})))
-    if latest is not None and latest.failed:
-        records.append((KIND_FAIL, dumps({})))
+    else:
+        for key in sorted(history.keys_done(), key=str):
+            records.append((KIND_KEY, dumps({"k": key})))
+        if latest is not None and latest.closed:
+            records.append((KIND_CLOSE, dumps({})))
+        if latest is not None and latest.failed:
+            records.append((KIND_FAIL, dumps({})))
     rand = _fs.random_id(6)
     final_name = format_journal_name(prefix, run, SNAPSHOT_PID, rand)
     final = os.path.join(directory, final_name)
@@ -804,25 +853,39 @@ def compact(directory: str, prefix: str, *, extra_dirs: Sequence[str] = (),
     directory = os.path.abspath(directory)
     actions: Dict[str, Any] = {"cut": [], "deleted": [], "snapshot": None}
     with directory_lock(directory, prefix, lock_timeout):
-        local = scan_dirs([directory], prefix, exclude_run=exclude_run)
-        for scan in local.scans:
+        counted, superseded = _live_scans(directory, prefix, exclude_run, True)
+        for scan in counted + superseded:
             side = cut_torn_tail(scan, durable=durability == _fs.FSYNC)
             if side:
                 actions["cut"].append(side)
         extra = [os.path.abspath(d) for d in extra_dirs
                  if d and os.path.realpath(d) != os.path.realpath(directory)]
-        history = scan_dirs([directory, *extra], prefix, exclude_run=exclude_run)
+        history = History()
+        for scan in counted:
+            history.add_scan(scan)
+        for d in extra:
+            for scan in _live_scans(d, prefix, exclude_run, True)[0]:
+                history.add_scan(scan)
         if any(run.live for run in history.runs.values()):
             live = sorted(r.run for r in history.runs.values() if r.live)
             log.warning("pickup %s/%s: run(s) %s still have a live writer; not compacting",
                         directory, prefix, ", ".join(live))
             return history, actions
-        dead_local = [s.path for s in history.scans if os.path.dirname(s.path) == directory]
+        # Every local journal goes, superseded leftovers of a power cut included.
+        dead_local = [s.path for s in counted + superseded]
+        names = [os.path.basename(p) for p in dead_local]
         if history.is_complete():
-            for path in dead_local:
-                _fs.unlink_regular(path)
-                actions["deleted"].append(path)
             if dead_local:
+                # A durable empty snapshot lists what is deleted: whichever unlinks a power
+                # cut keeps, a surviving put never reappears without its ack (G4, G5).
+                marker = write_snapshot(directory, prefix, min(history.runs or [new_run_id()]),
+                                        history, durability=durability, file_mode=file_mode,
+                                        merged=names, empty=True)
+                for path in dead_local:
+                    _fs.unlink_regular(path)
+                    actions["deleted"].append(path)
+                _fs.fsync_dir(directory)  # the unlinks are durable before the marker goes
+                _fs.unlink_regular(marker)
                 _fs.fsync_dir(directory)
                 log.info("pickup %s/%s: %d journal(s) of finished runs compacted away",
                          directory, prefix, len(dead_local))
@@ -834,7 +897,7 @@ def compact(directory: str, prefix: str, *, extra_dirs: Sequence[str] = (),
             # interrupted compaction.
             snap = write_snapshot(directory, prefix, min(history.runs), history,
                                   durability=durability, file_mode=file_mode,
-                                  merged=dead_local)
+                                  merged=names)
             actions["snapshot"] = snap
             for path in dead_local:
                 _fs.unlink_regular(path)  # G5: the snapshot above is already durable

@@ -408,7 +408,8 @@ class PersistentQueue:
         """
         writer = self._writer
         if key is None and self._fast and obj is not DONE and obj is not FAILED \
-                and (writer is not None or self.current_pickup_dir is None):
+                and (self.current_pickup_dir is None
+                     or (writer is not None and writer._fd is not None)):
             # Hot path (no key, no lock): journal one record, then queue the message.
             if timeout is not None:
                 timeout = _fs.check_timeout(timeout)
@@ -617,9 +618,9 @@ class PersistentQueue:
                 mid, value = self._resolve(obj, None)
             writer = self._writer
             try:
-                if writer is None and self.current_pickup_dir is not None:
+                if (writer is None or writer.closed) and self.current_pickup_dir is not None:
                     with self._lock:
-                        writer = self._get_writer()
+                        writer = self._get_writer()  # a new journal after a failed one
                 if writer is not None:
                     # G4: the completion is journaled (synced in fsync mode) before the ack.
                     writer.append_one(jr.KIND_DONE, f'{{"i":"{mid}"}}')

@@ -271,3 +271,45 @@ def test_crash_in_the_middle_of_compaction_loses_nothing(tmp_path, monkeypatch):
     jr.compact(str(tmp_path), "q")
     assert [r.id for r in jr.scan_dirs([str(tmp_path)], "q").outstanding()] == expected
     assert len(_journals(tmp_path)) == 1
+
+
+def test_survivor_of_reordered_compaction_unlinks_never_resurrects_done_work(tmp_path):
+    j1 = _write_run(tmp_path, puts=[("a.0", "a"), ("a.1", "b")])
+    j2 = _write_run(tmp_path, dones=["a.0"])
+    saved = open(j1.path, "rb").read()
+    _, actions = jr.compact(str(tmp_path), "q")
+    assert actions["snapshot"] and not os.path.exists(j1.path)
+    # A power cut kept the unlink of j2 (the ack) but lost the unlink of j1 (the put).
+    with open(j1.path, "wb") as f:
+        f.write(saved)
+    assert [r.id for r in jr.scan_dirs([str(tmp_path)], "q").outstanding()] == ["a.1"]
+    jr.compact(str(tmp_path), "q")  # and the survivor is cleaned up
+    assert not os.path.exists(j1.path) and len(_journals(tmp_path)) == 1
+    assert not os.path.exists(j2.path)
+
+
+def test_survivor_of_a_deleted_finished_history_never_resurrects_done_work(tmp_path, monkeypatch):
+    j1 = _write_run(tmp_path, puts=[("a.0", "a")])
+    _write_run(tmp_path, dones=["a.0"], close=True)
+    real = _fs.unlink_regular
+    calls = []
+
+    def power_cut_after_first_unlink(path):
+        if calls:
+            raise KeyboardInterrupt("power cut")
+        calls.append(path)
+        return real(path)
+
+    # Deletion order puts j1 first: simulate instead that only the ack's file went.
+    saved = open(j1.path, "rb").read()
+    monkeypatch.setattr(_fs, "unlink_regular", power_cut_after_first_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        jr.compact(str(tmp_path), "q")
+    monkeypatch.undo()
+    if not os.path.exists(j1.path):
+        with open(j1.path, "wb") as f:
+            f.write(saved)
+    history = jr.scan_dirs([str(tmp_path)], "q")
+    assert history.outstanding() == [] and history.is_complete()
+    jr.compact(str(tmp_path), "q")
+    assert _journals(tmp_path) == []

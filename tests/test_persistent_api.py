@@ -402,3 +402,31 @@ def test_repair_removes_unpublished_temp_journals_of_dead_writers(tmp_path):
     assert pickup.inspect(tmp_path).leftovers == [str(leftover)]
     assert pickup.repair(tmp_path).removed == [str(leftover)]
     assert not leftover.exists() and PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == ["a"]
+
+
+def test_after_a_failed_journal_write_the_next_put_uses_a_new_journal(tmp_path, monkeypatch):
+    import errno
+
+    q = PersistentQueue("jobs", tmp_path)
+    first = q.put("before")
+    real = _fs.append
+    state = {"fail": True}
+
+    def disk_full_once(fd, data, path=""):
+        if state.pop("fail", False):
+            os.write(fd, data[:5])  # a short write, then ENOSPC
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, path)
+
+    monkeypatch.setattr(_fs, "append", disk_full_once)
+    with pytest.raises(OSError):
+        q.put("failed")
+    second = q.put("after")  # space is back: a fresh journal takes it
+    assert second is not None and len(_journal_files(tmp_path)) == 2
+    monkeypatch.undo()
+    bodies = [q.get(timeout=5) for _ in range(2)]
+    assert bodies == ["before", "after"]
+    q.task_done("before")
+    q.dispose()
+    left = PersistentQueue("jobs", tmp_path).get_outstanding_messages()
+    assert [m.body for m in left] == ["after"] and first not in [m.id for m in left]
