@@ -132,3 +132,22 @@ def test_folder_only_commands_are_refused_in_one_line(pickup, args):
 def test_watch_a_pickup_dir(pickup):
     r = run("watch", pickup, "--once")
     assert r.exit_code == 0 and "outstanding" in r.output
+
+
+def test_a_torn_tail_is_a_warning_that_repair_cuts_and_keeps(pickup):
+    (name,) = journals(pickup)
+    path = pickup / name
+    good = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"0badc0de 99 P {\"i\": \"half")  # a record cut by the crash
+    r = run("verify", pickup, "--json")
+    assert r.exit_code == 0  # torn tails are recovered, not corruption
+    (issue,) = json.loads(r.stdout)["issues"]
+    assert issue["kind"] == "torn" and issue["offset"] == good
+    r = run("status", pickup, "--check")
+    assert r.exit_code == 1 and "torn journal tail" in r.output
+    r = run("repair", pickup)
+    assert r.exit_code == 0 and "cut torn tail" in r.output
+    assert path.stat().st_size == good
+    assert any(".torn-" in p for p in os.listdir(pickup))  # the bytes are kept aside
+    assert json.loads(run("verify", pickup, "--json").stdout)["issues"] == []
