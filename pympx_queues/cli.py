@@ -265,9 +265,11 @@ def render_status(report: Dict[str, Any]) -> str:
         out += [more] if more else []
     errors = report.get("journal_errors") or []
     if errors:
+        shown, more = _limited(errors, "verify --json")
         out.append("journal errors")
         out.append(table([(e.get("kind"), e.get("path"), e.get("offset"), e.get("detail"))
-                          for e in errors], ["KIND", "FILE", "OFFSET", "DETAIL"], indent="  "))
+                          for e in shown], ["KIND", "FILE", "OFFSET", "DETAIL"], indent="  "))
+        out += [more] if more else []
     problems = report.get("problems") or []
     out.append("problems" if problems else "no problems found")
     out += [f"  {p}" for p in problems]
@@ -316,11 +318,13 @@ def render_moves(result: Dict[str, Any], verb: str, done: str) -> str:
     label = f"would {verb}" if dry else done
     shown, more = _limited(moved, "--json lists all", limit=50)
     lines = [f"{label}: {name}" for name in shown] + ([more.strip()] if more else [])
-    for item in result.get("skipped", []):
+    skipped, more = _limited(list(result.get("skipped", [])), "--json lists all", limit=50)
+    for item in skipped:
         if isinstance(item, dict):
             lines.append(f"skipped: {item.get('name')} ({item.get('reason')})")
         else:
             lines.append(f"skipped: {item}")
+    lines += [more.strip()] if more else []
     n = len(moved)
     summary = f"{n} message{'s' if n != 1 else ''} {'would be ' if dry else ''}{done}"
     lines.append(summary)
