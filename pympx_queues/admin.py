@@ -489,7 +489,21 @@ class _PickupBackend(_Backend):
         return pickup
 
     def is_queue(self, path: str) -> bool:
-        return bool(self._pk().is_pickup_dir(path))
+        """A pickup dir holds journals, or only the lock of a prefix whose finished
+        history was compacted away (then it is an empty pickup dir, not "not a queue")."""
+        if self._pk().is_pickup_dir(path):
+            return True
+        from . import _journal as jr
+
+        suffix = jr.LOCK_NAME_FORMAT.format(prefix="")
+        for entry in _fs.scandir(path):
+            if entry.name.endswith(suffix) and _fs.entry_is_regular(entry):
+                try:
+                    jr.check_prefix(entry.name[: -len(suffix)])
+                except (TypeError, ValueError):
+                    continue
+                return True
+        return False
 
     @staticmethod
     def _issue(i: Any) -> Dict[str, Any]:

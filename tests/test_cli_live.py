@@ -157,3 +157,53 @@ def test_reset_while_consumers_drain_a_closed_run_does_not_hang_them(tmp_path):
             consumer.kill()
         consumer.wait(timeout=10)
     assert consumer.returncode == 0, (tmp_path / "c.err").read_text()[-2000:]
+
+
+PERSISTENT_RUN = """
+    import sys, time
+    from pympx_queues.persistent import PersistentQueue
+    q = PersistentQueue("orders", current_pickup_dir=sys.argv[1])
+    n = int(sys.argv[2])
+    for i in range(n):
+        q.put({"order": i})
+        if i % 2:
+            q.task_done(q.get(timeout=10))
+        time.sleep(0.003)
+    for _ in range(n - n // 2):
+        q.task_done(q.get(timeout=10))
+    q.close()
+    q.dispose()
+"""
+
+
+def test_cli_commands_during_a_live_persistent_run_take_nothing_from_it(tmp_path):
+    pickup = tmp_path / "pickup"
+    job = spawn(PERSISTENT_RUN, pickup, 300, stderr=tmp_path / "job.err")
+    try:
+        wait_for(lambda: pickup.exists() and any(p.endswith(".journal")
+                                                 for p in os.listdir(pickup)),
+                 timeout=30, message="the run's journal")
+        rounds = 0
+        while job.poll() is None:
+            for args in (("status", pickup, "--json"), ("ls", pickup), ("verify", pickup),
+                         ("requeue", pickup), ("repair", pickup), ("watch", pickup, "--once")):
+                r = run(*args)
+                assert r.exit_code in (0, 1), (args, r.output)
+                assert r.exception is None or isinstance(r.exception, SystemExit), args
+                if args[0] == "requeue" and job.poll() is None:
+                    assert "0 messages ready" in r.output or "skipped: orders" in r.output
+                if args[0] == "repair":
+                    assert "cut" not in r.output and "quarantine" not in r.output
+            rounds += 1
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=10)
+    assert job.returncode == 0, (tmp_path / "job.err").read_text()[-2000:]
+    assert rounds >= 1
+    report = json.loads(run("status", pickup, "--json").stdout)
+    # a finished history may already be compacted away by a `requeue` above: 0 or 300
+    assert report["counts"]["requested"] == report["counts"]["completed"] in (0, 300)
+    assert report["outstanding"] == 0 and report["problems"] == []
+    assert run("verify", pickup).exit_code == 0

@@ -151,3 +151,19 @@ def test_a_torn_tail_is_a_warning_that_repair_cuts_and_keeps(pickup):
     assert path.stat().st_size == good
     assert any(".torn-" in p for p in os.listdir(pickup))  # the bytes are kept aside
     assert json.loads(run("verify", pickup, "--json").stdout)["issues"] == []
+
+
+def test_a_fully_compacted_pickup_dir_is_still_a_pickup_dir(tmp_path):
+    d = tmp_path / "pickup"
+    q = PersistentQueue("orders", current_pickup_dir=d)
+    q.put("x")
+    q.task_done(q.get(timeout=5))
+    q.close()  # a closed run with nothing outstanding is finished history
+    q.dispose()
+    assert run("requeue", d).exit_code == 0  # compacts the finished history away
+    assert journals(d) == []
+    r = run("status", d, "--check")
+    assert r.exit_code == 0 and "PersistentQueue pickup dir" in r.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".lock").write_text("")
+    assert run("status", tmp_path / "other").exit_code == 2  # a hidden lock is not ours
