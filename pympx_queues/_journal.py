@@ -503,7 +503,10 @@ def writer_alive(path: str, header: Dict[str, Any], name: JournalName) -> bool:
         return False
     if header.get("host", _fs.hostname()) != _fs.hostname():
         return True  # another host: we cannot tell, so never treat it as dead
-    return bool(_fs.is_flocked(path))
+    try:
+        return bool(_fs.is_flocked(path))
+    except OSError:
+        return True  # cannot open it to test the lock: never treat it as dead
 
 
 def _valid_line(line: bytes) -> Optional[Tuple[int, str, Any]]:

@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import threading
 import weakref
+from collections import deque
 from queue import Empty, Full
 from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence,
                     Tuple, Union)
@@ -51,6 +52,18 @@ class Message(NamedTuple):
 
     id: str
     body: Any
+
+
+class _Batch:
+    """Messages that travel as one queue item (``put_many(..., together=True)``)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: List[Tuple[str, Any]]) -> None:
+        self.items = items
+
+    def __reduce__(self) -> Any:
+        return (_Batch, (self.items,))
 
 
 def return_same(x: Any) -> Any:
@@ -84,7 +97,8 @@ def _check_hooks(name: str, hooks: Optional[Sequence[Callable[[Any], Any]]]
 
 # Per-process attributes: never pickled, rebuilt in each process that uses the queue.
 _PROCESS_STATE = ("_pid", "_lock", "_ilock", "_writer", "_inflight", "_ids", "_id_prefix",
-                  "_closed", "_fast", "_keys_put", "_local_items", "_ctx")
+                  "_closed", "_fast", "_keys_put", "_local_items", "_ctx", "_buffer",
+                  "_batch_of", "_batch_left", "_batch_ids")
 
 # Queues of this process, reset in a forked child (its parent's journal, locks and
 # unacknowledged messages are not its own).  Spawned children go through __setstate__.
@@ -240,6 +254,12 @@ class PersistentQueue:
         self._ilock = threading.Lock()  # guards _inflight
         self._writer: Optional[jr.JournalWriter] = None
         self._inflight: Dict[str, Any] = {}  # id -> body, oldest first
+        # Messages of together-batches got by this process but not handed out yet, and
+        # which batch each handed-out one belongs to (one join() count per batch).
+        self._buffer: "deque[Tuple[str, Any]]" = deque()
+        self._batch_of: Dict[str, int] = {}
+        self._batch_left: Dict[int, int] = {}
+        self._batch_ids = itertools.count()
         self._ids = itertools.count()
         self._id_prefix = _fs.random_id(6)
         self._closed = False
@@ -331,7 +351,8 @@ class PersistentQueue:
 
     def _put_batch(self, objs: Sequence[Any], keys: Sequence[Optional[str]],
                    block: bool, timeout: Optional[float],
-                   ids: Optional[Sequence[str]] = None) -> List[Optional[str]]:
+                   ids: Optional[Sequence[str]] = None,
+                   together: bool = False) -> List[Optional[str]]:
         self._ensure_process()
         self._check_open()
         timeout = _fs.check_timeout(timeout)
@@ -362,12 +383,15 @@ class PersistentQueue:
                     batch_keys.add(key)
                 if mid is None:
                     mid = self._new_id()
-                payload: Dict[str, Any] = {"i": mid, "m": self._encode(obj)}
-                if key is not None:
-                    payload["k"] = key
-                if requeue:
-                    payload["r"] = 1
-                plan.append((mid, obj, jr.dumps(payload), requeue))
+                body = jr.dumps(self._encode(obj))
+                if key is None and not requeue:
+                    record = f'{{"i":"{mid}","m":{body}}}'  # ids of our own need no escaping
+                else:
+                    extra = {"k": key} if key is not None else {}
+                    if requeue:
+                        extra["r"] = 1
+                    record = f'{{"i":{jr.dumps(mid)},"m":{body},{jr.dumps(extra)[1:]}'
+                plan.append((mid, obj, record, requeue))
                 result.append(mid)
             if not plan:
                 return result
@@ -376,7 +400,15 @@ class PersistentQueue:
             self._journal([(jr.KIND_PUT, p) for _, _, p, _ in plan])
             self._requeued.update(mid for mid, _, _, requeue in plan if requeue)
             self._keys_put.update(batch_keys)
-        if self.use_queue:
+        if self.use_queue and together:
+            assert self.joinable_queue is not None
+            try:
+                self.joinable_queue.put(_Batch([(mid, obj) for mid, obj, _, _ in plan]),
+                                        block, timeout)
+            except Full:
+                self._journal([(jr.KIND_CANCEL, jr.dumps({"i": m})) for m, _, _, _ in plan])
+                raise
+        elif self.use_queue:
             assert self.joinable_queue is not None
             for n, (mid, obj, _, _) in enumerate(plan):
                 try:
@@ -434,19 +466,25 @@ class PersistentQueue:
 
     def put_many(self, objs: Sequence[Any], block: bool = True,
                  timeout: Optional[float] = None, *,
-                 keys: Optional[Sequence[Optional[str]]] = None) -> List[Optional[str]]:
+                 keys: Optional[Sequence[Optional[str]]] = None,
+                 together: bool = False) -> List[Optional[str]]:
         """Put several messages with one journal write (one fsync in fsync mode).
 
         Same rules and errors as :meth:`put`; all messages are encoded before anything is
         written, so a bad one fails the whole call with nothing written.  Returns the ids
         (``None`` for skipped keys).
+
+        ``together=True`` also sends them as one item of the in-memory queue: one
+        consumer takes the whole batch (its ``get``/``get_many`` hand the messages out
+        one by one), which saves most of ``multiprocessing``'s per-message cost.  That
+        consumer must acknowledge them itself (``join`` counts the batch as one task).
         """
         objs = list(objs)
         if keys is None:
             keys = [None] * len(objs)
         elif len(keys) != len(objs):
             raise ValueError("keys must have one entry per message")
-        return self._put_batch(objs, list(keys), block, timeout)
+        return self._put_batch(objs, list(keys), block, timeout, together=together)
 
     def _put_sentinels(self, sentinel: Any, kind: str) -> None:
         self._ensure_process()
@@ -518,13 +556,51 @@ class PersistentQueue:
                 item = self._local_items.pop(0)
         else:
             assert self.joinable_queue is not None
+            if self._buffer:
+                with self._ilock:
+                    if self._buffer:
+                        item = self._buffer.popleft()
+                        self._inflight[item[0]] = item[1]
+                        return item
             item = self.joinable_queue.get(block, timeout)
             if is_sentinel(item):
                 return item  # settled for join() when it was put
+            if type(item) is _Batch:
+                return self._unpack(item)
         mid, obj = item
         with self._ilock:
             self._inflight[mid] = obj
         return item
+
+    def _unpack(self, batch: _Batch) -> Tuple[str, Any]:
+        """Keep a together-batch in this process; hand out its first message."""
+        with self._ilock:
+            token = next(self._batch_ids)
+            self._batch_left[token] = len(batch.items)
+            for mid, _ in batch.items:
+                self._batch_of[mid] = token
+            self._buffer.extend(batch.items[1:])
+            first = batch.items[0]
+            self._inflight[first[0]] = first[1]
+        return first
+
+    def _settle(self, mids: Sequence[str]) -> None:
+        """Tell ``join()``: one task per single message, one per fully acked batch."""
+        n = 0
+        with self._ilock:
+            for mid in mids:
+                token = self._batch_of.pop(mid, None) if self._batch_of else None
+                if token is None:
+                    n += 1
+                    continue
+                left = self._batch_left[token] - 1
+                if left:
+                    self._batch_left[token] = left
+                else:
+                    del self._batch_left[token]
+                    n += 1
+        for _ in range(n):
+            self.joinable_queue.task_done()  # type: ignore[union-attr]
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         """Remove and return the next message body (or DONE / FAILED).
@@ -534,12 +610,14 @@ class PersistentQueue:
         is ready.  The id is remembered for :meth:`task_done`.  ``ValueError`` for a
         negative timeout.
         """
-        if self.use_queue:
+        if self.use_queue and not self._buffer:
             if timeout is not None:
                 timeout = _fs.check_timeout(timeout)
             item = self.joinable_queue.get(block, timeout)  # type: ignore[union-attr]
             if item is DONE or item is FAILED:
                 return item  # sentinels were settled for join() when they were put
+            if type(item) is _Batch:
+                return self._unpack(item)[1]
             with self._ilock:
                 self._inflight[item[0]] = item[1]
             return item[1]
@@ -566,7 +644,17 @@ class PersistentQueue:
         if max_items < 1:
             raise ValueError("max_items must be >= 1")
         out = [self.get(block, timeout)]
+        from_batch = bool(self._buffer)
+        if from_batch:
+            with self._ilock:  # the rest of a together-batch, in one go
+                buffer, inflight = self._buffer, self._inflight
+                while buffer and len(out) < max_items:
+                    mid, body = buffer.popleft()
+                    inflight[mid] = body
+                    out.append(body)
         while len(out) < max_items and not is_sentinel(out[-1]):
+            if from_batch and not self._buffer:
+                break  # the rest of a together-batch only: leave the queue to the others
             try:
                 out.append(self.get(False))
             except Empty:
@@ -628,7 +716,10 @@ class PersistentQueue:
                 with self._ilock:
                     self._inflight[mid] = value  # a failed ack changes nothing
                 raise
-            self.joinable_queue.task_done()  # type: ignore[union-attr]
+            if self._batch_of:
+                self._settle((mid,))
+            else:
+                self.joinable_queue.task_done()  # type: ignore[union-attr]
             return
         self.task_done_many([obj], ids=[id])
 
@@ -649,15 +740,28 @@ class PersistentQueue:
             taken: List[Tuple[str, Any]] = []
             try:
                 with self._ilock:
+                    inflight = self._inflight
                     for obj, mid in zip(objs, ids):
                         if mid is None and is_sentinel(obj):
                             continue
+                        if mid is None and inflight and obj is not _MISSING:
+                            # Acks in the order of the gets (get_many -> task_done_many):
+                            # the oldest unacknowledged body is the one, O(1).
+                            oldest = next(iter(inflight))
+                            if inflight[oldest] is obj:
+                                resolved.append(oldest)
+                                taken.append((oldest, inflight.pop(oldest)))
+                                continue
                         m, value = self._resolve(obj, mid)
                         resolved.append(m)
                         taken.append((m, value))
                 if resolved:
                     # G4: the completion is journaled (synced in fsync mode) before the ack.
-                    self._journal([(jr.KIND_DONE, jr.dumps({"i": m})) for m in resolved])
+                    # Ids given by the caller are JSON-escaped; ids from the queue are ours.
+                    given = {m for m in ids if m is not None}
+                    given.update(o.id for o in objs if isinstance(o, Message))
+                    self._journal([(jr.KIND_DONE, jr.dumps({"i": m}) if m in given
+                                    else f'{{"i":"{m}"}}') for m in resolved])
             except BaseException:
                 # A failed ack changes nothing: the messages stay unacknowledged.
                 with self._ilock:
@@ -669,9 +773,7 @@ class PersistentQueue:
             if not resolved:
                 return
         if self.use_queue:
-            assert self.joinable_queue is not None
-            for _ in resolved:
-                self.joinable_queue.task_done()
+            self._settle(resolved)
 
     def join(self) -> None:
         """Block until every message put on the queue has been acknowledged."""
@@ -684,7 +786,7 @@ class PersistentQueue:
         if not self.use_queue:
             return 0 if self.empty() else len(self._local_items or [])
         assert self.joinable_queue is not None
-        return self.joinable_queue.qsize()
+        return self.joinable_queue.qsize() + len(self._buffer)
 
     def empty(self) -> bool:
         """True when no message is waiting (approximate, like ``multiprocessing``)."""
@@ -695,7 +797,7 @@ class PersistentQueue:
                     self._local_items = self._load_local_items()
                 return not self._local_items
         assert self.joinable_queue is not None
-        return self.joinable_queue.empty()
+        return not self._buffer and self.joinable_queue.empty()
 
     def __iter__(self) -> "PersistentQueue":
         return self

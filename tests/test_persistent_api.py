@@ -430,3 +430,40 @@ def test_after_a_failed_journal_write_the_next_put_uses_a_new_journal(tmp_path, 
     q.dispose()
     left = PersistentQueue("jobs", tmp_path).get_outstanding_messages()
     assert [m.body for m in left] == ["after"] and first not in [m.id for m in left]
+
+
+def test_put_many_together_travels_as_one_item_and_join_counts_it_once(tmp_path):
+    q = PersistentQueue("jobs", tmp_path, number_of_workers=1)
+    ids = q.put_many(["a", "b", "c"], together=True)
+    q.put("d")
+    assert q.qsize() == 2  # one batch item + one message
+    assert q.get_many(10, timeout=5) == ["a", "b", "c"]  # only the batch
+    assert q.get(timeout=5) == "d"
+    q.task_done("d")
+    q.task_done_many(["a", "b"])
+    q.close()
+    m = q.get_message(timeout=5)
+    assert m is DONE
+    q.task_done(id=ids[2])
+    q.join()  # returns: the batch is fully acknowledged
+    q.dispose()
+    assert PersistentQueue("jobs", tmp_path).get_outstanding_messages() == []
+
+
+def test_unacknowledged_part_of_a_together_batch_is_outstanding_next_run(tmp_path):
+    q = PersistentQueue("jobs", tmp_path)
+    ids = q.put_many(["a", "b", "c"], together=True)
+    q.task_done(q.get(timeout=5))
+    q.dispose()  # "crash" holding b (got) and c (still buffered)
+    assert [m.id for m in PersistentQueue("jobs", tmp_path).get_outstanding_messages()] == \
+        ids[1:]
+
+
+def test_ids_given_by_the_caller_are_journaled_safely(tmp_path):
+    q = PersistentQueue("jobs", tmp_path)
+    q.put_many(["x", "y"])
+    q.task_done(id='odd "id"\n')  # not ours: escaped, the journal stays readable
+    q.task_done(Message('another"one', "z"))
+    q.dispose()
+    assert pickup.verify(tmp_path).issues == []
+    assert PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == ["x", "y"]
