@@ -467,3 +467,23 @@ def test_ids_given_by_the_caller_are_journaled_safely(tmp_path):
     q.dispose()
     assert pickup.verify(tmp_path).issues == []
     assert PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == ["x", "y"]
+
+
+def test_mark_all_work_done_drains_until_done_and_acknowledges_everything(tmp_path):
+    q = PersistentQueue("jobs", tmp_path)
+    q.put_many(["a", "b"])
+    q.put_nowait("c")
+    q.close()
+    q.mark_all_work_done()
+    q.join()
+    q.dispose()
+    assert PersistentQueue("jobs", tmp_path).get_outstanding_messages() == []
+
+
+def test_with_block_releases_this_processes_journal(tmp_path):
+    with PersistentQueue("jobs", tmp_path) as q:
+        q.put("x")
+        path = q.journal_path
+        assert _fs.is_flocked(path) is True
+        assert q.get(timeout=5) == "x"
+    assert _fs.is_flocked(path) is False  # finished: a later run may recover it
