@@ -79,9 +79,6 @@ def test_crashstates_folder_queue_fsync_mode_survives_the_weak_power_loss_model(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="bug (BUGS.md): persistent fsync mode under the weak "
-                   "power-loss model: compaction deletes the merged journals with un-synced "
-                   "unlinks; if they are reordered a done message comes back (G4)")
 def test_crashstates_persistent_queue_fsync_mode_survives_the_weak_power_loss_model():
     code, summaries, out = run("--mode", "crashstates", "--queue", "persistent", "--size",
                                "3", "--durability", "fsync")
@@ -207,8 +204,6 @@ def test_enospc_persistent_queue_loses_nothing_acknowledged():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug (BUGS.md): after ENOSPC a PersistentQueue "
-                   "refuses every later put/ack in that process, even once space is freed")
 def test_enospc_persistent_queue_continues_after_space_is_freed():
     code, summaries, out = run("--mode", "enospc", "--queue", "persistent", "--size", "80")
     skip_if_skipped(summaries)
