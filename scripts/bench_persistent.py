@@ -6,6 +6,7 @@ One producer process and two consumer processes (spawn) move ``--n`` messages th
 * ``plain``        multiprocessing.JoinableQueue (no journal): the reference.
 * ``flush``        PersistentQueue(durability="flush"): one put / get / task_done per
                    message, every put and ack journaled (survives a process crash).
+* ``flush-batched`` the same batching in flush mode (for information).
 * ``fsync``        PersistentQueue(durability="fsync") with batching: the producer calls
                    put_many(batch, together=True) (one journal write, one fsync, one queue
                    item per batch), consumers get_many(batch) + task_done_many(batch) (one
@@ -193,7 +194,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="runs per case; the best is kept")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--cases", default=None,
-                    help="comma-separated subset of: plain,flush,fsync,fsync-single,naive-fsync")
+                    help="comma-separated subset of: plain,flush,flush-batched,fsync,"
+                         "fsync-single,naive-fsync")
     args = ap.parse_args(argv)
     n = args.n
     single = args.single_n or min(n, 2000)
@@ -204,6 +206,7 @@ def main(argv=None):
     cases = {
         "plain": lambda: run_pipeline("plain", n, workdir),
         "flush": lambda: run_pipeline("flush", n, workdir),
+        "flush-batched": lambda: run_pipeline("flush-batched", n, workdir, batch=args.batch),
         "fsync": lambda: run_pipeline("fsync", n, workdir, batch=args.batch),
         "fsync-single": lambda: run_pipeline("fsync-single", single, workdir),
         "naive-fsync": lambda: naive_fsync(single, workdir),
@@ -227,6 +230,7 @@ def main(argv=None):
     cpu_us = {k: v[1] for k, v in best.items() if v[1] is not None}
     pairs = {
         "flush / plain": ("flush", "plain"),
+        "flush-batched / plain": ("flush-batched", "plain"),
         "fsync (batched) / naive-fsync": ("fsync", "naive-fsync"),
         "fsync-single / naive-fsync": ("fsync-single", "naive-fsync"),
     }
@@ -250,6 +254,7 @@ def main(argv=None):
     labels = {
         "plain": "multiprocessing.JoinableQueue",
         "flush": "PersistentQueue flush (no batching)",
+        "flush-batched": f"PersistentQueue flush (batches of {args.batch}, together)",
         "fsync": f"PersistentQueue fsync (batches of {args.batch}, together)",
         "fsync-single": "PersistentQueue fsync (one fsync per put and per ack)",
         "naive-fsync": "baseline: one write+fsync per record, 1 process",
