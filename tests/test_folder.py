@@ -716,6 +716,31 @@ def test_event_wakeup_beats_a_long_poll_interval(tmp_path, mode):
     r.close()
 
 
+def test_an_event_queue_overflow_makes_the_consumer_list_the_folder_again(tmp_path):
+    w = WritableFolderQueue(tmp_path)
+    r = reader(tmp_path, rescan_interval=3600, poll_interval=3600)
+    w.put_data("a.tsv", b"x")
+    w.put_data("b.tsv", b"x")
+    r.task_done(r.get(timeout=5))  # a.tsv; b.tsv stays in the cached listing
+
+    def drop(name):  # a file whose event is lost
+        (tmp_path / name).write_bytes(b"x")
+        r._wakeups.names()
+
+    def next_name():
+        p = r.get(timeout=5)
+        r.task_done(p)
+        return os.path.basename(r.original_filename_from_wip(p))
+
+    drop("0-first.tsv")
+    r._wakeups._on_inotify(-1, "")  # the kernel reports IN_Q_OVERFLOW: list again
+    assert next_name() == "0-first.tsv"
+    drop("00-unseen.tsv")  # no overflow reported: the cached listing is used
+    assert next_name() == "b.tsv"
+    assert next_name() == "00-unseen.tsv"  # found when the listing ran dry
+    r.close()
+
+
 def test_poll_mode_has_no_observer_threads(tmp_path):
     w = WritableFolderQueue(tmp_path)
     before = threading.active_count()
