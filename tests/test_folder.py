@@ -718,7 +718,8 @@ def test_event_wakeup_beats_a_long_poll_interval(tmp_path, mode):
 
 def test_an_event_queue_overflow_makes_the_consumer_list_the_folder_again(tmp_path):
     w = WritableFolderQueue(tmp_path)
-    r = reader(tmp_path, rescan_interval=3600, poll_interval=3600)
+    # poll mode: no real events race with the simulated ones below
+    r = reader(tmp_path, rescan_interval=3600, poll_interval=3600, wakeups="poll")
     w.put_data("a.tsv", b"x")
     w.put_data("b.tsv", b"x")
     r.task_done(r.get(timeout=5))  # a.tsv; b.tsv stays in the cached listing
