@@ -1103,6 +1103,9 @@ class ReadableFolderQueue(_FolderQueue):
             if self.task_done_directory is not None:
                 _fs.fsync_dir(self.task_done_directory)  # G4
             _fs.fsync_dir(self._wip)  # G4: the removal of the claim survives power loss
+            # G4: so does the claim's removal from the ready folder (with the link()+unlink()
+            # fallback that removal is a separate, possibly unsynced, unlink there).
+            _fs.fsync_dir(self.path)
 
     def task_done_many(self, paths: Iterable[PathLike]) -> None:
         """Acknowledge several claims; in fsync mode with one directory fsync for all.
@@ -1120,6 +1123,7 @@ class ReadableFolderQueue(_FolderQueue):
                 if self.task_done_directory is not None:
                     _fs.fsync_dir(self.task_done_directory)  # G4, once per batch
                 _fs.fsync_dir(self._wip)  # G4, once per batch
+                _fs.fsync_dir(self.path)  # G4: the claims' removal from the ready folder
 
     def _settle(self, path: PathLike) -> None:
         p, claim = self._resolve(path)
@@ -1379,6 +1383,17 @@ class ReadableFolderQueue(_FolderQueue):
                 if not include_live and not self._stale(parsed.owner, st, now):
                     live += 1
                     continue
+                if st.st_nlink > 1:
+                    # link()+unlink() claim (no renameat2: NFS, some FUSE) cut between the
+                    # two: the ready name still holds the same file, the claim never
+                    # completed.  Drop the wip name only; never publish a second copy (G3).
+                    twin = _fs.lstat(os.path.join(self.path, parsed.name))
+                    if twin is not None and (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino):
+                        if _fs.remove_claim(entry.path):
+                            if self._durable:
+                                _fs.fsync_dir(self._wip)  # G5: the half claim is gone for good
+                            requeued.append(os.path.join(self.path, parsed.name))
+                        continue
                 prev = self._read_retry(parsed.name, st.st_dev, st.st_ino)
                 if prev.get("claim") == name:  # a crashed recovery already counted it (G5)
                     attempts = int(prev.get("attempts", 1))

@@ -467,6 +467,24 @@ def test_a_message_whose_consumers_keep_dying_becomes_a_dead_letter(tmp_path):
     r.close()
 
 
+def test_recover_completes_nothing_twice_after_a_link_claim_cut_in_half(tmp_path):
+    """Without renameat2 a claim is link() then unlink(); a consumer killed between the two
+    leaves the same file under its ready name and in wip/: recovery drops the wip name and
+    never publishes a second copy."""
+    w = WritableFolderQueue(tmp_path)
+    w.put_data("x.tsv", b"once")
+    dead = L.Owner(_fs.hostname(), dead_pid(), 1, "0ddba11a")
+    os.link(tmp_path / "x.tsv", tmp_path / "wip" / L.format_owned(dead, "x.tsv"))
+    r = reader(tmp_path, recover_on_start=False)
+    rep = r.recover()
+    assert [os.path.basename(p) for p in rep.requeued] == ["x.tsv"]
+    assert ready_names(tmp_path) == ["x.tsv"] and os.listdir(tmp_path / "wip") == []
+    assert os.lstat(tmp_path / "x.tsv").st_nlink == 1
+    w.close()
+    assert drain(r) == ["x.tsv"]
+    r.close()
+
+
 def test_recover_judges_other_hosts_by_lease(tmp_path):
     WritableFolderQueue(tmp_path)
     r = reader(tmp_path, lease_timeout=60)
