@@ -387,3 +387,35 @@ def test_import_and_construction_do_not_fix_the_start_method(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def _compat_consume(q, report):
+    got = []
+    for body in q:
+        got.append(body)
+        q.task_done(body)
+    report.put(got)
+
+
+@pytest.mark.timeout(60)
+def test_compat_queue_goes_to_children_of_the_default_start_method_with_requeued_work(
+        tmp_path):
+    from pympx_queues.compat import PersistentQueue as CompatQueue
+    from pympx_queues.persistent import _default_context
+
+    ctx = _default_context()  # pympx's signature has no context: the default one is used
+
+    q1 = CompatQueue("jobs", str(tmp_path))
+    q1.put(("a", 1))
+    q1.put(("b", 2))
+    q1.dispose()
+    q2 = CompatQueue("jobs", str(tmp_path), str(tmp_path), number_of_workers=1)
+    q2.requeue_unprocessed_work()
+    report = ctx.Queue()
+    c = ctx.Process(target=_compat_consume, args=(q2, report))
+    c.start()
+    q2.put(("a", 1))  # pympx: already requeued, not put twice
+    q2.put(("c", 3))
+    q2.close()
+    _join(c)
+    assert report.get(timeout=30) == [("a", 1), ("b", 2), ("c", 3)]
