@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "PersistentQueue": ".persistent",
+    "Message": ".persistent",
     "WritableFolderQueue": ".folder",
     "ReadableFolderQueue": ".folder",
     "ReadableGroupedFileFolderQueue": ".folder",
