@@ -702,15 +702,19 @@ def watch(path: str, interval: float, count: Optional[int], once: bool, as_json:
               help="Messages the producer puts.")
 @click.option("--consumers", type=click.IntRange(min=2), default=3, show_default=True,
               help="Consumer processes (one of them is killed).")
+@click.option("--queue", type=click.Choice(["persistent", "folder", "both"]), default="both",
+              show_default=True, help="Which queue to crash: the journaled PersistentQueue, "
+              "a folder queue, or one after the other.")
 @json_option
-def demo(directory: Optional[str], messages: int, consumers: int, as_json: bool) -> None:
+def demo(directory: Optional[str], messages: int, consumers: int, queue: str,
+         as_json: bool) -> None:
     """Crash a consumer with SIGKILL mid-run, recover, prove nothing was lost.
 
     Exit 0 when nothing was lost or done twice, 1 otherwise.
     """
     from .demo import format_report, run_demo
 
-    report = run_demo(directory, messages=messages, consumers=consumers)
+    report = run_demo(directory, messages=messages, consumers=consumers, queue=queue)
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -1,23 +1,38 @@
 """``pympx-queues demo``: a crash and a recovery, end to end, in a few seconds.
 
-Run 1
-    A producer process puts ``messages`` keyed messages on a journaled
+The demo runs the same story on both halves of the library, in one temp dir
+(``--queue persistent|folder|both``, default both).
+
+PersistentQueue (``<dir>/pickup``)
+    Run 1: a producer process puts ``messages`` keyed messages on a journaled
     :class:`~pympx_queues.persistent.PersistentQueue` and closes the stream; ``consumers``
     consumer processes take them in small batches and acknowledge each one after its
     (simulated) work.  One consumer is killed with SIGKILL while it holds messages it has
     not acknowledged yet; the others finish the run.
-Run 2 (recovery)
-    A new queue on the same pickup dir finds the unfinished work of run 1,
-    ``requeue_unprocessed_work()`` puts it back under its original ids, and the producer
-    starts again from the beginning: its keyed puts of work already finished are skipped.
-    Fresh consumers finish the work.
-Check
-    Every message put in run 1 must have been completed exactly once by the journals
-    (``lost`` = 0), no acknowledged message may come back (``duplicates`` = 0), and a
-    third queue must find nothing outstanding.
+    Run 2 (recovery): a new queue on the same pickup dir finds the unfinished work of
+    run 1, ``requeue_unprocessed_work()`` puts it back under its original ids, and the
+    producer starts again from the beginning: its keyed puts of work already finished are
+    skipped.  Fresh consumers finish the work.
+    Check: every message put in run 1 must have been completed exactly once by the
+    journals (``lost`` = 0), no acknowledged message may come back (``duplicates`` = 0),
+    and a third queue must find nothing outstanding.
 
-Everything the report says is read back from the journals on disk, not from the demo's
-own bookkeeping.
+Folder queue (``<dir>/folder``)
+    A producer process publishes ``messages`` files with ``put_data`` and closes (DONE).
+    One consumer process acknowledges a few files, then claims ``batch`` more and reports
+    that it holds them; the other consumers start, process everything else and return
+    DONE (the held claims are live, so their automatic recovery leaves them alone).  The
+    holder is then killed with SIGKILL, its claims still in ``wip/``.
+    ``folder_admin.status`` (what ``pympx-queues status`` prints) shows them as stale,
+    ``folder_admin.requeue_stale`` (what ``pympx-queues requeue`` runs) puts them back,
+    and a new consumer finishes them.
+    Check: consumers acknowledge into ``done/`` (``task_done_directory``), which never
+    overwrites, so a file completed twice would be there twice; every file put must be
+    there exactly once (``lost`` = 0, ``duplicates`` = 0) and nothing may be left ready or
+    claimed.
+
+Everything the report says is read back from disk (journals, ``done/``, the folder
+status), not from the demo's own bookkeeping.
 """
 
 from __future__ import annotations
@@ -32,22 +47,33 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import _journal as jr
+from . import _layout as L
+from . import folder_admin
+from .folder import ReadableFolderQueue, WritableFolderQueue
 from .persistent import PersistentQueue
-from .sentinels import is_sentinel
+from .sentinels import DONE, is_sentinel
 
-__all__ = ["DemoReport", "run_demo", "format_report"]
+__all__ = ["DemoReport", "PersistentDemoReport", "FolderDemoReport", "QUEUES", "run_demo",
+           "format_report", "AFTER_A_CRASH"]
 
 PREFIX = "demo"
+FOLDER_EXT = ".tsv"
+QUEUES = ("persistent", "folder", "both")
+_HOLDER_FIRST = 3  # files the folder victim acknowledges before it holds claims
+
+#: The one-line hint printed at the end: what a person runs after a real crash.
+AFTER_A_CRASH = ("after a real crash: `pympx-queues status DIR` shows stale claims and "
+                 "outstanding work, `pympx-queues requeue DIR` puts it back "
+                 "(DIR: the queue folder or pickup dir)")
 
 
 @dataclass
-class DemoReport:
-    """What the demo did and found; ``ok`` is True when nothing was lost or redone."""
+class PersistentDemoReport:
+    """What the PersistentQueue part did and found; ``ok``: nothing lost or redone."""
 
     directory: str
     messages: int
     consumers: int
-    temporary: bool = False  # the directory was a temp dir, removed afterwards
     put: int = 0  # messages put (and journaled) in run 1
     completed_run1: int = 0
     killed_pid: int = 0
@@ -70,6 +96,67 @@ class DemoReport:
         d = asdict(self)
         d["ok"] = self.ok
         return d
+
+
+@dataclass
+class FolderDemoReport:
+    """What the folder-queue part did and found; ``ok``: nothing lost or redone."""
+
+    directory: str  # the queue folder
+    messages: int
+    consumers: int
+    run_id: str = ""
+    put: int = 0  # files the producer published (put_data returned)
+    killed_pid: int = 0
+    killed_holding: List[str] = field(default_factory=list)  # names it held claims on
+    # what folder_admin.status showed after the kill
+    stale_claims: List[str] = field(default_factory=list)
+    live_claims: int = 0
+    ready_after_crash: int = 0
+    completed_before_recovery: int = 0  # files in done/ at that moment
+    requeued: int = 0  # claims folder_admin.requeue_stale returned to the queue
+    completed_after_recovery: int = 0  # files the new consumer acknowledged
+    completed: int = 0  # files in done/ at the end
+    lost: int = 0  # put, never in done/
+    duplicates: int = 0  # in done/ more than once
+    outstanding_at_end: int = 0  # ready + claimed, per folder_admin.status
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (self.lost == 0 and self.duplicates == 0 and self.outstanding_at_end == 0
+                and self.put == self.messages)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class DemoReport:
+    """Both parts; ``ok`` is True when no part that ran lost or redid anything."""
+
+    directory: str
+    queue: str = "both"
+    temporary: bool = False  # the directory was a temp dir, removed afterwards
+    persistent: Optional[PersistentDemoReport] = None
+    folder: Optional[FolderDemoReport] = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        parts = [p for p in (self.persistent, self.folder) if p is not None]
+        return bool(parts) and all(p.ok for p in parts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "ok": self.ok, "directory": self.directory, "queue": self.queue,
+            "temporary": self.temporary, "seconds": self.seconds,
+            "persistent": None if self.persistent is None else self.persistent.to_dict(),
+            "folder": None if self.folder is None else self.folder.to_dict(),
+            "after_a_crash": AFTER_A_CRASH,
+        }
 
 
 # ------------------------------------------------------------------ child processes
@@ -124,6 +211,64 @@ def _consumer(q: PersistentQueue, work: float, report: Any, holding: Any, victim
             report.put(("acked", os.getpid(), msg.id))
 
 
+# ------------------------------------------------------------------ folder queue children
+def _folder_name(i: int) -> str:
+    return f"sales_{i:04d}{FOLDER_EXT}"
+
+
+def _row_text(i: int) -> str:
+    """A message file; its first column names the message (the check reads it back)."""
+    item = _item(i)
+    return (f"message\trow\tfile\tamount\n"
+            f"{_folder_name(i)}\t{item['row']}\t{item['file']}\t{item['amount']}\n")
+
+
+def _folder_producer(qdir: str, run_id: str, n: int, report: Any) -> None:
+    with WritableFolderQueue(qdir, FOLDER_EXT, run_id=run_id) as q:  # HELO
+        names = [os.path.basename(q.put_data(_folder_name(i), _row_text(i)))
+                 for i in range(n)]
+    # leaving the block wrote DONE
+    report.put(("producer", os.getpid(), names))
+
+
+def _folder_reader(qdir: str, run_id: str) -> ReadableFolderQueue:
+    return ReadableFolderQueue(qdir, FOLDER_EXT,
+                               task_done_directory=os.path.join(qdir, L.DONE_DIR),
+                               run_id=run_id, expected_producers=1, poll_interval=0.1)
+
+
+def _folder_consumer(qdir: str, run_id: str, work: float, report: Any) -> None:
+    """Claim, work, acknowledge (into done/) until DONE."""
+    q = _folder_reader(qdir, run_id)
+    acked = 0
+    for path in q:
+        with open(path, encoding="utf-8") as f:  # the work: read the file ...
+            f.read()
+        time.sleep(work)  # ... and take a little time over it
+        q.task_done(path)
+        acked += 1
+    q.close()
+    report.put(("end", os.getpid(), acked))
+
+
+def _folder_holder(qdir: str, run_id: str, work: float, report: Any, first: int,
+                   hold: int) -> None:
+    """Acknowledge ``first`` files, then claim ``hold`` more and keep them (the victim)."""
+    q = _folder_reader(qdir, run_id)
+    for _ in range(first):
+        path = q.get(timeout=60)
+        time.sleep(work)
+        q.task_done(path)
+    held = []
+    for _ in range(hold):
+        path = q.get(timeout=60)
+        if path is DONE:
+            break
+        held.append(os.path.basename(q.original_filename_from_wip(path)))
+    report.put(("holding", os.getpid(), held))
+    time.sleep(3600)  # "working" on them until the SIGKILL arrives
+
+
 # ------------------------------------------------------------------ the demo
 def _collect(report: Any, out: List[tuple], until: Any, timeout: float) -> None:
     """Read a SimpleQueue (synchronous puts: nothing is in flight when a child is killed)
@@ -143,27 +288,53 @@ def _journal_state(directory: str) -> jr.History:
     return jr.scan_dirs([directory], PREFIX)
 
 
+def _fresh(path: str) -> None:
+    if os.path.exists(path) and os.listdir(path):
+        raise FileExistsError(f"{path} is not empty: give the demo a new directory")
+
+
 def run_demo(directory: Optional[str] = None, *, messages: int = 200, consumers: int = 3,
-             work_seconds: float = 0.003, batch: int = 5, timeout: float = 50.0,
-             context: Any = None) -> DemoReport:
+             queue: str = "both", work_seconds: float = 0.003, batch: int = 5,
+             timeout: float = 50.0, context: Any = None) -> DemoReport:
     """Run the demo in ``directory`` (a new temp dir, removed afterwards, by default).
 
-    Blocks until done (a few seconds; at most about ``timeout`` seconds per run).
-    Starts processes with ``context`` (default ``spawn``).  Raises ``TimeoutError`` if
-    processes stop reporting; returns the report otherwise (check ``report.ok``).
+    ``queue`` picks the parts: ``"persistent"`` (``<dir>/pickup``), ``"folder"``
+    (``<dir>/folder``) or ``"both"`` (that order).  Blocks until done (a few seconds; at
+    most about ``timeout`` seconds per phase).  Starts processes with ``context`` (default
+    ``spawn``).  Raises ``TimeoutError`` if processes stop reporting, ``FileExistsError``
+    if a part's folder in ``directory`` is not empty; returns the report otherwise (check
+    ``report.ok``).
     """
     if messages < 10 or consumers < 2:
         raise ValueError("the demo needs at least 10 messages and 2 consumers")
+    if queue not in QUEUES:
+        raise ValueError(f"queue must be one of {QUEUES}, got {queue!r}")
     ctx = multiprocessing.get_context(context or "spawn")
     own = directory is None
     base = tempfile.mkdtemp(prefix="pympx-queues-demo-") if own else os.path.abspath(directory)
     pickup = os.path.join(base, "pickup")
-    if os.path.exists(pickup) and os.listdir(pickup):
-        raise FileExistsError(f"{pickup} is not empty: give the demo a new directory")
+    qdir = os.path.join(base, "folder")
+    if queue in ("persistent", "both"):
+        _fresh(pickup)
+    if queue in ("folder", "both"):
+        _fresh(qdir)
     started = time.monotonic()
-    report = DemoReport(pickup, messages, consumers, own)
+    report = DemoReport(base, queue, own)
     try:
-        _run(ctx, pickup, report, work_seconds, batch, timeout)
+        if queue in ("persistent", "both"):
+            t0 = time.monotonic()
+            report.persistent = PersistentDemoReport(pickup, messages, consumers)
+            try:
+                _run_persistent(ctx, pickup, report.persistent, work_seconds, batch, timeout)
+            finally:
+                report.persistent.seconds = round(time.monotonic() - t0, 2)
+        if queue in ("folder", "both"):
+            t0 = time.monotonic()
+            report.folder = FolderDemoReport(qdir, messages, consumers)
+            try:
+                _run_folder(ctx, qdir, report.folder, work_seconds, batch, timeout)
+            finally:
+                report.folder.seconds = round(time.monotonic() - t0, 2)
     finally:
         report.seconds = round(time.monotonic() - started, 2)
         if own:
@@ -171,8 +342,8 @@ def run_demo(directory: Optional[str] = None, *, messages: int = 200, consumers:
     return report
 
 
-def _run(ctx: Any, pickup: str, report: DemoReport, work: float, batch: int,
-         timeout: float) -> None:
+def _run_persistent(ctx: Any, pickup: str, report: PersistentDemoReport, work: float,
+                    batch: int, timeout: float) -> None:
     n, k = report.messages, report.consumers
     # ---------------------------------------------------------------- run 1: the crash
     q1 = PersistentQueue(PREFIX, pickup, number_of_workers=k, context=ctx)
@@ -247,13 +418,88 @@ def _run(ctx: Any, pickup: str, report: DemoReport, work: float, batch: int,
     report.outstanding_at_end = len(q3.get_outstanding_messages())
 
 
-def format_report(report: DemoReport) -> str:
-    """The human-readable report printed by ``pympx-queues demo``."""
+def _done_counts(qdir: str) -> Dict[str, int]:
+    """Message name -> how many times it is in ``done/`` (read from each file's content:
+    a second completion would sit there under a ``name~xxxxxxxx`` variant)."""
+    counts: Dict[str, int] = {}
+    for m in folder_admin.list_messages(qdir, "done", FOLDER_EXT):
+        with open(m.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        name = lines[1].split("\t")[0] if len(lines) > 1 else m.name
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _run_folder(ctx: Any, qdir: str, report: FolderDemoReport, work: float, hold: int,
+                timeout: float) -> None:
+    n, k = report.messages, report.consumers
+    # An explicit run id on both sides: the consumer started after recovery must follow
+    # this run, which the first consumers have already seen end (README: run ids).
+    report.run_id = run_id = L.new_run_id()
+    events = ctx.SimpleQueue()
+    log: List[tuple] = []
+    producer = ctx.Process(target=_folder_producer, args=(qdir, run_id, n, events),
+                           name="folder-producer")
+    victim = ctx.Process(target=_folder_holder,
+                         args=(qdir, run_id, work, events, _HOLDER_FIRST, hold),
+                         name="folder-victim")
+    producer.start()
+    victim.start()
+    _collect(events, log, lambda out: any(e[0] == "holding" for e in out), timeout)
+    # The victim holds its claims; the others process everything else and return DONE
+    # (the victim is alive, so their recovery before DONE leaves its claims alone).
+    others = [ctx.Process(target=_folder_consumer, args=(qdir, run_id, work, events),
+                          name=f"folder-consumer-{i}") for i in range(1, k)]
+    for p in others:
+        p.start()
+    _collect(events, log, lambda out: sum(e[0] == "end" for e in out) == k - 1
+             and any(e[0] == "producer" for e in out), timeout)
+    for p in (producer, *others):
+        p.join(timeout)
+    put_names = next(e[2] for e in log if e[0] == "producer")
+    report.put = len(put_names)
+    report.killed_holding = next(e[2] for e in log if e[0] == "holding")
+    os.kill(victim.pid, signal.SIGKILL)  # while it holds claims
+    victim.join(timeout)
+    report.killed_pid = victim.pid or 0
+
+    # ---------------------------------------------------------------- what an operator sees
+    st = folder_admin.status(qdir, FOLDER_EXT)  # as `pympx-queues status` shows it
+    report.stale_claims = sorted(c.name for c in st.claims if c.stale)
+    report.live_claims = st.wip_live
+    report.ready_after_crash = st.ready
+    report.completed_before_recovery = st.done
+
+    # ---------------------------------------------------------------- recovery
+    # what `pympx-queues requeue` runs: stale claims back to the ready folder
+    report.requeued = len(folder_admin.requeue_stale(qdir, message_extension=FOLDER_EXT))
+    events2 = ctx.SimpleQueue()
+    log2: List[tuple] = []
+    fresh = ctx.Process(target=_folder_consumer, args=(qdir, run_id, work, events2),
+                        name="folder-consumer-new")
+    fresh.start()
+    _collect(events2, log2, lambda out: any(e[0] == "end" for e in out), timeout)
+    fresh.join(timeout)
+
+    # ---------------------------------------------------------------- check (from disk)
+    done = _done_counts(qdir)
+    report.completed = sum(done.values())
+    report.completed_after_recovery = report.completed - report.completed_before_recovery
+    report.lost = len(set(put_names) - set(done))
+    report.duplicates = sum(1 for c in done.values() if c > 1)
+    end = folder_admin.status(qdir, FOLDER_EXT)
+    report.outstanding_at_end = end.ready + end.wip_live + end.wip_stale
+
+
+def _where(path: str, temporary: bool) -> str:
+    return path + (" (temp, removed)" if temporary else "")
+
+
+def _format_persistent(report: PersistentDemoReport, temporary: bool) -> List[str]:
     held = len(report.killed_holding)
-    lines = [
+    return [
         f"pympx-queues demo: PersistentQueue, 1 producer + {report.consumers} consumer "
-        f"processes, journals in {report.directory}"
-        + (" (temp, removed)" if report.temporary else ""),
+        f"processes, journals in {_where(report.directory, temporary)}",
         f"  run 1  put {report.put} messages; consumer pid {report.killed_pid} was killed "
         f"with SIGKILL holding {held} unacknowledged message(s)",
         f"         completed {report.completed_run1}; outstanding after the crash: "
@@ -267,4 +513,37 @@ def format_report(report: DemoReport) -> str:
         "  OK: nothing lost, nothing finished was done again" if report.ok else
         "  FAILED: the journals do not add up (see above)",
     ]
+
+
+def _format_folder(report: FolderDemoReport, temporary: bool) -> List[str]:
+    held = len(report.killed_holding)
+    return [
+        f"pympx-queues demo: folder queue, 1 producer + {report.consumers} consumer "
+        f"processes, queue in {_where(report.directory, temporary)}",
+        f"  run      put {report.put} files (put_data), producer closed (DONE); consumer pid "
+        f"{report.killed_pid} was killed",
+        f"           with SIGKILL holding {held} claim(s), after the other "
+        f"{report.consumers - 1} had finished the rest",
+        f"  status   ready {report.ready_after_crash}, done {report.completed_before_recovery}, "
+        f"stale claims {len(report.stale_claims)} (owner gone), live claims "
+        f"{report.live_claims}   [= pympx-queues status]",
+        f"  recover  requeued {report.requeued} stale claim(s) [= pympx-queues requeue]; "
+        f"a new consumer completed {report.completed_after_recovery}",
+        f"  check    put {report.put}, completed {report.completed} (files in done/), "
+        f"requeued {report.requeued}, lost {report.lost}, completed twice "
+        f"{report.duplicates}, outstanding now {report.outstanding_at_end}  "
+        f"({report.seconds:.1f}s)",
+        "  OK: nothing lost, nothing finished was done again" if report.ok else
+        "  FAILED: done/ does not add up (see above)",
+    ]
+
+
+def format_report(report: DemoReport) -> str:
+    """The human-readable report printed by ``pympx-queues demo``."""
+    lines: List[str] = []
+    if report.persistent is not None:
+        lines += _format_persistent(report.persistent, report.temporary)
+    if report.folder is not None:
+        lines += _format_folder(report.folder, report.temporary)
+    lines.append(AFTER_A_CRASH)
     return "\n".join(lines)
