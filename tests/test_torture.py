@@ -95,10 +95,6 @@ def test_crashstates_persistent_queue_with_link_publish_survives_every_process_c
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug (BUGS.md): with the link()+unlink() publish "
-                   "fallback (no renameat2: NFS, some FUSE), a consumer killed between the "
-                   "claim's link and unlink leaves the message both ready and in wip; "
-                   "recovery requeues the wip twin under a new name: two copies (G3)")
 def test_crashstates_folder_queue_with_link_publish_survives_every_process_crash():
     code, summaries, out = run("--mode", "crashstates", "--queue", "folder", "--size", "3",
                                "--durability", "flush", "--publish", "link")
