@@ -288,6 +288,29 @@ def _journal_state(directory: str) -> jr.History:
     return jr.scan_dirs([directory], PREFIX)
 
 
+class _Children:
+    """A start-method context that remembers the processes it starts, so that the ones
+    still running after an error (a victim sleeping until its SIGKILL) can be killed."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.procs: List[Any] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - mirrors the context
+        p = self.ctx.Process(*args, **kwargs)
+        self.procs.append(p)
+        return p
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ctx, name)
+
+    def kill_leftovers(self) -> None:
+        for p in self.procs:
+            if p.pid is not None and p.is_alive():
+                p.kill()  # only the demo's own children, by their process object
+                p.join(5)
+
+
 def _fresh(path: str) -> None:
     if os.path.exists(path) and os.listdir(path):
         raise FileExistsError(f"{path} is not empty: give the demo a new directory")
@@ -309,7 +332,7 @@ def run_demo(directory: Optional[str] = None, *, messages: int = 200, consumers:
         raise ValueError("the demo needs at least 10 messages and 2 consumers")
     if queue not in QUEUES:
         raise ValueError(f"queue must be one of {QUEUES}, got {queue!r}")
-    ctx = multiprocessing.get_context(context or "spawn")
+    ctx = _Children(multiprocessing.get_context(context or "spawn"))
     own = directory is None
     base = tempfile.mkdtemp(prefix="pympx-queues-demo-") if own else os.path.abspath(directory)
     pickup = os.path.join(base, "pickup")
@@ -336,6 +359,7 @@ def run_demo(directory: Optional[str] = None, *, messages: int = 200, consumers:
             finally:
                 report.folder.seconds = round(time.monotonic() - t0, 2)
     finally:
+        ctx.kill_leftovers()
         report.seconds = round(time.monotonic() - started, 2)
         if own:
             shutil.rmtree(base, ignore_errors=True)
@@ -346,7 +370,7 @@ def _run_persistent(ctx: Any, pickup: str, report: PersistentDemoReport, work: f
                     batch: int, timeout: float) -> None:
     n, k = report.messages, report.consumers
     # ---------------------------------------------------------------- run 1: the crash
-    q1 = PersistentQueue(PREFIX, pickup, number_of_workers=k, context=ctx)
+    q1 = PersistentQueue(PREFIX, pickup, number_of_workers=k, context=ctx.ctx)
     events = ctx.SimpleQueue()
     holding = ctx.Event()
     victim = ctx.Process(target=_consumer, args=(q1, work * 4, events, holding, True, batch),
@@ -387,7 +411,7 @@ def _run_persistent(ctx: Any, pickup: str, report: PersistentDemoReport, work: f
                 completed[payload["i"]] = completed.get(payload["i"], 0) + 1
 
     # ---------------------------------------------------------------- run 2: recovery
-    q2 = PersistentQueue(PREFIX, pickup, number_of_workers=k - 1, context=ctx)
+    q2 = PersistentQueue(PREFIX, pickup, number_of_workers=k - 1, context=ctx.ctx)
     report.outstanding_after_crash = len(q2.get_outstanding_messages())
     report.requeued = q2.requeue_unprocessed_work()
     events2 = ctx.SimpleQueue()
@@ -414,7 +438,7 @@ def _run_persistent(ctx: Any, pickup: str, report: PersistentDemoReport, work: f
     # ---------------------------------------------------------------- check
     report.lost = len(run1_ids - set(completed))
     report.duplicates = sum(1 for c in completed.values() if c > 1)
-    q3 = PersistentQueue(PREFIX, pickup, context=ctx)
+    q3 = PersistentQueue(PREFIX, pickup, context=ctx.ctx)
     report.outstanding_at_end = len(q3.get_outstanding_messages())
 
 

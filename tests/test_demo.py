@@ -137,3 +137,14 @@ def test_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     (tmp_path / "folder" / "x.tsv").write_text("old")
     with pytest.raises(FileExistsError):
         demo_module.run_demo(str(tmp_path), queue="folder")
+
+
+@pytest.mark.timeout(60)
+def test_demo_kills_its_own_children_when_it_gives_up(tmp_path):
+    import multiprocessing
+
+    with pytest.raises(TimeoutError):
+        # nothing can report within a millisecond: the demo gives up at its first wait
+        demo_module.run_demo(str(tmp_path), queue="folder", timeout=0.001)
+    left = [p.name for p in multiprocessing.active_children() if p.name.startswith("folder-")]
+    assert left == []
