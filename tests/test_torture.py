@@ -138,8 +138,8 @@ def test_powercut_fsync_mode_loses_nothing_for_both_queue_kinds():
 
 
 @pytest.mark.timeout(120)
-def test_powercut_flush_mode_persistent_queue_may_lose_unsynced_work_but_never_corrupts():
-    code, summaries, out = run("--mode", "powercut", "--queue", "persistent", "--size", "1",
+def test_powercut_flush_mode_may_lose_unsynced_work_and_the_journal_never_corrupts():
+    code, summaries, out = run("--mode", "powercut", "--queue", "both", "--size", "1",
                                "--durability", "flush", timeout=110)
     skip_if_skipped(summaries)
     assert code == 0, out
