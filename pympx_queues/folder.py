@@ -695,6 +695,7 @@ class ReadableFolderQueue(_FolderQueue):
 
     _RUNTIME_ATTRS = ("_listing", "_cursor", "_hints", "_contention", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
                       "_last_scan", "_next_rescan", "_next_recover", "_next_control",
+                      "_scan_watched", "_skipped",
                       "_retry_hint", "_control_state", "_prefix_cache")
 
     def __init__(
@@ -763,6 +764,8 @@ class ReadableFolderQueue(_FolderQueue):
         self._retry_hint: Set[str] = set()
         self._last_scan = 0.0
         self._next_rescan = 0.0
+        self._scan_watched = False
+        self._skipped = False
         now = time.monotonic()
         self._next_recover = now + self.recover_interval
         self._next_control = 0.0
@@ -831,9 +834,26 @@ class ReadableFolderQueue(_FolderQueue):
         self._listing = listing
         self._cursor = 0
         self._hints = []
+        self._skipped = False
+        # The wake-up watch was running before this listing began: every name published
+        # after it reaches us as a hint (or as an overflow that forces a relist).
+        self._scan_watched = self._wakeups.active
         now = time.monotonic()
         self._last_scan = now
         self._next_rescan = now + max(self.rescan_interval, 20 * (now - t0))
+
+    def _listing_trusted(self, now: float) -> bool:
+        """True when a dry cached listing need not be listed again right now.
+
+        Holds while the last listing was made with the wake-up watch running (so every
+        later arrival is announced by a hint), no event was lost (overflow), no name of
+        that listing was jumped over, and it is younger than ``poll_interval``.  Thundering
+        herd fix: a wake-up makes every waiting consumer try the hinted names only, not
+        list the whole folder again; the periodic listing stays the source of truth.
+        """
+        wake = self._wakeups
+        return (self._scan_watched and not self._skipped and not wake.rescan_needed
+                and now - self._last_scan < self.poll_interval and wake.active)
 
     def _merge_hints(self) -> None:
         names = self._wakeups.names()
@@ -911,7 +931,10 @@ class ReadableFolderQueue(_FolderQueue):
             fails += 1
             self._contention = 256
             c = self._cursor
-            self._cursor = c + _random.randrange(min(n - c, 1 << min(fails + 3, 10)) + 1)
+            jump = _random.randrange(min(n - c, 1 << min(fails + 3, 10)) + 1)
+            if jump:
+                self._skipped = True  # those names are found again by the next listing
+            self._cursor = c + jump
 
     # ------------------------------------------------------------------ control state
     def _check_control(self) -> Tuple[bool, bool, List[str]]:
@@ -1017,12 +1040,17 @@ class ReadableFolderQueue(_FolderQueue):
             path = self._claim_next()
             if path is not None:
                 return path
-            if not scanned:  # dry: the listing is the source of truth
+            if not scanned and not self._listing_trusted(now):
+                # dry: the listing is the source of truth
                 self._rescan()
                 path = self._claim_next()
                 if path is not None:
                     return path
-            failed, closed, runs = self._check_control()
+            state = self._control_state
+            if state is None or self._wakeups.control_dirty \
+                    or time.monotonic() >= self._next_control or not self._wakeups.active:
+                state = self._check_control()
+            failed, closed, runs = state
             if failed:
                 return self._end_of_stream(FAILED, runs)
             if closed:

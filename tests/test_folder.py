@@ -902,3 +902,47 @@ def test_compat_classes_keep_pympx_signatures_and_millisecond_timeouts(tmp_path)
     w.close()
     assert r.get(1000) is DONE
     r.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_event_wakeups_claim_hinted_names_without_listing_the_folder_again(tmp_path, monkeypatch):
+    from conftest import wait_for
+
+    """Thundering herd fix: a put wakes a waiting consumer, which claims the hinted name;
+    it does not list the whole folder once per wake-up (the periodic listing stays)."""
+    q = ReadableFolderQueue(tmp_path / "q", poll_interval=5.0)
+    if q.wakeups != "events":
+        pytest.skip("needs event wake-ups")
+    w = WritableFolderQueue(tmp_path / "q")
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)  # starts the watch; lists once
+    if not q._wakeups.active:
+        pytest.skip("inotify/watchdog unavailable here")
+    scans = []
+    real = ReadableFolderQueue._scan_ready
+
+    def counting(self):
+        scans.append(1)
+        return real(self)
+
+    monkeypatch.setattr(ReadableFolderQueue, "_scan_ready", counting)
+    n = 20
+    got = []
+
+    def consume():
+        for _ in range(n):
+            p = q.get(timeout=10)
+            got.append(os.path.basename(p).split("__")[-1])
+            q.task_done(p)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    for i in range(n):
+        w.put_data(f"m{i:03d}.tsv", b"x")
+        wait_for(lambda i=i: len(got) > i, timeout=10)
+    t.join(10)
+    assert sorted(got) == [f"m{i:03d}.tsv" for i in range(n)]
+    assert len(scans) <= 3, f"{len(scans)} listings for {n} wake-ups"
+    w.close()
+    assert q.get(timeout=5) is DONE
+    q.close()
