@@ -1497,7 +1497,14 @@ def machine_info(path: str) -> Dict[str, Any]:
 def code_version() -> Dict[str, Any]:
     """The commit measured, and whether the library's files differ from it."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    info: Dict[str, Any] = {"commit": None, "dirty": []}
+    info: Dict[str, Any] = {"commit": None, "dirty": [], "library": None}
+    try:
+        info["library"] = subprocess.run(
+            [sys.executable, "-c", "import os, pympx_queues as p; "
+             "print(os.path.dirname(os.path.dirname(os.path.abspath(p.__file__))))"],
+            capture_output=True, text=True, timeout=60).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
                                         capture_output=True, text=True,
@@ -1508,6 +1515,18 @@ def code_version() -> Dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def _code_line(code: Dict[str, Any]) -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = code.get("library")
+    if lib and os.path.realpath(lib) != os.path.realpath(here):
+        return "pympx_queues imported from %s (this checkout is at commit %s)" % (
+            lib, code.get("commit"))
+    txt = "commit %s" % code.get("commit")
+    if code.get("dirty"):
+        txt += " with uncommitted changes in " + ", ".join(code["dirty"])
+    return txt
 
 
 def baseline_for(cls: type) -> Optional[str]:
@@ -1809,10 +1828,7 @@ def render(report: Dict[str, Any]) -> str:
                  a["n"], a["size"], a["consumers"], a["batch"], a["budget"],
                  a.get("repeat", 1), report["root"]),
              "command: %s" % report["command"],
-             "code: commit %s%s" % (report.get("code", {}).get("commit"),
-                                    "; uncommitted changes in " + ", ".join(
-                                        report["code"]["dirty"])
-                                    if report.get("code", {}).get("dirty") else ""),
+             "code: %s" % _code_line(report.get("code", {})),
              "x raw: rate / the raw system-call baseline of the same kind and durability. "
              "x peer>=durab.: rate / the fastest peer promising at least the same "
              "durability (none < flush < fsync); x best any: rate / the fastest peer.", ""]
@@ -1911,13 +1927,11 @@ def render_markdown(report: Dict[str, Any]) -> str:
     m, a = report["machine"], report["args"]
     lines = [
         "Measured %s on %s CPU(s) (%s), %s on %s, %s %s, kernel %s; load average %s at "
-        "the start. Code at commit %s%s." % (
+        "the start. Code: %s%s." % (
             report["started"], m["nproc"], m["cpu"], m["filesystem"], m["device"],
             m["implementation"], m["python"], m["kernel"],
             " / ".join("%.2f" % x for x in m["loadavg_at_start"] or []),
-            report.get("code", {}).get("commit"),
-            " (uncommitted: %s)" % ", ".join(report["code"]["dirty"])
-            if report.get("code", {}).get("dirty") else ""),
+            _code_line(report.get("code", {})), ""),
         "",
         "`%s`: %d messages of %d bytes per workload%s, drain with %d spawned consumer "
         "processes, batches of %d, %d round(s), median shown." % (
