@@ -139,6 +139,7 @@ class _FolderQueue:
         self._retries = os.path.join(self.path, L.RETRIES_DIR)
         self._control = os.path.join(self.path, L.CONTROL_DIR)
         self._done = os.path.join(self.path, L.DONE_DIR)
+        self._trash = os.path.join(self.path, L.TRASH_DIR)
         _fs.makedirs(self.path, dir_mode)
         for sub in L.SUBDIRS:
             _fs.makedirs(os.path.join(self.path, sub), dir_mode)
@@ -695,7 +696,8 @@ class ReadableFolderQueue(_FolderQueue):
 
     _RUNTIME_ATTRS = ("_listing", "_cursor", "_hints", "_contention", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
                       "_last_scan", "_next_rescan", "_next_recover", "_next_control",
-                      "_scan_watched", "_skipped",
+                      "_scan_watched", "_skipped", "_trash_thread", "_trash_wake",
+                      "_trash_stop", "_trash_backlog",
                       "_retry_hint", "_control_state", "_prefix_cache")
 
     def __init__(
@@ -777,6 +779,10 @@ class ReadableFolderQueue(_FolderQueue):
         self._last_incomplete: Dict[Any, List[str]] = {}
         self._runtime_pid = os.getpid()
         self._claims = {}  # claims belong to the process that made them
+        self._trash_thread: Optional[threading.Thread] = None
+        self._trash_wake = threading.Event()
+        self._trash_stop = False
+        self._trash_backlog = 0
 
     def _check_process(self) -> None:
         """Inherited through ``fork`` (not pickled): start this process's own state."""
@@ -1153,10 +1159,32 @@ class ReadableFolderQueue(_FolderQueue):
                 _fs.fsync_dir(self._wip)  # G4, once per batch
                 _fs.fsync_dir(self.path)  # G4: the claims' removal from the ready folder
 
+    #: Acknowledged claims this process may leave in ``trash/`` for its deleter thread;
+    #: beyond that ``task_done`` unlinks itself (the trash never grows without bound).
+    TRASH_BACKLOG = 10_000
+
     def _settle(self, path: PathLike) -> None:
         p, claim = self._resolve(path)
         if self.task_done_directory is None:
-            if not _fs.remove_claim(p):  # G4: the claim is removed, never redelivered
+            if self._trash_backlog < self.TRASH_BACKLOG:
+                try:
+                    # G4: the claim leaves wip/ in one atomic rename (never redelivered:
+                    # nothing in trash/ is ever requeued); the unlink, ~1 ms for a file
+                    # whose blocks were written, happens in the deleter thread.
+                    _fs.rename_noreplace(p, os.path.join(self._trash, os.path.basename(p)))
+                except FileNotFoundError:
+                    raise self._lost(p) from None
+                except OSError:  # a twin name still in trash/, or no trash/: unlink here
+                    if not _fs.remove_claim(p):  # G4
+                        raise self._lost(p) from None
+                else:
+                    with self._claims_lock:
+                        self._trash_backlog += 1
+                        if self._trash_thread is None:
+                            self._start_trash_deleter()
+                        else:
+                            self._trash_wake.set()
+            elif not _fs.remove_claim(p):  # G4: the claim is removed, never redelivered
                 raise self._lost(p)
         else:
             try:
@@ -1166,6 +1194,57 @@ class ReadableFolderQueue(_FolderQueue):
         with self._claims_lock:
             self._claims.pop(p, None)
         self._drop_retry_sidecar(claim.name, known=False)
+
+    def _start_trash_deleter(self) -> None:
+        """Start the deleter thread (caller holds ``_claims_lock``)."""
+        self._trash_stop = False
+        t = threading.Thread(target=self._trash_loop, name="pympx-folder-trash", daemon=True)
+        self._trash_thread = t
+        t.start()
+
+    def _empty_trash(self) -> int:
+        """Delete what ``trash/`` holds (acknowledged claims, any consumer's); count."""
+        n = 0
+        lock = self._claims_lock
+        for entry in _fs.scandir(self._trash):
+            if _fs.entry_is_regular(entry) and _fs.unlink_quiet(entry.path):
+                n += 1
+                with lock:
+                    if self._trash_backlog:
+                        self._trash_backlog -= 1
+        return n
+
+    def _kick_trash(self) -> None:
+        """Have the deleter thread empty ``trash/`` (leftovers of exited consumers too)."""
+        try:
+            with self._claims_lock:
+                if self._trash_thread is not None:
+                    self._trash_wake.set()
+                elif any(True for _ in _fs.scandir(self._trash)):
+                    self._start_trash_deleter()
+        except FileNotFoundError:  # a queue folder made before trash/ existed
+            pass
+
+    def _trash_loop(self) -> None:
+        """Unlink acknowledged claims off the caller's clock; ends once idle or stopped."""
+        wake = self._trash_wake
+        while True:
+            stop = self._trash_stop
+            try:
+                n = self._empty_trash()
+            except FileNotFoundError:  # the queue folder was removed
+                n = 0
+                stop = True
+            except Exception:  # pragma: no cover - the next recover() starts a new pass
+                log.warning("could not empty %s", self._trash, exc_info=True)
+                n = 0
+                stop = True
+            with self._claims_lock:
+                if stop or self._trash_stop or (n == 0 and not wake.is_set()):
+                    self._trash_thread = None
+                    return
+            wake.wait(0.05)
+            wake.clear()
 
     def _move_out(self, src: str, directory: str, name: str) -> str:
         try:
@@ -1382,6 +1461,7 @@ class ReadableFolderQueue(_FolderQueue):
         """
         from filelock import Timeout
 
+        self._kick_trash()
         lock = self._lock()
         try:
             lock.acquire(timeout=-1 if wait else 0)
@@ -1505,6 +1585,12 @@ class ReadableFolderQueue(_FolderQueue):
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5.0)
         self._hb_thread = None
+        t = self._trash_thread
+        if t is not None and self._runtime_pid == os.getpid():
+            # Let the deleter finish what this consumer acknowledged (bounded in time;
+            # leftovers are deleted by the next consumer's recover()).
+            t.join(timeout=10.0)  # it ends by itself once a pass finds trash/ empty
+            self._trash_stop = True
 
     def dispose(self) -> None:
         """pympx name for :meth:`close`."""

@@ -946,3 +946,29 @@ def test_event_wakeups_claim_hinted_names_without_listing_the_folder_again(tmp_p
     w.close()
     assert q.get(timeout=5) is DONE
     q.close()
+
+
+@pytest.mark.timeout(60)
+def test_task_done_moves_claims_to_trash_which_is_emptied_and_never_requeued(tmp_path):
+    from conftest import wait_for
+
+    root = tmp_path / "q"
+    w = WritableFolderQueue(root)
+    for i in range(50):
+        w.put_data(f"m{i:03d}.tsv", b"x")
+    w.close()
+    q = ReadableFolderQueue(root, **FAST)
+    paths = [q.get(timeout=5) for _ in range(50)]
+    for p in paths:
+        q.task_done(p)
+        assert not os.path.exists(p)  # gone from wip/ when task_done returns (G4)
+    assert q.get(timeout=5) is DONE
+    q.close()  # waits for the deleter
+    assert os.listdir(root / "trash") == []
+    assert os.listdir(root / "wip") == []
+    # Leftovers of a consumer that exited before its deleter ran: deleted, never requeued.
+    (root / "trash" / "host_1_2_abcd__left.tsv").write_bytes(b"x")
+    q2 = ReadableFolderQueue(root, **FAST)
+    wait_for(lambda: os.listdir(root / "trash") == [], timeout=10, message="trash emptied")
+    assert q2.qsize() == 0 and os.listdir(root / "wip") == []
+    q2.close()

@@ -280,6 +280,9 @@ def test_enospc_during_put_leaves_no_half_message_and_queue_recovers(tiny_tmpfs)
     # free space by consuming; puts work again
     for _ in range(5):
         r.task_done(r.get(timeout=5))
+    # acknowledged claims are unlinked by the consumer's deleter thread, just after
+    wait_for(lambda: os.listdir(os.path.join(q, "trash")) == [], timeout=10,
+             message="trash emptied")
     w.put_data("after.tsv", b"z" * 8192)
     w.close()
     got = 0
