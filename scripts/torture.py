@@ -193,7 +193,13 @@ class FsRecorder:
     """
 
     def __init__(self, root: str) -> None:
+        import threading
+
         self.root = os.path.abspath(root)
+        # Queues have background threads that touch the file system (a folder consumer's
+        # trash deleter): trace calls from several threads are serialised, so every event
+        # is one consistent snapshot taken after its operation.
+        self._lock = threading.RLock()
         self.events: List[dict] = []
         self._ino2vid: Dict[int, int] = {}
         self._next_vid = 0
@@ -261,6 +267,10 @@ class FsRecorder:
         return p == self.root or p.startswith(self.root + os.sep)
 
     def __call__(self, op: str, *args: Any) -> None:
+        with self._lock:
+            self._record(op, *args)
+
+    def _record(self, op: str, *args: Any) -> None:
         paths = [a for a in args if isinstance(a, str)]
         if not any(self._inside(p) for p in paths) and op != "fsync":
             return
@@ -298,11 +308,24 @@ class FsRecorder:
 
     def mark(self, kind: str, mid: str) -> None:
         """Record that the workload began / was acknowledged an operation on ``mid``."""
-        self.events.append({"op": "mark", "kind": kind, "mid": mid})
+        with self._lock:
+            self.events.append({"op": "mark", "kind": kind, "mid": mid})
 
     def dump(self) -> dict:
-        return {"initial_dirs": self.initial_dirs, "initial_content": self.initial_content,
-                "events": self.events}
+        with self._lock:
+            return {"initial_dirs": self.initial_dirs,
+                    "initial_content": self.initial_content, "events": list(self.events)}
+
+    def __getstate__(self) -> dict:  # pickled between workload phases
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
 
 def _apply_changes(dirs: Dict[str, Dict[str, Any]], changes: Iterable[tuple]) -> None:
