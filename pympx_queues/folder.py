@@ -1659,8 +1659,17 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
         self.on_incomplete = on_incomplete
         self.incomplete_groups: Dict[Any, List[str]] = {}
         self._foreign: Set[str] = set()
+        self._gnames: Optional[Set[str]] = None
+        self._gclass: Dict[str, Optional[Tuple[Any, Any]]] = {}
         super().__init__(path, message_extension, task_done_directory, sorting_function,
                          **kwargs)
+
+    _RUNTIME_ATTRS = ReadableFolderQueue._RUNTIME_ATTRS + ("_gnames", "_gclass")
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
+        self._gnames = None  # the cached listing (names believed ready)
+        self._gclass = {}  # name -> (group, item) or None (foreign), for cached names
 
     @property
     def foreign_files(self) -> List[str]:
@@ -1685,18 +1694,53 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
 
     def _groups(self, names: Iterable[str]) -> Dict[Any, Dict[Any, List[str]]]:
         groups: Dict[Any, Dict[Any, List[str]]] = {}
-        self._foreign.intersection_update(set())
+        memo = self._gclass
+        foreign: Set[str] = set()
         for name in names:
-            gi = self._classify(name)
+            if name in memo:
+                gi = memo[name]
+            else:
+                gi = memo[name] = self._classify(name)
             if gi is None:
+                foreign.add(name)
                 continue
             groups.setdefault(gi[0], {}).setdefault(gi[1], []).append(name)
+        self._foreign = foreign
         return groups
+
+    def _group_listing(self, fresh: bool = False) -> Set[str]:
+        """The cached set of ready names: listed again only when ``fresh``, on overflow,
+        or when ``rescan_interval`` passed; otherwise updated from wake-up hints
+        (DESIGN.md 4: finding the next group must not list the folder per ``get()``)."""
+        wake = self._wakeups
+        if wake.rescan_needed:
+            wake.rescan_needed = False
+            fresh = True
+        names = self._gnames
+        now = time.monotonic()
+        if fresh or names is None or now >= self._next_rescan:
+            wake.names()  # superseded by the listing below
+            names = self._gnames = set(self._scan_ready())
+            self._gclass = {n: gi for n, gi in self._gclass.items() if n in names}
+            self._scan_watched = wake.active
+            self._skipped = False
+            done = time.monotonic()
+            self._last_scan = done
+            self._next_rescan = done + max(self.rescan_interval, 20 * (done - now))
+        elif wake.pending():
+            ext = self.message_extension
+            valid = L.valid_message_name
+            for n in wake.names():
+                if n.endswith(ext) and valid(n):
+                    names.add(n)
+        return names
 
     def _claim_group(self, names: List[str]) -> Optional[List[str]]:
         claimed: List[str] = []
+        cache = self._gnames if self._gnames is not None else set()
         for name in sorted(names):  # same order in every consumer: losers fail early
             path = self._claim_name(name)
+            cache.discard(name)  # claimed now, or gone (another consumer took it)
             if path is None:
                 for done in reversed(claimed):  # roll back the partial claim
                     self._rollback(done)
@@ -1709,13 +1753,15 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
             claim = self._claims.pop(wip_path, None)
         name = claim.name if claim else L.parse_owned(os.path.basename(wip_path)).name  # type: ignore[union-attr]
         try:
-            self._move_noclobber(wip_path, self.path, name)  # G1: never lost, never clobbers
+            back = self._move_noclobber(wip_path, self.path, name)  # G1: never lost/clobbers
+            if self._gnames is not None:
+                self._gnames.add(os.path.basename(back))
         except OSError:
             log.error("could not roll back partial group claim %s; recover() will return it",
                       wip_path, exc_info=True)
 
-    def _try_groups(self) -> Optional[List[str]]:
-        groups = self._groups(self._scan_ready())
+    def _try_groups(self, names: Iterable[str]) -> Optional[List[str]]:
+        groups = self._groups(list(names))
         key = self.sorting_function
         complete = []
         for items in groups.values():
@@ -1750,17 +1796,26 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
             self._auto_recover()
         if self._saw_failed is not None:
             return FAILED
+        wake = self._wakeups
         while True:
-            failed, closed, runs = self._check_control()
+            state = self._control_state
+            if state is None or wake.control_dirty or not wake.active \
+                    or time.monotonic() >= self._next_control:
+                state = self._check_control()
+            failed, closed, runs = state
             if failed:
                 return self._end_of_stream(FAILED, runs)
-            self._wakeups.names()
-            got = self._try_groups()
+            before = self._last_scan
+            got = self._try_groups(self._group_listing())
             if got is not None:
                 return got
+            if self._last_scan == before and not self._listing_trusted(time.monotonic()):
+                got = self._try_groups(self._group_listing(fresh=True))  # dry: relist
+                if got is not None:
+                    return got
             if closed:
                 self._auto_recover(wait=True)
-                got = self._try_groups()
+                got = self._try_groups(self._group_listing(fresh=True))  # final (G6)
                 if got is not None:
                     return got
                 self._end_of_stream(DONE, runs)
@@ -1780,8 +1835,10 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
                 if remaining <= 0:
                     raise Empty(f"no complete group in {self.path} within {timeout} s")
                 wait = min(wait, remaining)
-            if not self._wakeups.wait(wait) and time.monotonic() >= self._next_recover:
-                self._auto_recover()
+            if not wake.wait(wait):
+                if time.monotonic() >= self._next_recover:
+                    self._auto_recover()
+                self._next_rescan = 0.0  # a quiet poll interval: list again
 
     def _group_paths(self, paths: Union[PathLike, Sequence[PathLike]]) -> List[PathLike]:
         if isinstance(paths, (str, os.PathLike)):

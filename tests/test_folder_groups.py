@@ -220,3 +220,31 @@ def test_two_consumer_processes_each_group_exactly_once_and_complete(tmp_path):
         assert len(g) == 3 and len({group_of(n) for n in g}) == 1
     assert os.listdir(tmp_path / "wip") == []
     q.close()
+
+
+def test_grouped_get_claims_from_a_cached_listing_not_one_listing_per_call(tmp_path, monkeypatch):
+    """DESIGN.md 4: finding the next group must not list the folder on every get()."""
+    w = WritableFolderQueue(tmp_path / "q")
+    days = [f"2026010{d}" for d in range(1, 10)] + [f"202601{d}" for d in range(10, 31)]
+    for day in days:
+        put(w, *[f"{day}_{u}.tsv" for u in UNITS])
+    w.close()
+    q = ReadableGroupedFileFolderQueue(tmp_path / "q", ".tsv", None, group_of, unit_of, UNITS,
+                                       poll_interval=5.0, rescan_interval=60.0)
+    scans = []
+    real = ReadableFolderQueue._scan_ready
+
+    def counting(self):
+        scans.append(1)
+        return real(self)
+
+    monkeypatch.setattr(ReadableFolderQueue, "_scan_ready", counting)
+    got = []
+    for _ in days:
+        paths = q.get(timeout=5)
+        got.append(group_of(originals(q, paths)[0]))
+        q.task_done(paths)
+    assert got == days
+    assert len(scans) <= 2, f"{len(scans)} listings for {len(days)} get() calls"
+    assert q.get(timeout=5) is DONE  # the end of the stream still lists once more (G6)
+    q.close()
