@@ -759,3 +759,18 @@ def remove_claim(path: PathLike) -> bool:
         return False
     _trace("unlink", path)
     return True
+
+
+def discard_claim(src: str, dst: str) -> bool:
+    """Acknowledge a claim by moving it into the trash folder (``task_done``).
+
+    One plain ``rename``: it never follows a symlink, and replacing a same-named entry in
+    the trash only drops a file that was acknowledged already.  Returns False if ``src``
+    is gone (the claim was requeued by recovery, or settled twice).  Other errors raise.
+    """
+    try:
+        os.rename(src, dst)  # G4: the claim leaves wip/ in one atomic step
+    except FileNotFoundError:
+        return False
+    _trace("rename", src, dst)
+    return True

@@ -140,6 +140,9 @@ class _FolderQueue:
         self._control = os.path.join(self.path, L.CONTROL_DIR)
         self._done = os.path.join(self.path, L.DONE_DIR)
         self._trash = os.path.join(self.path, L.TRASH_DIR)
+        self._trash_slash = self._trash + os.sep
+        self._wip_cut = len(self._wip) + 1  # wip path -> its base name, by slicing
+        self._root_slash = self.path + os.sep
         _fs.makedirs(self.path, dir_mode)
         for sub in L.SUBDIRS:
             _fs.makedirs(os.path.join(self.path, sub), dir_mode)
@@ -884,7 +887,7 @@ class ReadableFolderQueue(_FolderQueue):
         return cached[1]
 
     def _claim_name(self, name: str) -> Optional[str]:
-        src = os.path.join(self.path, name)
+        src = self._root_slash + name
         dst = self._claim_prefix() + name
         try:
             st = _fs.claim_listed(src, dst)
@@ -1171,18 +1174,20 @@ class ReadableFolderQueue(_FolderQueue):
                     # G4: the claim leaves wip/ in one atomic rename (never redelivered:
                     # nothing in trash/ is ever requeued); the unlink, ~1 ms for a file
                     # whose blocks were written, happens in the deleter thread.
-                    _fs.rename_noreplace(p, os.path.join(self._trash, os.path.basename(p)))
-                except FileNotFoundError:
-                    raise self._lost(p) from None
-                except OSError:  # a twin name still in trash/, or no trash/: unlink here
+                    moved = _fs.discard_claim(p, self._trash_slash + p[self._wip_cut:])
+                except OSError:  # no trash/ (removed by hand?): unlink here
+                    moved = None
+                if moved is False:
+                    raise self._lost(p)
+                if moved is None:
                     if not _fs.remove_claim(p):  # G4
-                        raise self._lost(p) from None
+                        raise self._lost(p)
                 else:
                     with self._claims_lock:
                         self._trash_backlog += 1
                         if self._trash_thread is None:
                             self._start_trash_deleter()
-                        else:
+                        elif not self._trash_wake.is_set():
                             self._trash_wake.set()
             elif not _fs.remove_claim(p):  # G4: the claim is removed, never redelivered
                 raise self._lost(p)
@@ -1270,6 +1275,8 @@ class ReadableFolderQueue(_FolderQueue):
         if name in self._retry_hint:
             self._retry_hint.discard(name)
         elif not known:
+            if not self._wakeups.side:  # the common case: no sidecar was ever announced
+                return
             side = self._wakeups.side
             entry = L.format_retry_sidecar(name)
             if entry not in side:  # written by another consumer after our last listing?
