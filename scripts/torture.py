@@ -1393,6 +1393,21 @@ def folder_final_drain(root: str, durability: str, done_dir: str) -> List[Option
     return out
 
 
+def _wait_for_first_ack(ack_dir: str, role: str, timeout: float) -> bool:
+    """Wait (with a deadline) until some ``role`` worker has logged an acknowledged call."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in os.listdir(ack_dir):
+            if name.startswith(role) and not name.endswith(".err"):
+                try:
+                    if os.path.getsize(os.path.join(ack_dir, name)) > 0:
+                        return True
+                except OSError:
+                    pass
+        time.sleep(0.02)
+    return False
+
+
 def kill_folder(adapter: Adapter, args: argparse.Namespace, durability: str) -> Summary:
     iterations = args.size or 50
     rng = random.Random(args.seed)
@@ -1417,6 +1432,9 @@ def kill_folder(adapter: Adapter, args: argparse.Namespace, durability: str) -> 
         workers = {"producer": [start("producer") for _ in range(2)],
                    "consumer": [start("consumer") for _ in range(3)]}
         died = 0
+        # Kill only once work flows: on a loaded machine spawned workers can take seconds
+        # to import, and killing them all before their first ack would test nothing.
+        _wait_for_first_ack(acks, "consumer", timeout=60.0)
         for _ in range(iterations):
             time.sleep(rng.uniform(0.01, 0.25))
             role = rng.choice(["producer", "consumer", "consumer"])
