@@ -774,3 +774,40 @@ def discard_claim(src: str, dst: str) -> bool:
         return False
     _trace("rename", src, dst)
     return True
+
+
+_rm_path: Optional[str] = None
+
+
+def remove_files_batch(paths: Tuple[str, ...]) -> None:
+    """Delete many files of ours (acknowledged claims in a queue's trash folder) at once.
+
+    Runs ``rm -f -- <paths>`` in a child process where ``rm`` exists: unlinking a file
+    whose blocks were written costs ~0.3-1.5 ms of kernel time (ext4 with ``discard``),
+    and doing it from a Python thread makes the caller's threads fight for the GIL after
+    every call.  ``rm`` never follows a symlink (it removes the link itself) and refuses
+    directories.  Without ``rm`` (Windows) or if it fails, falls back to
+    :func:`unlink_quiet` per path.  Never raises for a missing file.
+    """
+    global _rm_path
+    if not paths:
+        return
+    if _rm_path is None:
+        import shutil
+
+        _rm_path = shutil.which("rm") if os.name == "posix" else ""
+    if _rm_path:
+        import subprocess
+
+        try:
+            subprocess.run([_rm_path, "-f", "--", *paths], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           check=False, close_fds=True)
+            if _tracer is not None:
+                for p in paths:
+                    _trace("unlink", p)
+            return
+        except OSError:
+            pass
+    for p in paths:
+        unlink_quiet(p)
