@@ -1256,7 +1256,7 @@ class ReadableFolderQueue(_FolderQueue):
                 n = 0
                 stop = True
             with self._claims_lock:
-                if stop or self._trash_stop or (n == 0 and not wake.is_set()):
+                if stop or (n == 0 and not wake.is_set()):  # stop: after a full pass
                     self._trash_thread = None
                     return
                 wake.clear()
@@ -1610,8 +1610,11 @@ class ReadableFolderQueue(_FolderQueue):
         if t is not None and self._runtime_pid == os.getpid():
             # Let the deleter finish what this consumer acknowledged (bounded in time;
             # leftovers are deleted by the next consumer's recover()).
-            t.join(timeout=10.0)  # it ends by itself once a pass finds trash/ empty
+            # One last pass over trash/ (everything this consumer acknowledged is in it),
+            # then the thread ends, even while other consumers keep acknowledging.
             self._trash_stop = True
+            self._trash_wake.set()
+            t.join(timeout=10.0)
 
     def dispose(self) -> None:
         """pympx name for :meth:`close`."""

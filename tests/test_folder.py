@@ -972,3 +972,33 @@ def test_task_done_moves_claims_to_trash_which_is_emptied_and_never_requeued(tmp
     wait_for(lambda: os.listdir(root / "trash") == [], timeout=10, message="trash emptied")
     assert q2.qsize() == 0 and os.listdir(root / "wip") == []
     q2.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_does_not_wait_for_other_consumers_acknowledgements(tmp_path):
+    root = tmp_path / "q"
+    w = WritableFolderQueue(root)
+    for i in range(3):
+        w.put_data(f"m{i}.tsv", b"x")
+    q = ReadableFolderQueue(root, **FAST)
+    for _ in range(3):
+        q.task_done(q.get(timeout=5))
+    stop = threading.Event()
+
+    def other_consumer_acks():  # files keep landing in trash/
+        i = 0
+        while not stop.is_set():
+            (root / "trash" / f"h_1_2_abcd__o{i}.tsv").write_bytes(b"x")
+            i += 1
+            time.sleep(0.005)
+
+    t = threading.Thread(target=other_consumer_acks)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        q.close()
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        stop.set()
+        t.join()
+    w.close()
