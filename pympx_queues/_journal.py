@@ -305,6 +305,7 @@ class JournalWriter:
         self.directory = directory
         self.durability = _fs.check_durability(durability)
         self.pid = os.getpid() if pid is None else pid
+        self._fsync = self.durability == _fs.FSYNC
         self.rand = rand or _fs.random_id(6)
         self.name = JournalName(prefix, run, SNAPSHOT_PID if snapshot else str(self.pid),
                                 self.rand)
@@ -399,18 +400,26 @@ class JournalWriter:
     def append_one(self, kind: str, payload: str) -> None:
         """:meth:`append` of a single record (the hot path of put and task_done)."""
         with self._lock:
-            if self._broken is not None:
-                raise JournalBroken(f"journal {self.path} failed earlier: {self._broken!r}")
-            if self._fd is None:
-                raise ValueError(f"journal {self.path} is closed")
-            body = f"{self._seq} {kind} {payload}".encode("utf-8")
-            self._write(b"%08x %s\n" % (zlib.crc32(body), body))
-            self._seq += 1
-            self._written += 1
-            ticket = self._written
             fd = self._fd
-        if self.durability == _fs.FSYNC:
+            if fd is None or self._broken is not None:
+                self._refuse()
+            seq = self._seq
+            body = f"{seq} {kind} {payload}".encode("utf-8")
+            data = b"%08x %s\n" % (zlib.crc32(body), body)
+            try:  # one write(2): G1/G4, the record reaches the OS before we return
+                _fs.append(fd, data, self.path)
+            except BaseException as exc:  # never retried: the journal takes no more
+                self._break(exc)
+                raise
+            self._seq = seq + 1
+            self._written = ticket = self._written + 1
+        if self._fsync:
             self._group_commit(ticket, fd)
+
+    def _refuse(self) -> None:
+        if self._broken is not None:
+            raise JournalBroken(f"journal {self.path} failed earlier: {self._broken!r}")
+        raise ValueError(f"journal {self.path} is closed")
 
     def _group_commit(self, ticket: int, fd: int) -> None:
         # Leader/follower: whoever holds the sync lock fsyncs everything written so far;

@@ -702,8 +702,17 @@ class PersistentQueue:
         if id is None and self.use_queue and type(obj) is not Message \
                 and obj is not DONE and obj is not FAILED:
             # Hot path: one record, ids of our own making need no JSON escaping.
+            inflight = self._inflight
             with self._ilock:
-                mid, value = self._resolve(obj, None)
+                for mid in inflight:  # the oldest: acks in the order of the gets, O(1)
+                    value = inflight[mid]
+                    if value is obj or obj is _MISSING:
+                        del inflight[mid]
+                    else:
+                        mid, value = self._resolve(obj, None)
+                    break
+                else:
+                    mid, value = self._resolve(obj, None)  # raises ValueError
             writer = self._writer
             try:
                 if (writer is None or writer.closed) and self.current_pickup_dir is not None:

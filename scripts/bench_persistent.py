@@ -138,7 +138,9 @@ def run_pipeline(kind, n, workdir, batch=1):
     start.set()
     reports = [ends.get(timeout=600) for _ in procs]
     results = [r for r in reports if r[0] != "producer"]
-    cpu = sum(r[2] for r in results) + sum(r[1] for r in reports if r[0] == "producer")
+    prod_cpu = sum(r[1] for r in reports if r[0] == "producer")
+    cons_cpu = sum(r[2] for r in results)
+    cpu = prod_cpu + cons_cpu
     t1 = max(r[0] for r in results)
     got = sum(r[1] for r in results)
     for p in procs:
@@ -150,7 +152,7 @@ def run_pipeline(kind, n, workdir, batch=1):
         if left:
             raise SystemExit(f"{kind}: {len(left)} messages left outstanding")
         shutil.rmtree(pickup, ignore_errors=True)
-    return n / (t1 - t0), cpu / n * 1e6
+    return n / (t1 - t0), cpu / n * 1e6, prod_cpu / n * 1e6, cons_cpu / n * 1e6
 
 
 def naive_fsync(n, workdir):
@@ -167,7 +169,7 @@ def naive_fsync(n, workdir):
     finally:
         os.close(fd)
         os.unlink(path)
-    return n / (t1 - t0), None
+    return n / (t1 - t0), None, None, None
 
 
 def fs_type(path):
@@ -240,6 +242,9 @@ def main(argv=None):
     info = {"n": n, "single_n": single, "batch": args.batch, "consumers": CONSUMERS,
             "python": sys.version.split()[0], "cpus": os.cpu_count(),
             "filesystem": fstype, "rates": rates, "cpu_us_per_msg": cpu_us,
+            "producer_cpu_us_per_msg": {k: v[2] for k, v in best.items() if v[2] is not None},
+            "consumers_cpu_us_per_msg": {k: v[3] for k, v in best.items()
+                                         if v[3] is not None},
             "ratios": ratios,
             "targets": targets,
             "met": {k: ratios[k] >= v for k, v in targets.items() if k in ratios}}
@@ -262,7 +267,8 @@ def main(argv=None):
     for key, label in labels.items():
         if key not in rates:
             continue
-        cpu = f"   {cpu_us[key]:6.1f} us CPU/msg" if key in cpu_us else ""
+        cpu = (f"   {cpu_us[key]:6.1f} us CPU/msg (producer {best[key][2]:.1f}, "
+               f"consumers {best[key][3]:.1f})" if key in cpu_us else "")
         print(f"  {label:<56} {rates[key]:>10,.0f} msg/s{cpu}")
     for key, value in ratios.items():
         target = targets.get(key)
