@@ -1502,7 +1502,8 @@ def code_version() -> Dict[str, Any]:
         info["library"] = subprocess.run(
             [sys.executable, "-c", "import os, pympx_queues as p; "
              "print(os.path.dirname(os.path.dirname(os.path.abspath(p.__file__))))"],
-            capture_output=True, text=True, timeout=60).stdout.strip() or None
+            capture_output=True, text=True, timeout=60,
+            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
     try:
