@@ -252,6 +252,25 @@ def test_task_done_by_body_identity_then_equality_and_by_message(tmp_path):
     assert [m.id for m in PersistentQueue("jobs", tmp_path).get_outstanding_messages()] == [a]
 
 
+
+def test_task_done_fast_path_keeps_identity_equality_and_oldest_rules(tmp_path):
+    q = PersistentQueue("jobs", tmp_path)
+    ids = q.put_many([[1], [2], [1], [3], [4]])
+    got = [q.get() for _ in range(5)]
+    q.task_done(got[0])  # the oldest, by identity: the O(1) path
+    q.task_done([1])  # an equal copy, not the oldest any more: the oldest equal, ids[2]
+    q.task_done()  # no argument: the oldest left, ids[1]
+    q.task_done(got[4])  # identity, out of order
+    with pytest.raises(ValueError):
+        q.task_done([9])  # nothing equal in flight: nothing written
+    q.dispose()
+    assert [m.id for m in PersistentQueue("jobs", tmp_path).get_outstanding_messages()] \
+        == [ids[3]]
+    q = PersistentQueue("jobs", tmp_path)
+    with pytest.raises(ValueError):
+        q.task_done()  # nothing got in this process
+    q.dispose()
+
 # ------------------------------------------------------------------ restartable producers
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("requeue_first", [True, False])
