@@ -699,7 +699,7 @@ class ReadableFolderQueue(_FolderQueue):
 
     _RUNTIME_ATTRS = ("_listing", "_cursor", "_hints", "_contention", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
                       "_last_scan", "_next_rescan", "_next_recover", "_next_control",
-                      "_scan_watched", "_skipped", "_trash_thread", "_trash_wake",
+                      "_scan_watched", "_skipped", "_trash_thread", "_trash_wake", "_trash_halt",
                       "_trash_stop", "_trash_backlog",
                       "_retry_hint", "_control_state", "_prefix_cache")
 
@@ -784,6 +784,7 @@ class ReadableFolderQueue(_FolderQueue):
         self._claims = {}  # claims belong to the process that made them
         self._trash_thread: Optional[threading.Thread] = None
         self._trash_wake = threading.Event()
+        self._trash_halt = threading.Event()
         self._trash_stop = False
         self._trash_backlog = 0
 
@@ -1203,6 +1204,7 @@ class ReadableFolderQueue(_FolderQueue):
     def _start_trash_deleter(self) -> None:
         """Start the deleter thread (caller holds ``_claims_lock``)."""
         self._trash_stop = False
+        self._trash_halt.clear()
         t = threading.Thread(target=self._trash_loop, name="pympx-folder-trash", daemon=True)
         self._trash_thread = t
         t.start()
@@ -1260,10 +1262,13 @@ class ReadableFolderQueue(_FolderQueue):
                     self._trash_thread = None
                     return
                 wake.clear()
-            # Let acknowledgements gather: one rm per ~50 ms of acks, not one per ack.
-            wake.wait(0.05)
-            if n:
-                time.sleep(0.05)
+            # Let acknowledgements gather: one rm per ~50 ms of acks, not one per ack
+            # (close() cuts the pause short through _trash_halt).
+            halt = self._trash_halt
+            if not halt.is_set():
+                wake.wait(0.05)
+                if n:
+                    halt.wait(0.05)
 
     def _move_out(self, src: str, directory: str, name: str) -> str:
         try:
@@ -1613,6 +1618,7 @@ class ReadableFolderQueue(_FolderQueue):
             # One last pass over trash/ (everything this consumer acknowledged is in it),
             # then the thread ends, even while other consumers keep acknowledging.
             self._trash_stop = True
+            self._trash_halt.set()
             self._trash_wake.set()
             t.join(timeout=10.0)
 
