@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -31,8 +32,6 @@ def _restore_library_logger():
     """The CLI (run in-process by CliRunner) and the torture script configure the
     ``pympx_queues`` logger as a program would; put it back after every test so that
     ``caplog`` in later tests sees the library's warnings."""
-    import logging
-
     logger = logging.getLogger("pympx_queues")
     saved = (logger.level, list(logger.handlers), logger.propagate, logger.disabled)
     yield
@@ -40,3 +39,31 @@ def _restore_library_logger():
     logger.handlers[:] = saved[1]
     logger.propagate = saved[2]
     logger.disabled = saved[3]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def text(self):
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def folder_log():
+    """Records of the ``pympx_queues.folder`` logger, captured on that logger itself."""
+    logger = logging.getLogger("pympx_queues.folder")
+    handler = _Records()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import queue
@@ -22,35 +21,6 @@ from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 pytestmark = pytest.mark.timeout(60)
 
 FAST = dict(poll_interval=0.05)
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    @property
-    def text(self):
-        return "\n".join(r.getMessage() for r in self.records)
-
-
-@pytest.fixture
-def folder_log():
-    """Warnings of pympx_queues.folder, captured on that logger itself (independent of
-    propagation, which other tests' command-line runs may have changed)."""
-    logger = logging.getLogger("pympx_queues.folder")
-    handler = _Records()
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def reader(path, **kw):
