@@ -265,7 +265,7 @@ class _FolderBackend(_Backend):
         st = self._fa().status(path, **self._kw(o))
         counts = {"ready": st.ready, "wip": st.wip_live + st.wip_stale,
                   "wip_live": st.wip_live, "wip_stale": st.wip_stale, "done": st.done,
-                  "failed": st.dead_letters, "tmp": st.temp_files}
+                  "failed": st.dead_letters, "tmp": st.temp_files, "trash": st.trash}
         claims = [{"name": c.name, "state": "stale" if c.stale else "live", "host": c.host,
                    "pid": c.pid, "age": c.age_seconds, "alive": c.live, "path": c.path}
                   for c in st.claims]

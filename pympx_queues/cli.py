@@ -199,7 +199,7 @@ def _limited(rows: List[Any], hint: str, limit: int = MAX_ROWS) -> "tuple[List[A
 
 _COUNT_LABELS = [
     ("ready", "ready"), ("wip", "in progress"), ("done", "done"), ("failed", "dead letters"),
-    ("tmp", "temp files"), ("requested", "requested"), ("completed", "completed"),
+    ("tmp", "temp files"), ("trash", "acknowledged, deleting"), ("requested", "requested"), ("completed", "completed"),
     ("outstanding", "outstanding"),
 ]
 

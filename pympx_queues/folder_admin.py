@@ -82,6 +82,8 @@ class FolderStatus(_Dict):
     claims: List[ClaimInfo]
     producers: List[ProducerInfo]
     ended_runs: List[str]
+    #: acknowledged claims in trash/ that a consumer's deleter has not removed yet
+    trash: int = 0
 
 
 @dataclasses.dataclass
@@ -231,6 +233,7 @@ def status(path: Any, message_extension: str = ".tsv",
         dead_letters=len(_dead_letter_names(p, ext)),
         retries_pending=sum(1 for _ in _regular(os.path.join(p, L.RETRIES_DIR))),
         temp_files=sum(1 for _ in _regular(os.path.join(p, L.TMP_DIR))),
+        trash=sum(1 for _ in _regular(os.path.join(p, L.TRASH_DIR))),
         claims=claims, producers=producers, ended_runs=sorted(ended),
     )
 

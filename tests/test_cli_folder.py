@@ -238,3 +238,25 @@ def test_watch_shows_rates_on_a_live_queue(queue):
 def test_a_pickup_only_command_on_a_folder_queue_is_refused(queue):
     r = run("ls", queue, "--state", "bogus")
     assert r.exit_code == 2
+
+
+def test_status_counts_acknowledged_claims_still_in_trash(tmp_path):
+    """trash/ holds acknowledged claims until a consumer's deleter removes them: a person
+    reading `status` after a crash sees them counted apart from live work."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from pympx_queues import _layout
+    from pympx_queues.cli import main
+    from pympx_queues.folder import WritableFolderQueue
+
+    q = tmp_path / "q"
+    WritableFolderQueue(str(q)).close()
+    (q / _layout.TRASH_DIR).mkdir(exist_ok=True)
+    (q / _layout.TRASH_DIR / "host_1_1_abcd__a.tsv").write_text("x")
+    result = CliRunner().invoke(main, ["status", str(q), "--json"])
+    assert result.exit_code == 0, result.output
+    assert _json.loads(result.output)["counts"]["trash"] == 1
+    human = CliRunner().invoke(main, ["status", str(q)])
+    assert "acknowledged, deleting" in human.output
