@@ -313,37 +313,13 @@ class _FolderBackend(_Backend):
         return self._message(m, time.time())
 
     # -- put: a hand drop, not a registered producer -------------------------------
-    def _publish(self, path: str, name: str, source: Optional[str], data: Optional[bytes],
-                 o: Options, rename: bool) -> str:
-        from . import _layout as layout
+    def _writer(self, path: str, o: Options, rename: bool) -> Any:
+        """The library's producer, unregistered (no HELO/DONE: a hand drop), fsync mode."""
+        from .folder import WritableFolderQueue
 
-        ext = layout.normalise_extension(o.message_extension)
-        _fs.check_name(name)
-        if not name.endswith(ext) or not layout.valid_message_name(name):
-            raise ValueError(f"message name {name!r} must end with the queue's message "
-                             f"extension {ext!r} (see --ext) and not look like litter")
-        while True:
-            tmp = os.path.join(path, layout.TMP_DIR,
-                               layout.format_owned(layout.new_owner(), name))
-            final = os.path.join(path, name)
-            if source is not None:
-                _fs.copy_new(source, tmp, durable=True)  # G1: data durable before publish
-            else:
-                _fs.write_new(tmp, data or b"", durable=True)  # G1
-            try:
-                _fs.rename_noreplace(tmp, final)  # G2: atomic, never overwrites
-            except FileExistsError:
-                _fs.unlink_quiet(tmp)
-                if not rename:
-                    raise FileExistsError(17, "a message of that name is already waiting "
-                                              "(use --rename)", final) from None
-                name = layout.unique_variant(name, ext)
-                continue
-            except BaseException:
-                _fs.unlink_quiet(tmp)
-                raise
-            _fs.fsync_dir(path)  # G1: the published name survives power loss
-            return final
+        return WritableFolderQueue(path, o.message_extension, durability=_fs.FSYNC,
+                                   if_exists="rename" if rename else "error",
+                                   lease_timeout=o.lease_timeout, register=False)
 
     def put_files(self, path: str, files: List[str], copy: bool, o: Options,
                   rename: bool, progress: Optional[Progress]) -> List[str]:
@@ -352,17 +328,16 @@ class _FolderBackend(_Backend):
                 if _fs.lstat(f) is None:
                     raise FileNotFoundError(2, "no such file", f)
                 raise ValueError(f"{f} is not a regular file")
+        writer = self._writer(path, o, rename)
         out = []
         for i, f in enumerate(files, 1):
-            out.append(self._publish(path, os.path.basename(f), f, None, o, rename))
-            if not copy:
-                _fs.unlink_quiet(f)  # the message is durable in the queue (G1) first
+            out.append(writer.put(f, copy=copy))  # no-clobber, durable before it returns
             if progress:
                 progress(i, len(files))
         return out
 
     def put_data(self, path: str, name: str, data: bytes, o: Options, rename: bool) -> str:
-        return self._publish(path, name, None, data, o, rename)
+        return self._writer(path, o, rename).put_data(name, data)
 
     # -- moving messages ------------------------------------------------------------
     def requeue(self, path: str, include_live: bool, dry_run: bool, o: Options,

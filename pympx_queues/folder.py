@@ -331,6 +331,9 @@ class WritableFolderQueue(_FolderQueue):
     :param if_exists: what ``put`` does when a message of the same name is already
         waiting: ``"error"`` raises ``FileExistsError`` and writes nothing; ``"rename"``
         publishes under ``name~<8 hex digits>.ext``.  Never an overwrite.
+    :param register: ``False`` publishes without joining a run: no HELO, and
+        ``close()``/``fail()`` write no DONE/FAILED (what ``pympx-queues put`` does, like a
+        person dropping files in by hand; consumers' end of stream is unaffected).
 
     Raises ``QueueClosed`` for puts after ``close()``/``fail()``.
     """
@@ -347,10 +350,12 @@ class WritableFolderQueue(_FolderQueue):
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         dir_mode: int = _fs.DEFAULT_DIR_MODE,
         file_mode: int = _fs.DEFAULT_FILE_MODE,
+        register: bool = True,
     ) -> None:
         super().__init__(path, message_extension, task_done_directory, None,
                          durability=durability, lease_timeout=lease_timeout,
                          dir_mode=dir_mode, file_mode=file_mode)
+        self.register = bool(register)
         if if_exists not in ("error", "rename"):
             raise ValueError(f"if_exists must be 'error' or 'rename', got {if_exists!r}")
         self.if_exists = if_exists
@@ -358,8 +363,9 @@ class WritableFolderQueue(_FolderQueue):
         self.producer = self._owner(_fs.random_id())
         self._closed: Optional[str] = None
         self._clean_tmp()
-        self._supersede_failed_runs()
-        self._put_helo()
+        if self.register:
+            self._supersede_failed_runs()
+            self._put_helo()
 
     @property
     def producer_id(self) -> str:
@@ -581,8 +587,9 @@ class WritableFolderQueue(_FolderQueue):
         """End this producer's stream: write DONE (idempotent; no-op after ``fail()``)."""
         if self._closed is not None:
             return
-        self._write_control(L.format_control(L.DONE, self.run_id, self.producer),
-                            self._control_payload(L.DONE))
+        if self.register:
+            self._write_control(L.format_control(L.DONE, self.run_id, self.producer),
+                                self._control_payload(L.DONE))
         self._closed = "closed"
         log.info("producer %s closed %s", self.producer_id, self.path)
 
@@ -590,8 +597,9 @@ class WritableFolderQueue(_FolderQueue):
         """Fail the run: write FAILED so consumers stop promptly (G6).  Idempotent."""
         if self._closed == "failed":
             return
-        self._write_control(L.format_control(L.FAILED, self.run_id, self.producer),
-                            self._control_payload(L.FAILED, reason=_format_error(reason)))
+        if self.register:
+            self._write_control(L.format_control(L.FAILED, self.run_id, self.producer),
+                                self._control_payload(L.FAILED, reason=_format_error(reason)))
         self._closed = "failed"
         log.error("producer %s failed the run on %s", self.producer_id, self.path)
 

@@ -972,3 +972,12 @@ def test_close_does_not_wait_for_other_consumers_acknowledgements(tmp_path):
         stop.set()
         t.join()
     w.close()
+
+
+def test_unregistered_producer_publishes_without_joining_or_ending_a_run(tmp_path):
+    q = tmp_path / "q"
+    w = WritableFolderQueue(str(q), register=False)
+    w.put_data("a.tsv", b"x")
+    w.close()
+    assert os.listdir(q / "control") == []  # no HELO, no DONE: a hand drop
+    assert (q / "a.tsv").read_bytes() == b"x"
