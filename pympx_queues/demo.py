@@ -67,8 +67,28 @@ AFTER_A_CRASH = ("after a real crash: `pympx-queues status DIR` shows stale clai
                  "(DIR: the queue folder or pickup dir)")
 
 
+class _PartReport:
+    """``ok`` and ``to_dict`` shared by the two parts' reports."""
+
+    put: int
+    messages: int
+    lost: int
+    duplicates: int
+    outstanding_at_end: int
+
+    @property
+    def ok(self) -> bool:
+        return (self.lost == 0 and self.duplicates == 0 and self.outstanding_at_end == 0
+                and self.put == self.messages)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
 @dataclass
-class PersistentDemoReport:
+class PersistentDemoReport(_PartReport):
     """What the PersistentQueue part did and found; ``ok``: nothing lost or redone."""
 
     directory: str
@@ -87,19 +107,9 @@ class PersistentDemoReport:
     outstanding_at_end: int = 0
     seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        return (self.lost == 0 and self.duplicates == 0 and self.outstanding_at_end == 0
-                and self.put == self.messages)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
-
 
 @dataclass
-class FolderDemoReport:
+class FolderDemoReport(_PartReport):
     """What the folder-queue part did and found; ``ok``: nothing lost or redone."""
 
     directory: str  # the queue folder
@@ -121,16 +131,6 @@ class FolderDemoReport:
     duplicates: int = 0  # in done/ more than once
     outstanding_at_end: int = 0  # ready + claimed, per folder_admin.status
     seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return (self.lost == 0 and self.duplicates == 0 and self.outstanding_at_end == 0
-                and self.put == self.messages)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
 
 
 @dataclass

@@ -1081,17 +1081,23 @@ class ReadableFolderQueue(_FolderQueue):
                 return self._end_of_stream(DONE, runs)
             if not block:
                 raise Empty(f"no message in {self.path}")
-            wait = self.poll_interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Empty(f"no message in {self.path} within {timeout} s")
-                wait = min(wait, remaining)
+            wait = self._wait_budget(deadline, timeout, "no message")
             if not self._wakeups.wait(wait):
                 # A quiet poll interval: rescan (next round) and maybe recover.
                 if time.monotonic() >= self._next_recover:
                     self._auto_recover()
                 self._next_rescan = 0.0
+
+    def _wait_budget(self, deadline: Optional[float], timeout: Optional[float],
+                     what: str) -> float:
+        """Seconds to wait for a wake-up: a poll interval, cut to the time left before
+        ``deadline``; raises ``queue.Empty`` when that time is up."""
+        if deadline is None:
+            return self.poll_interval
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Empty(f"{what} in {self.path} within {timeout} s")
+        return min(self.poll_interval, remaining)
 
     def get_nowait(self) -> Message:
         """``get(block=False)``."""
@@ -1867,12 +1873,7 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
                 return DONE
             if not block:
                 raise Empty(f"no complete group in {self.path}")
-            wait = self.poll_interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Empty(f"no complete group in {self.path} within {timeout} s")
-                wait = min(wait, remaining)
+            wait = self._wait_budget(deadline, timeout, "no complete group")
             if not wake.wait(wait):
                 if time.monotonic() >= self._next_recover:
                     self._auto_recover()
