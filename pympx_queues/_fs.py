@@ -29,7 +29,7 @@ import socket
 import stat
 import sys
 import threading
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 log = logging.getLogger("pympx_queues")
 
@@ -240,14 +240,27 @@ else:  # pragma: no cover - non-UTF-8 file system encodings
     _encode = os.fsencode
 
 
+def libc_with(symbol: str) -> Any:
+    """The C library (ctypes, ``use_errno=True``) if it has ``symbol``, else False.
+
+    The running interpreter's own symbols come first (``CDLL(None)``: instant, no search);
+    ``ctypes.util.find_library`` (which may start ``ldconfig`` or a compiler) only if they
+    lack it.
+    """
+    for name in (None, "find"):
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") if name else None, use_errno=True)
+            getattr(lib, symbol)
+            return lib
+        except (OSError, AttributeError, TypeError):
+            continue
+    return False
+
+
 def _load_libc():
     global _libc
     if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            _libc.renameat2  # noqa: B018 - attribute probe
-        except (OSError, AttributeError):
-            _libc = False
+        _libc = libc_with("renameat2")
     return _libc
 
 

@@ -91,8 +91,23 @@ def parse_owner(text: str) -> Optional[Owner]:
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,@~-]{0,199}")
 
 
+#: One regex for the common case of valid_message_name (every listed name goes through
+#: it): a plain ASCII name that is no Windows device name, no litter suffix or OS file.
+#: Anything it does not match takes the full check below.
+_COMMON_VALID = re.compile(
+    r"(?!(?i:(?:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$)|thumbs\.db$|desktop\.ini$))"
+    r"[A-Za-z0-9][A-Za-z0-9._+=,@~-]{0,199}"
+    r"(?<!~)(?<!(?i:\.tmp))(?<!(?i:\.part))(?<!(?i:\.swp))(?<!(?i:\.swo))(?<!(?i:\.swx))"
+    r"(?<!(?i:\.crdownload))")
+
+
 def valid_message_name(name: str) -> bool:
     """True when ``name`` read from disk is an acceptable message name (not litter)."""
+    return _COMMON_VALID.fullmatch(name) is not None or _valid_message_name_full(name)
+
+
+def _valid_message_name_full(name: str) -> bool:
+    """The complete rule behind :func:`valid_message_name` (its regex is a shortcut)."""
     if _fs.is_litter(name):
         return False
     if _PLAIN_NAME.fullmatch(name) is not None and name.split(".")[0].lower() not in _fs._WINDOWS_RESERVED:

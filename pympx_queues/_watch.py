@@ -65,13 +65,12 @@ def _inotify_libc() -> Any:
         if not sys.platform.startswith("linux"):
             _libc = False
         else:
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-                lib.inotify_init1  # noqa: B018 - attribute probe
+            from ._fs import libc_with
+
+            lib = libc_with("inotify_init1")
+            if lib:
                 lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-                _libc = lib
-            except (OSError, AttributeError):
-                _libc = False
+            _libc = lib
     return _libc
 
 

@@ -1593,7 +1593,10 @@ class ReadableFolderQueue(_FolderQueue):
         self._kick_trash()
         lock = self._lock()
         try:
-            lock.acquire(timeout=-1 if wait else 0)
+            # filelock polls a held lock every 50 ms by default: a consumer reaching the
+            # end of the stream right after another would idle that long for a pass
+            # that takes a millisecond.
+            lock.acquire(timeout=-1 if wait else 0, poll_interval=0.002)
         except Timeout:
             return RecoveryReport([], 0, [], True, [])
         try:

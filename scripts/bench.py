@@ -565,7 +565,7 @@ class _FolderConsumer:
         from pympx_queues.sentinels import DONE, FAILED
 
         self.r = ReadableFolderQueue(path, durability=mode, **kwargs)
-        self.ends = (DONE, FAILED)
+        self.done, self.failed = DONE, FAILED
         self.ended = False
 
     def get_ack(self) -> Any:
@@ -575,7 +575,7 @@ class _FolderConsumer:
             item = self.r.get(timeout=30)
         except std_queue.Empty:
             raise EndOfStream from None
-        if item in self.ends:
+        if item is self.done or item is self.failed:  # singletons: what users write
             self.ended = True
             raise EndOfStream
         with open(item, "rb") as f:
@@ -593,7 +593,7 @@ class _FolderConsumer:
                 item = self.r.get(timeout=30) if not paths else self.r.get(block=False)
             except std_queue.Empty:
                 break
-            if item in self.ends:
+            if item is self.done or item is self.failed:
                 self.ended = True
                 break
             paths.append(item)

@@ -196,3 +196,30 @@ def test_temp_names_are_unique_owned_by_this_process_and_cleaned_after_a_crash(t
         f.write(b"half")
     WritableFolderQueue(tmp_path)
     assert not os.path.exists(dead)
+
+
+# --------------------------------------------------------------------------- names
+_NAME_CHARS = "abcXYZ019._+=,@~-#$ \r/\\é\x00"
+
+
+@pytest.mark.parametrize("name", [
+    "con", "CON.tsv", "com1.x", "lpt9", "nul.txt.tsv", "thumbs.db", "Desktop.INI", "a.TMP",
+    "a.part", "x~", "~$a", "#a", ".a", "a~b.tsv", "a.swp", "b.SWX", "a.crdownload",
+    "conx.tsv", "com0.tsv", "a" * 200, "a" * 201, "0001.tsv"])
+def test_the_name_shortcut_agrees_with_the_full_rule_on_edge_cases(name):
+    assert L.valid_message_name(name) == L._valid_message_name_full(name)
+
+
+def test_the_name_shortcut_agrees_with_the_full_rule_on_generated_names():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=3000, deadline=None)
+    @hypothesis.given(st.text(alphabet=_NAME_CHARS, min_size=1, max_size=14)
+                      | st.text(alphabet="ab.", min_size=195, max_size=205))
+    def check(name):
+        if L._COMMON_VALID.fullmatch(name) is not None:
+            assert L._valid_message_name_full(name), name
+        assert L.valid_message_name(name) == L._valid_message_name_full(name)
+
+    check()
