@@ -693,10 +693,6 @@ class WritableFolderQueue(_FolderQueue):
 
 
 # =========================================================================== consumers
-class _Claim(NamedTuple):
-    name: str  # original message name
-
-
 class ReadableFolderQueue(_FolderQueue):
     """The consumer side: claims message files one at a time.
 
@@ -782,7 +778,7 @@ class ReadableFolderQueue(_FolderQueue):
         self.recover_interval = _fs.check_timeout(recover_interval) or 0.0
         self._wakeups = Wakeups(self.path, self._control, self.message_extension,
                                 check_mode(wakeups), side_dir=self._retries)
-        self._claims: Dict[str, _Claim] = {}
+        self._claims: Dict[str, str] = {}  # wip path -> original message name
         self._closed_reader = False
         self._saw_failed: Optional[List[str]] = None
         # (run, producer) -> HELO / DONE / FAILED / GONE, as this consumer has seen them
@@ -844,6 +840,7 @@ class ReadableFolderQueue(_FolderQueue):
         ext = self.message_extension
         names: List[str] = []
         append = names.append
+        common = L._COMMON_VALID.fullmatch  # valid_message_name's shortcut, inlined
         valid = L.valid_message_name
         for entry in _fs.scandir(self.path):
             name = entry.name
@@ -858,7 +855,7 @@ class ReadableFolderQueue(_FolderQueue):
                     self._warn_once("ready:" + name, "skipping non-regular entry %r in %s "
                                     "(symlink, FIFO or device)", name, self.path)
                 continue
-            if not valid(name):
+            if common(name) is None and not valid(name):
                 if not _fs.is_litter(name):
                     self._warn_once("ready:" + name, "skipping file with an unusable name %r "
                                     "in %s", name, self.path)
@@ -942,7 +939,7 @@ class ReadableFolderQueue(_FolderQueue):
                     return None
             except FileExistsError:
                 return None
-        self._claims[dst] = _Claim(name)  # atomic under the GIL (heartbeat copies)
+        self._claims[dst] = name  # atomic under the GIL (heartbeat copies)
         if self._hb_thread is None and self.heartbeat_interval:
             self._start_heartbeat()
         return dst
@@ -1051,8 +1048,9 @@ class ReadableFolderQueue(_FolderQueue):
         ``block=False``), ``ValueError`` for a negative timeout, ``QueueClosed`` after
         :meth:`close`.
         """
-        if timeout is not None:
-            timeout = _fs.check_timeout(timeout)
+        if timeout is not None and not (
+                (timeout.__class__ is float or timeout.__class__ is int) and timeout >= 0):
+            timeout = _fs.check_timeout(timeout)  # not a plain number >= 0: check, or raise
         if self._closed_reader:
             raise QueueClosed(f"consumer of {self.path} is closed")
         if self._saw_failed is not None:
@@ -1076,7 +1074,7 @@ class ReadableFolderQueue(_FolderQueue):
                     # dst carries this object's owner tag and no claim of ours has that
                     # name: a plain rename claims, nothing can be clobbered (G3).
                     if _fs.claim_unique(self._root_slash + name, dst):
-                        claims[dst] = _Claim(name)  # atomic under the GIL (heartbeat copies)
+                        claims[dst] = name  # atomic under the GIL (heartbeat copies)
                         if self._hb_thread is None and self.heartbeat_interval:
                             self._start_heartbeat()
                         return dst
@@ -1166,7 +1164,7 @@ class ReadableFolderQueue(_FolderQueue):
         return msg
 
     # ------------------------------------------------------------------ settling claims
-    def _resolve(self, path: PathLike) -> Tuple[str, _Claim]:
+    def _resolve(self, path: PathLike) -> Tuple[str, str]:
         claim = self._claims.get(path) if isinstance(path, str) else None  # type: ignore[call-overload]
         if claim is not None:  # the exact string get() returned: the common case
             return path, claim  # type: ignore[return-value]
@@ -1181,7 +1179,7 @@ class ReadableFolderQueue(_FolderQueue):
         parsed = L.parse_owned(os.path.basename(p))
         if parsed is None:
             raise ValueError(f"{os.fspath(path)!r} is not a work-in-progress name")
-        return p, _Claim(parsed.name)
+        return p, parsed.name
 
     def _forget(self, path: str) -> None:
         with self._claims_lock:
@@ -1205,9 +1203,15 @@ class ReadableFolderQueue(_FolderQueue):
             # path get() returned, one unlink.  Everything else goes through _settle.
             claim = self._claims.pop(path, None)
             if claim is not None:
-                self._unlink_claim(path)
+                t0 = _perf_counter()
+                if not _fs.remove_claim(path):  # G4: the claim is removed, never redelivered
+                    raise self._lost(path)
+                if _perf_counter() - t0 > self.SLOW_UNLINK:
+                    self._note_slow_unlink()
+                elif self._slow_unlinks:
+                    self._slow_unlinks = 0
                 if self._retry_hint or self._wakeups.side:
-                    self._drop_retry_sidecar(claim.name, known=False)
+                    self._drop_retry_sidecar(claim, known=False)
                 return
         self._settle(path)
         if self._durable:
@@ -1256,12 +1260,15 @@ class ReadableFolderQueue(_FolderQueue):
         if not _fs.remove_claim(p):  # G4: the claim is removed, never redelivered
             raise self._lost(p)
         if _perf_counter() - t0 > self.SLOW_UNLINK:
-            self._slow_unlinks += 1
-            if self._slow_unlinks >= self.SLOW_STREAK:
-                self._slow_unlinks = 0
-                self._trash_run = self.TRASH_RUN
+            self._note_slow_unlink()
         elif self._slow_unlinks:
             self._slow_unlinks = 0
+
+    def _note_slow_unlink(self) -> None:
+        self._slow_unlinks += 1
+        if self._slow_unlinks >= self.SLOW_STREAK:
+            self._slow_unlinks = 0
+            self._trash_run = self.TRASH_RUN  # the next acks go through trash/
 
     def _settle(self, path: PathLike) -> None:
         p, claim = self._resolve(path)
@@ -1293,13 +1300,13 @@ class ReadableFolderQueue(_FolderQueue):
                 raise self._lost(p)
         else:
             try:
-                self._move_out(p, self.task_done_directory, claim.name)
+                self._move_out(p, self.task_done_directory, claim)
             except FileNotFoundError:
                 raise self._lost(p) from None
         with self._claims_lock:
             self._claims.pop(p, None)
         if self._retry_hint or self._wakeups.side:
-            self._drop_retry_sidecar(claim.name, known=False)
+            self._drop_retry_sidecar(claim, known=False)
 
     def _start_trash_deleter(self) -> None:
         """Start the deleter thread (caller holds ``_claims_lock``)."""
@@ -1420,7 +1427,7 @@ class ReadableFolderQueue(_FolderQueue):
         st = _fs.lstat(p)
         if st is None:
             raise self._lost(p)
-        return int(self._read_retry(claim.name, st.st_dev, st.st_ino).get("attempts", 0)) + 1
+        return int(self._read_retry(claim, st.st_dev, st.st_ino).get("attempts", 0)) + 1
 
     def nack(self, path: PathLike, error: Any = None) -> str:
         """Give a claimed message back for a retry; returns where it went.
@@ -1434,12 +1441,12 @@ class ReadableFolderQueue(_FolderQueue):
         st = _fs.lstat(p)
         if st is None:
             raise self._lost(p)
-        prev = self._read_retry(claim.name, st.st_dev, st.st_ino)
+        prev = self._read_retry(claim, st.st_dev, st.st_ino)
         attempt = int(prev.get("attempts", 0)) + 1
         text = _format_error(error)
         if self.max_retries is not None and attempt >= self.max_retries:
-            return self._dead_letter(p, claim.name, attempt, text)
-        target = self._requeue(p, claim.name, st, attempt, text, "nack")
+            return self._dead_letter(p, claim, attempt, text)
+        target = self._requeue(p, claim, st, attempt, text, "nack")
         self._forget(p)
         return target
 
@@ -1887,7 +1894,7 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
     def _rollback(self, wip_path: str) -> None:
         with self._claims_lock:
             claim = self._claims.pop(wip_path, None)
-        name = claim.name if claim else L.parse_owned(os.path.basename(wip_path)).name  # type: ignore[union-attr]
+        name = claim if claim else L.parse_owned(os.path.basename(wip_path)).name  # type: ignore[union-attr]
         try:
             back = self._move_noclobber(wip_path, self.path, name)  # G1: never lost/clobbers
             if self._gnames is not None:
@@ -1997,8 +2004,8 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
             if st is None:
                 raise self._lost(ap)
             if self.max_retries is not None and attempt >= self.max_retries:
-                out.append(self._dead_letter(ap, claim.name, attempt, text))
+                out.append(self._dead_letter(ap, claim, attempt, text))
             else:
-                out.append(self._requeue(ap, claim.name, st, attempt, text, "nack"))
+                out.append(self._requeue(ap, claim, st, attempt, text, "nack"))
                 self._forget(ap)
         return out
