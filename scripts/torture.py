@@ -1174,7 +1174,10 @@ FOLDER_EXT = ".msg"
 def _fw(root: str, durability: str, run_id: str = "torture"):
     from pympx_queues.folder import WritableFolderQueue
 
-    return WritableFolderQueue(root, FOLDER_EXT, durability=durability, run_id=run_id)
+    # --writeback: flush-mode producers start each file's writeback before publishing
+    # (the opt-in power-cut mitigation); the environment carries it into child processes.
+    return WritableFolderQueue(root, FOLDER_EXT, durability=durability, run_id=run_id,
+                               writeback=os.environ.get("PYMPX_TORTURE_WRITEBACK") == "1")
 
 
 def _fr(root: str, durability: str, done_dir: Optional[str] = None, **kw: Any):
@@ -2074,6 +2077,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                          "figures, corruption still counts)")
     ap.add_argument("--recovery-crash-every", type=int, default=1,
                     help="crashstates: also crash recovery itself in every Nth state (0: never)")
+    ap.add_argument("--writeback", action="store_true",
+                    help="folder producers in flush mode use writeback=True (start each "
+                         "file's writeback before publishing)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -2081,6 +2087,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     _quiet_library_logs()
+    if args.writeback:
+        os.environ["PYMPX_TORTURE_WRITEBACK"] = "1"
     if args.publish == "link":
         os.environ["TORTURE_PUBLISH"] = "link"  # inherited by the workload processes
     kinds = ["persistent", "folder"] if args.queue == "both" else [args.queue]
