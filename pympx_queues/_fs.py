@@ -901,7 +901,8 @@ class _SyncPool:
             except _queue.Empty:
                 with self.lock:  # submit() puts under this lock: no token is stranded
                     if self.tokens.empty():
-                        self.threads.remove(me)
+                        if me in self.threads:
+                            self.threads.remove(me)
                         return
                 continue
             if job is None:  # shutdown
