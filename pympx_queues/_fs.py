@@ -816,12 +816,13 @@ def remove_files_batch(paths: Tuple[str, ...]) -> None:
 # Added for fsync-mode batches (folder ``put_many`` / ``task_done_many``).
 #
 # A batch of new message files must each be fsynced before any name is published (G1,
-# DESIGN.md section 3).  One after the other, every fsync waits for its own journal commit
-# and cache flush (~0.3-1.5 ms each on a virtio ext4 disk).  Issued from several threads at
-# once (``os.fsync`` releases the GIL), the file system merges them into a few commits
-# (ext4/XFS journal group commit).  Each file still gets its own ``fsync``: nothing here
-# relies on one file's sync covering another's data.  ``syncfs()`` would be faster still
-# but flushes every writer of the file system, so it is not used.
+# DESIGN.md section 3).  One after the other, every fsync waits for its own writes, journal
+# commit and disk cache flush (~0.3-1.5 ms each on a virtio disk).  Issued from several
+# threads at once (``os.fsync`` releases the GIL), they overlap: a journaling file system
+# merges them into a few commits (ext4/XFS group commit), and even without a journal the
+# block layer merges the concurrent cache flushes.  Each file still gets its own
+# ``fsync``: nothing here relies on one file's sync covering another's data.  ``syncfs()``
+# would be faster still but flushes every writer of the file system, so it is not used.
 
 #: Most worker threads a process uses for concurrent fsyncs (the caller's thread helps
 #: too).  Measured on a 2-core VM (ext4 on virtio), the fsyncs of 100 new 100-byte files:
