@@ -275,6 +275,18 @@ def test_fsync_pool_is_bounded_and_shuts_down_cleanly(tmp_path, monkeypatch):
     assert len(ready_names(tmp_path)) == 110
 
 
+def test_idle_fsync_threads_exit_and_come_back_on_demand(tmp_path, monkeypatch):
+    _fs.shutdown_sync_pool()
+    wait_for(lambda: not fsync_threads(), timeout=10, message="pool threads to stop")
+    monkeypatch.setattr(_fs, "SYNC_IDLE_EXIT", 0.2)
+    w = WritableFolderQueue(tmp_path, durability="fsync", register=False)
+    w.put_many([(f"m{i}.tsv", b"x") for i in range(30)])
+    assert fsync_threads()
+    wait_for(lambda: not fsync_threads(), timeout=10, message="idle threads to exit")
+    w.put_many([(f"n{i}.tsv", b"x") for i in range(30)])
+    assert len(ready_names(tmp_path)) == 60
+
+
 # --------------------------------------------------------------------------- crash
 PRODUCER = r"""
 import sys
