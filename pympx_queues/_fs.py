@@ -870,3 +870,198 @@ def remove_files_batch(paths: Tuple[str, ...]) -> None:
             pass
     for p in paths:
         unlink_quiet(p)
+
+
+# --------------------------------------------------------------------------- batched fsync
+# Added for fsync-mode batches (folder ``put_many`` / ``task_done_many``).
+#
+# A batch of new message files must each be fsynced before any name is published (G1,
+# DESIGN.md section 3).  One after the other, every fsync waits for its own writes, journal
+# commit and disk cache flush (~0.3-1.5 ms each on a virtio disk).  Issued from several
+# threads at once (``os.fsync`` releases the GIL), they overlap: a journaling file system
+# merges them into a few commits (ext4/XFS group commit), and even without a journal the
+# block layer merges the concurrent cache flushes.  Each file still gets its own
+# ``fsync``: nothing here relies on one file's sync covering another's data.  ``syncfs()``
+# would be faster still but flushes every writer of the file system, so it is not used.
+
+#: Most worker threads a process uses for concurrent fsyncs (the caller's thread helps
+#: too).  Measured on a 2-core VM (ext4 on virtio), the fsyncs of 100 new 100-byte files:
+#: 8 threads ~4x faster than one after another, 16-64 threads ~6x; put_many end to end
+#: showed no consistent difference between 8 and 128.  The threads wait on the disk.
+SYNC_THREADS = 32
+#: Idle worker threads exit after this many seconds (the pool starts again on demand).
+SYNC_IDLE_EXIT = 60.0
+
+
+class _SyncJob:
+    """One call's items, split into chunks taken by the caller and the workers."""
+
+    __slots__ = ("fn", "chunks", "next", "running", "error", "lock", "done")
+
+    def __init__(self, fn: Callable[[str], None], chunks: list) -> None:
+        self.fn = fn
+        self.chunks = chunks
+        self.next = 0
+        self.running = 0
+        self.error: Optional[BaseException] = None
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def work(self) -> None:
+        """Run chunks until none is left (or one failed: the rest is skipped)."""
+        while True:
+            with self.lock:
+                if self.error is not None or self.next >= len(self.chunks):
+                    if self.running == 0:
+                        self.done.set()
+                    return
+                chunk = self.chunks[self.next]
+                self.next += 1
+                self.running += 1
+            err: Optional[BaseException] = None
+            try:
+                for item in chunk:
+                    self.fn(item)
+            except BaseException as exc:  # reported to the caller, never swallowed
+                err = exc
+            with self.lock:
+                self.running -= 1
+                if err is not None and self.error is None:
+                    self.error = err
+
+
+class _SyncPool:
+    """Lazily started daemon threads that run :class:`_SyncJob` chunks; one per process."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        import queue as _queue
+
+        self.tokens: "_queue.SimpleQueue[Optional[_SyncJob]]" = _queue.SimpleQueue()
+        self.threads: list = []
+
+    def submit(self, job: _SyncJob, helpers: int) -> None:
+        """Offer ``job`` to ``helpers`` worker threads (started as needed, bounded)."""
+        with self.lock:
+            want = min(helpers, SYNC_THREADS)
+            while len(self.threads) < want:
+                t = threading.Thread(target=self._work, daemon=True,
+                                     name="pympx-fsync-%d" % len(self.threads))
+                self.threads.append(t)
+                t.start()
+            for _ in range(helpers):
+                self.tokens.put(job)
+
+    def _work(self) -> None:
+        import queue as _queue
+
+        me = threading.current_thread()
+        while True:
+            try:
+                job = self.tokens.get(timeout=SYNC_IDLE_EXIT)
+            except _queue.Empty:
+                with self.lock:  # submit() puts under this lock: no token is stranded
+                    if self.tokens.empty():
+                        if me in self.threads:
+                            self.threads.remove(me)
+                        return
+                continue
+            if job is None:  # shutdown
+                return
+            job.work()
+
+    def shutdown(self, timeout: float = 1.0) -> None:
+        """Ask every worker to stop; wait at most ``timeout`` seconds in all."""
+        import time as _time
+
+        with self.lock:
+            threads = list(self.threads)
+            self.threads.clear()
+            for _ in threads:
+                self.tokens.put(None)
+        deadline = _time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - _time.monotonic()))
+
+
+_sync_pool: Optional[_SyncPool] = None
+_sync_pool_lock = threading.Lock()
+
+
+def _get_sync_pool() -> _SyncPool:
+    global _sync_pool
+    pool = _sync_pool
+    if pool is not None and pool.pid == os.getpid():
+        return pool
+    with _sync_pool_lock:
+        # A forked child inherits the parent's pool object but not its threads: start anew.
+        if _sync_pool is None or _sync_pool.pid != os.getpid():
+            _sync_pool = _SyncPool()
+        return _sync_pool
+
+
+def shutdown_sync_pool(timeout: float = 1.0) -> None:
+    """Stop this process's fsync worker threads (run at exit; they restart on demand).
+
+    The threads are daemons, so a hung fsync never blocks interpreter exit.
+    """
+    global _sync_pool
+    with _sync_pool_lock:
+        pool, _sync_pool = _sync_pool, None
+    if pool is not None and pool.pid == os.getpid():
+        pool.shutdown(timeout)
+
+
+def _after_fork_in_child() -> None:
+    global _sync_pool, _sync_pool_lock
+    _sync_pool = None  # the parent's threads do not exist here
+    _sync_pool_lock = threading.Lock()  # may have been held by a parent thread at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+import atexit as _atexit  # noqa: E402 - kept beside the pool it shuts down
+from typing import Iterable  # noqa: E402
+
+_atexit.register(shutdown_sync_pool)
+
+
+def _run_concurrently(fn: Callable[[str], None], items: list) -> None:
+    """Call ``fn(item)`` for every item from up to ``SYNC_THREADS`` + 1 threads at once.
+
+    Returns when every started call has finished; raises the first exception any call
+    raised (the items not started yet are then skipped).  The calling thread works too.
+    """
+    n = len(items)
+    if n == 0:
+        return
+    k = min(n, SYNC_THREADS + 1)
+    if k == 1 or _tracer is not None:
+        # One item, or a tracer installed (crash-state tests): in this thread, in order,
+        # so the recorded history stays exact.
+        for item in items:
+            fn(item)
+        return
+    job = _SyncJob(fn, [items[i::k] for i in range(k)])
+    _get_sync_pool().submit(job, k - 1)
+    job.work()
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+
+
+def fsync_files(paths: Iterable[PathLike]) -> None:
+    """fsync many existing regular files concurrently (G1); return when all are durable.
+
+    Each file is opened without following a symlink and fsynced on its own.  Any failure
+    raises (an fsync failure is fatal for the batch: never retried, never reported as
+    success); the caller must then publish none of them.
+    """
+    _run_concurrently(fsync_path, [os.fspath(p) for p in paths])
+
+
+def fsync_dirs(paths: Iterable[PathLike]) -> None:
+    """fsync several directories concurrently (G1/G4); raise if any fsync fails."""
+    _run_concurrently(fsync_dir, list(dict.fromkeys(os.fspath(p) for p in paths)))

@@ -21,6 +21,7 @@ No timed assertions: figures are printed with ratios; the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -101,6 +102,147 @@ def raw_drain(d: str, n: int, nproc: int) -> float:
         p.join()
     assert sum(r[0] for r in results) == n, results
     return elapsed
+
+
+# --------------------------------------------------------------------------- fsync batches
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_put_fsync_naive(d: str, n: int, batch: int = 0) -> float:
+    """The naive durable put: create+write+fsync, rename, fsync(dir), one message at a time."""
+    tmp = os.path.join(d, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        t = os.path.join(tmp, f"t{i}")
+        fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, PAYLOAD)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(t, os.path.join(d, f"m{i:08d}.tsv"))
+        _fsync_dir(d)
+    return time.perf_counter() - t0
+
+
+def raw_put_fsync_serial_batch(d: str, n: int, batch: int) -> float:
+    """Batches with one fsync after another (put_many before the concurrent fsyncs)."""
+    tmp = os.path.join(d, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    t0 = time.perf_counter()
+    for s in range(0, n, batch):
+        made = []
+        for i in range(s, min(n, s + batch)):
+            t = os.path.join(tmp, f"t{i}")
+            fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, PAYLOAD)
+            made.append((t, fd, i))
+        for _, fd, _ in made:
+            os.fsync(fd)
+            os.close(fd)
+        for t, _, i in made:
+            os.rename(t, os.path.join(d, f"m{i:08d}.tsv"))
+        _fsync_dir(d)
+    return time.perf_counter() - t0
+
+
+def lib_put_many(d: str, n: int, batch: int, durability: str = "fsync",
+                 threads: int = 0) -> float:
+    from pympx_queues import _fs
+
+    saved = _fs.SYNC_THREADS
+    if threads:
+        _fs.SYNC_THREADS = threads
+    try:
+        w = WritableFolderQueue(d, durability=durability)
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            w.put_many([(f"m{i:08d}.tsv", PAYLOAD) for i in range(s, min(n, s + batch))])
+        elapsed = time.perf_counter() - t0
+        w.close()
+    finally:
+        _fs.SYNC_THREADS = saved
+    return elapsed
+
+
+def raw_ack_fsync_naive(d: str, n: int) -> float:
+    """Naive durable get+ack: rename to wip/, read, unlink, fsync(wip/) per message."""
+    wip = os.path.join(d, "wip")
+    os.makedirs(wip, exist_ok=True)
+    populate(d, n)
+    names = sorted(x for x in os.listdir(d) if x.endswith(".tsv"))
+    t0 = time.perf_counter()
+    for name in names:
+        w = os.path.join(wip, name)
+        os.rename(os.path.join(d, name), w)
+        with open(w, "rb") as f:
+            f.read()
+        os.unlink(w)
+        _fsync_dir(wip)
+    return time.perf_counter() - t0
+
+
+def lib_ack_many(d: str, n: int, batch: int, durability: str = "fsync") -> float:
+    """get + read batch messages, then one task_done_many (fsync mode: dirs once per batch)."""
+    w = WritableFolderQueue(d)
+    populate(d, n)
+    w.close()
+    r = ReadableFolderQueue(d, durability=durability, wakeups="poll")
+    t0 = time.perf_counter()
+    done = 0
+    while True:
+        paths = []
+        for _ in range(batch):
+            p = r.get(timeout=10)
+            if p is DONE:
+                break
+            with open(p, "rb") as f:
+                f.read()
+            paths.append(p)
+        if paths:
+            r.task_done_many(paths)
+            done += len(paths)
+        if len(paths) < batch:
+            break
+    elapsed = time.perf_counter() - t0
+    r.close()
+    assert done == n, (done, n)
+    return elapsed
+
+
+def fsync_batch_section(base: str, n: int, batch: int, reps: int, threads: list) -> None:
+    """put_many / task_done_many in fsync mode against the naive one-fsync-per-message rate.
+
+    Alternating runs, best of ``reps`` each.  ``flush`` rows are the ceiling: the same
+    work with no fsync at all.
+    """
+    runs = [("naive put (fsync file+dir per msg)", lambda d: raw_put_fsync_naive(d, n)),
+            ("raw batches, serial fsyncs", lambda d: raw_put_fsync_serial_batch(d, n, batch)),
+            ("put_many fsync", lambda d: lib_put_many(d, n, batch))]
+    runs += [(f"put_many fsync, {t} threads",
+              functools.partial(lib_put_many, n=n, batch=batch, threads=t)) for t in threads]
+    runs += [("put_many flush (ceiling)", lambda d: lib_put_many(d, n, batch, "flush")),
+             ("naive get+ack (fsync dir per msg)", lambda d: raw_ack_fsync_naive(d, n)),
+             ("get + task_done_many fsync", lambda d: lib_ack_many(d, n, batch)),
+             ("get + task_done_many flush (ceiling)",
+              lambda d: lib_ack_many(d, n, batch, "flush"))]
+    best: dict = {}
+    for rep in range(reps):
+        for k, (label, fn) in enumerate(runs):
+            d = os.path.join(base, f"fsyncbatch{rep}-{k}")
+            os.makedirs(d)
+            best[label] = min(best.get(label, float("inf")), fn(d))
+    # Removed only at the end: unlinking fsynced files slows the disk's next writes here
+    # (ext4 mounted with discard), which would penalise whichever run comes next.
+    put0, ack0 = best[runs[0][0]], best["naive get+ack (fsync dir per msg)"]
+    print(f"fsync batches: n={n} batch={batch} (best of {reps} alternating runs each)")
+    for label, _ in runs:
+        naive = ack0 if "ack" in label else put0
+        print(f"  {label:40s} {n / best[label]:9.0f} msg/s   x naive {naive / best[label]:6.2f}")
 
 
 # --------------------------------------------------------------------------- library
@@ -251,7 +393,25 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="base folder (default: a temp dir on /tmp)")
     ap.add_argument("--durability", default="flush", choices=["flush", "fsync"])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--fsync-batch", action="store_true",
+                    help="only the fsync-mode batch rows: put_many and task_done_many vs the "
+                         "naive one-fsync-per-message rate")
+    ap.add_argument("--fsync-n", type=int, default=2000, help="messages per fsync-batch run")
+    ap.add_argument("--batch", type=int, default=100, help="fsync-batch: batch size (100)")
+    ap.add_argument("--threads", default="",
+                    help="fsync-batch: also run put_many with these _fs.SYNC_THREADS (e.g. 8,64)")
     args = ap.parse_args(argv)
+    if args.fsync_batch:
+        base = tempfile.mkdtemp(prefix="bench_folder-", dir=args.dir)
+        print(f"# bench_folder --fsync-batch: dir={base} cpus={os.cpu_count()} "
+              f"load={os.getloadavg()[0]:.1f}")
+        try:
+            fsync_batch_section(base, 60 if args.quick else args.fsync_n, args.batch,
+                                1 if args.quick else args.reps,
+                                [int(t) for t in args.threads.split(",") if t])
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return 0
     if args.quick:
         args.n, args.sizes, args.samples, args.wake_samples, args.reps = 300, "200,2000", 100, 5, 1
     sizes = [int(s) for s in args.sizes.split(",") if s]
