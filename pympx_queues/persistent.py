@@ -383,7 +383,8 @@ class PersistentQueue:
                     batch_keys.add(key)
                 if mid is None:
                     mid = self._new_id()
-                body = jr.dumps(self._encode(obj))
+                body = (jr.dumps_value(obj) if self._formatters is None
+                        else jr.dumps(self._encode(obj)))
                 if key is None and not requeue:
                     record = f'{{"i":"{mid}","m":{body}}}'  # ids of our own need no escaping
                 else:
@@ -447,10 +448,11 @@ class PersistentQueue:
                 timeout = _fs.check_timeout(timeout)
             mid = f"{self._id_prefix}.{next(self._ids):x}"
             if writer is not None:
-                body = jr.encode_value(obj) if self._formatters is None else self._encode(obj)
+                body = (jr.dumps_value(obj) if self._formatters is None
+                        else jr.dumps(self._encode(obj)))
                 # G1: written (synced in fsync mode) before the queue sees it.  The body
                 # is encoded first: a bad message raises with nothing written.
-                writer.append_one(jr.KIND_PUT, f'{{"i":"{mid}","m":{jr.dumps(body)}}}')
+                writer.append_one(jr.KIND_PUT, f'{{"i":"{mid}","m":{body}}}')
             try:
                 self.joinable_queue.put((mid, obj), block, timeout)  # type: ignore[union-attr]
             except Full:
@@ -715,7 +717,7 @@ class PersistentQueue:
                     mid, value = self._resolve(obj, None)  # raises ValueError
             writer = self._writer
             try:
-                if (writer is None or writer.closed) and self.current_pickup_dir is not None:
+                if (writer is None or writer._fd is None) and self.current_pickup_dir is not None:
                     with self._lock:
                         writer = self._get_writer()  # a new journal after a failed one
                 if writer is not None:

@@ -168,11 +168,30 @@ def test_torn_tail_is_reported_then_cut_and_saved_when_writer_is_dead(tmp_path, 
     assert jr.compact(str(tmp_path), "q")[1]["cut"] == []
 
 
-def test_zero_filled_tail_after_power_loss_is_a_torn_tail(tmp_path):
-    w = _write_run(tmp_path, puts=[("a.0", 1)])
+def test_zero_filled_tail_of_a_version_1_journal_after_power_loss_is_a_torn_tail(tmp_path):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush",
+                         header={"v": 1})
+    w.append([(jr.KIND_PUT, jr.dumps({"i": "a.0", "m": 1}))])
+    w.close()
     with open(w.path, "ab") as f:
         f.write(b"\0" * 100)
     assert jr.scan_journal(w.path).torn is not None
+
+
+def test_zero_filled_tail_of_a_version_2_journal_is_reserved_space_cut_at_recovery(tmp_path):
+    # A flush-mode writer maps a reserved window: killed before close(), its journal
+    # ends in NUL bytes that never held a record.  Neither torn nor corrupt; recovery
+    # cuts them once the writer is gone, with nothing to save.
+    w = _write_run(tmp_path, puts=[("a.0", 1)])
+    good = os.path.getsize(w.path)
+    with open(w.path, "ab") as f:
+        f.write(b"\0" * 100)
+    scan = jr.scan_journal(w.path)
+    assert scan.problems == [] and scan.reserved == 100 and scan.good_end == good
+    assert [r[2]["i"] for r in scan.records] == ["a.0"]
+    history, actions = jr.compact(str(tmp_path), "q")
+    assert actions["cut"] == [] and os.path.getsize(w.path) == good
+    assert [r.id for r in history.outstanding()] == ["a.0"]
 
 
 def test_torn_tail_of_a_live_writer_is_never_cut(tmp_path):
