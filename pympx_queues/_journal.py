@@ -288,12 +288,21 @@ except ImportError:  # pragma: no cover
 
 def dumps_value(obj: Any) -> str:
     """``dumps(encode_value(obj))``, with fast paths for the common flat messages (a str,
-    an int).  Raises TypeError for what :func:`encode_value` refuses."""
+    an int, a tuple or list of scalars).  Raises TypeError for what :func:`encode_value`
+    refuses."""
     t = type(obj)
     if t is str:
         return _encode_str(obj)
     if t is int:
         return int.__repr__(obj)
+    if t is tuple or t is list:  # flat rows of scalars: no tagged copy to build
+        for x in obj:
+            if type(x) not in _SCALARS:
+                break
+        else:
+            if t is list:
+                return dumps(obj)
+            return '{"' + TAG_TUPLE + '":' + dumps(list(obj)) + "}"
     return dumps(encode_value(obj))
 
 

@@ -444,8 +444,9 @@ class PersistentQueue:
                 and (self.current_pickup_dir is None
                      or (writer is not None and writer._fd is not None)):
             # Hot path (no key, no lock): journal one record, then queue the message.
-            if timeout is not None:
-                timeout = _fs.check_timeout(timeout)
+            if timeout is not None and not ((type(timeout) is float or type(timeout) is int)
+                                            and timeout >= 0):
+                timeout = _fs.check_timeout(timeout)  # raises
             mid = f"{self._id_prefix}.{next(self._ids):x}"
             if writer is not None:
                 body = (jr.dumps_value(obj) if self._formatters is None
@@ -613,8 +614,9 @@ class PersistentQueue:
         negative timeout.
         """
         if self.use_queue and not self._buffer:
-            if timeout is not None:
-                timeout = _fs.check_timeout(timeout)
+            if timeout is not None and not ((type(timeout) is float or type(timeout) is int)
+                                            and timeout >= 0):
+                timeout = _fs.check_timeout(timeout)  # raises
             item = self.joinable_queue.get(block, timeout)  # type: ignore[union-attr]
             if item is DONE or item is FAILED:
                 return item  # sentinels were settled for join() when they were put
