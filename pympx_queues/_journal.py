@@ -527,7 +527,8 @@ class JournalWriter:
             data = b"%08x %s\n" % (_crc32(body), body)
             pos = self._pos
             end = pos + len(data)
-            if end <= self._map_end and not _fs.tracing():
+            # (``_fs._tracer`` read directly: a call per record costs more than the test.)
+            if end <= self._map_end and _fs._tracer is None:
                 base = self._map_base
                 # G1/G4: a store into the shared mapping: in the page cache on return.
                 self._map[pos - base:end - base] = data  # type: ignore[index]
