@@ -940,7 +940,9 @@ def cut_torn_tail(scan: JournalScan, *, durable: bool = True) -> Optional[str]:
     if scan.writer_alive():
         return None
     data = _fs.read_bytes(scan.path)
-    tail = data[torn.offset:].rstrip(b"\0")  # a mapped writer's reserved tail: padding
+    tail = data[torn.offset:]
+    if _may_reserve(scan.header):
+        tail = tail.rstrip(b"\0")  # the rest of a mapped writer's reserved window
     side = scan.path + TORN_SUFFIX_FORMAT.format(offset=torn.offset)
     if tail:
         try:
