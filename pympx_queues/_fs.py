@@ -843,7 +843,9 @@ def map_append_window(path: PathLike, fd: int, offset: int, length: int) -> "obj
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) or not stat.S_ISREG(a.st_mode):
             raise OSError(errno.ESTALE, "journal was replaced while open", path)
         if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, offset, length)
+            # On the read-write fd: glibc's emulation (file systems without fallocate)
+            # refuses an O_APPEND one.
+            os.posix_fallocate(rw, offset, length)
         elif a.st_size < offset + length:  # pragma: no cover - no fallocate (macOS)
             raise OSError(errno.EOPNOTSUPP, "cannot reserve journal space", path)
         return mmap.mmap(rw, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
