@@ -1065,3 +1065,54 @@ def fsync_files(paths: Iterable[PathLike]) -> None:
 def fsync_dirs(paths: Iterable[PathLike]) -> None:
     """fsync several directories concurrently (G1/G4); raise if any fsync fails."""
     _run_concurrently(fsync_dir, list(dict.fromkeys(os.fspath(p) for p in paths)))
+
+
+# --------------------------------------------------------------------------- mapped journals
+def tracing() -> bool:
+    """True while a tracer is installed (the crash-state recorder).
+
+    Writers that can bypass ``write(2)`` (a journal mapped into memory) use plain
+    :func:`append` while tracing, so every record is a traced operation.
+    """
+    return _tracer is not None
+
+
+def map_append_window(path: PathLike, fd: int, offset: int, length: int) -> "object":
+    """Reserve bytes ``[offset, offset + length)`` of the journal open as ``fd`` and map
+    them shared and writable; returns the ``mmap`` object.
+
+    G1 (flush mode): a record copied into a ``MAP_SHARED`` mapping is in the page cache
+    at once and survives the crash of the process, like a ``write(2)``, without a system
+    call (and without releasing the GIL).  The space is reserved with ``posix_fallocate``
+    first, so a full disk raises ``OSError`` here instead of a ``SIGBUS`` at a later store;
+    the reserved tail reads as NUL bytes until written.  ``offset`` must be a multiple of
+    ``mmap.ALLOCATIONGRANULARITY``.  ``path`` is reopened read-write (a shared writable
+    mapping needs it) and must still be the file ``fd`` is open on (checked by inode).
+    """
+    import mmap
+
+    path = os.fspath(path)
+    rw = os.open(path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        a, b = os.fstat(rw), os.fstat(fd)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) or not stat.S_ISREG(a.st_mode):
+            raise OSError(errno.ESTALE, "journal was replaced while open", path)
+        if hasattr(os, "posix_fallocate"):
+            # On the read-write fd: glibc's emulation (file systems without fallocate)
+            # refuses an O_APPEND one.
+            os.posix_fallocate(rw, offset, length)
+        elif a.st_size < offset + length:  # pragma: no cover - no fallocate (macOS)
+            raise OSError(errno.EOPNOTSUPP, "cannot reserve journal space", path)
+        return mmap.mmap(rw, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=offset)
+    finally:
+        os.close(rw)  # the mapping keeps its own reference
+
+
+def trim_fd(fd: int, length: int) -> None:
+    """Cut the unwritten reserved tail of a mapped journal at ``length`` bytes.
+
+    Only NUL bytes that never held a record are removed (G2 unaffected); not traced,
+    because a traced writer never maps (see :func:`tracing`).
+    """
+    os.ftruncate(fd, length)

@@ -22,6 +22,14 @@ without gaps.  Kinds: ``H`` header, ``P`` put (work requested), ``D`` done (comp
 ``X`` cancel (a put that never reached the queue), ``K`` key completed (snapshots only),
 ``C`` closed (DONE put), ``F`` failed (FAILED put).
 
+A writer in ``flush`` mode maps its journal into memory and copies records into it (no
+system call per record, see :class:`JournalWriter`); the space it has reserved but not
+written yet reads as NUL bytes.  A run of NUL bytes up to the end of the file is that
+reserved tail: readers stop there, it is neither a torn record nor corruption, and it is
+cut when the writer closes the journal or, after a crash, at recovery.  Records never
+contain a NUL byte (JSON escapes it).  Header ``v`` 2 marks journals that may carry such
+a tail; version 1 journals never do and read the same way.
+
 Recovery reads records until the first bad one.  A bad record with no good record after
 it is a torn tail: it is ignored, and cut off (saved to a side file first) once its writer
 is gone.  A bad record followed by good ones is corruption: reading fails closed with
@@ -37,6 +45,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import mmap
 import os
 import re
 import threading
@@ -49,6 +58,8 @@ from . import _fs
 from .errors import JournalCorruptError
 
 log = logging.getLogger("pympx_queues.journal")
+
+_crc32 = zlib.crc32
 
 # --------------------------------------------------------------------------- names
 JOURNAL_SUFFIX = ".journal"
@@ -142,7 +153,9 @@ KIND_KEY = "K"
 KIND_CLOSE = "C"
 KIND_FAIL = "F"
 KINDS = frozenset("HPDXKCF")
-FORMAT_VERSION = 1
+#: 2: the journal may end in a reserved tail of NUL bytes (flush-mode writers map it);
+#: 1: never does.  Both read the same way.
+FORMAT_VERSION = 2
 #: ``{crc32:08x} {seq} {kind} {json}\n``; the crc covers everything after the first space.
 RECORD_FORMAT = "{crc:08x} {body}\n"
 RECORD_BODY_FORMAT = "{seq} {kind} {payload}"
@@ -262,14 +275,35 @@ def _not_json(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+from json.encoder import encode_basestring as _encode_str  # noqa: E402 (C when built)
+
 try:  # the C encoder, built once (json.dumps builds an encoder per call)
     from json.encoder import c_make_encoder as _c_make_encoder
-    from json.encoder import encode_basestring as _encode_str
 
     _C_ENCODE = _c_make_encoder(None, _not_json, _encode_str, None, ":", ",", False, False,
                                 True) if _c_make_encoder is not None else None
 except ImportError:  # pragma: no cover
     _C_ENCODE = None
+
+
+def dumps_value(obj: Any) -> str:
+    """``dumps(encode_value(obj))``, with fast paths for the common flat messages (a str,
+    an int, a tuple or list of scalars).  Raises TypeError for what :func:`encode_value`
+    refuses."""
+    t = type(obj)
+    if t is str:
+        return _encode_str(obj)
+    if t is int:
+        return int.__repr__(obj)
+    if t is tuple or t is list:  # flat rows of scalars: no tagged copy to build
+        for x in obj:
+            if type(x) not in _SCALARS:
+                break
+        else:
+            if t is list:
+                return dumps(obj)
+            return '{"' + TAG_TUPLE + '":' + dumps(list(obj)) + "}"
+    return dumps(encode_value(obj))
 
 
 def dumps(data: Any) -> str:
@@ -288,20 +322,39 @@ class JournalBroken(OSError):
 class JournalWriter:
     """The one writer of one journal file (one per process and run).
 
-    ``append`` writes whole records with a single ``write(2)`` on an ``O_APPEND`` fd, so a
-    crash leaves at most one torn record at the end.  In ``flush`` mode the data reaches
-    the OS before ``append`` returns (survives a process crash, G1).  In ``fsync`` mode
-    ``append`` returns after an ``fsync`` that covers the records (G1 across power loss);
-    threads appending at the same time share one fsync (group commit).  A failed write or
-    fsync is never retried: the writer refuses further appends (:class:`JournalBroken`).
+    Records are appended whole, in order, by one writer, so a crash leaves at most one
+    torn record at the end.  A failed write or fsync is never retried: the writer refuses
+    further appends (:class:`JournalBroken`).
+
+    ``flush`` mode: the records are in the OS page cache before ``append`` returns
+    (survives the crash of any process, G1).  The writer maps a reserved window of the
+    file (``MAP_SHARED``, space reserved with ``posix_fallocate``) and copies each record
+    into it: a store into a shared file mapping is in the page cache at once, exactly as
+    a ``write(2)`` would put it there, but costs no system call and does not release the
+    GIL (a ``write(2)`` per put hands the GIL to ``multiprocessing``'s feeder thread and
+    back, which tripled the cost of a put).  Windows start at ``MAP_FIRST`` bytes and
+    double up to ``MAP_MAX``; the unwritten rest of the last window is NUL bytes, cut at
+    :meth:`close` (or by recovery after a crash).  Where mapping is not possible (no
+    ``posix_fallocate``, a file system without shared writable mappings, a disk too full
+    for a window) and while a tracer is installed (crash-state tests) the writer uses one
+    ``write(2)`` per append on its ``O_APPEND`` fd instead.
+
+    ``fsync`` mode: one ``write(2)`` per append, and ``append`` returns after an
+    ``fsync`` that covers the records (G1 across power loss); threads appending at the
+    same time share one fsync (group commit).
 
     Thread-safe.  Not fork-safe by itself: the owner opens a new writer in a child.
     """
 
+    #: Size of the first mapped window and the largest one (bytes; multiples of the
+    #: mmap granularity).  Each full window costs one ``posix_fallocate`` and ``mmap``.
+    MAP_FIRST = 64 * 1024
+    MAP_MAX = 4 * 1024 * 1024
+
     def __init__(self, directory: str, prefix: str, run: str, *, durability: str,
                  file_mode: int = _fs.DEFAULT_FILE_MODE, pid: Optional[int] = None,
                  rand: Optional[str] = None, header: Optional[Dict[str, Any]] = None,
-                 snapshot: bool = False) -> None:
+                 snapshot: bool = False, mapped: Optional[bool] = None) -> None:
         self.directory = directory
         self.durability = _fs.check_durability(durability)
         self.pid = os.getpid() if pid is None else pid
@@ -317,6 +370,14 @@ class JournalWriter:
         self._synced = 0  # batches covered by a completed fsync
         self._broken: Optional[BaseException] = None
         self._fd: Optional[int] = None
+        # Mapped appends (flush mode): the window [_map_base, _map_end) of the file is
+        # mapped as _map; _pos is the end of the records written so far.
+        self._mapped = not self._fsync and (mapped is None or bool(mapped))
+        self._map: Optional[mmap.mmap] = None
+        self._map_base = 0
+        self._map_end = 0
+        self._window = self.MAP_FIRST
+        self._pos = 0
         host, mypid, start = _fs.owner_tag()
         meta = {"v": FORMAT_VERSION, "prefix": prefix, "run": run, "host": host,
                 "pid": mypid, "start": start, "created": time.time(),
@@ -331,7 +392,9 @@ class JournalWriter:
         self._fd = _fs.open_append_exclusive(tmp, file_mode)
         try:
             _fs.flock_exclusive_nb(self._fd)  # "alive" marker, dropped by the kernel at exit
-            self._write(format_record(0, KIND_HEADER, dumps(meta)))
+            head = format_record(0, KIND_HEADER, dumps(meta))
+            _fs.append(self._fd, head, tmp)  # never mapped: the window maps self.path
+            self._pos = len(head)
             self._seq = 1
             if self.durability == _fs.FSYNC:
                 _fs.fsync_fd(self._fd, tmp)  # G1: the header is durable before the name
@@ -350,14 +413,66 @@ class JournalWriter:
     def closed(self) -> bool:
         return self._fd is None
 
+    @property
+    def mapped(self) -> bool:
+        """True while appends are copied into a mapped window (flush mode)."""
+        return self._map is not None
+
     def _write(self, data: bytes) -> None:
-        """Write under ``self._lock``; a failure closes the journal for good."""
+        """Append whole records under ``self._lock``; a failure closes the journal for good."""
         assert self._fd is not None
         try:
-            _fs.append(self._fd, data, self.path)
+            if self._mapped:
+                end = self._pos + len(data)
+                if end > self._map_end or _fs.tracing():
+                    self._remap(end)
+                m = self._map
+                if m is not None:
+                    base = self._map_base
+                    m[self._pos - base:end - base] = data  # G1: in the page cache now
+                    self._pos = end
+                    return
+            _fs.append(self._fd, data, self.path)  # G1: one write(2) to the OS
+            self._pos += len(data)
         except BaseException as exc:
             self._break(exc)
             raise
+
+    def _remap(self, end: int) -> None:
+        """Map a window holding bytes up to ``end``, or stop mapping for good."""
+        assert self._fd is not None
+        if _fs.tracing():  # the crash-state recorder must see every record as a write
+            self._stop_mapping()
+            return
+        pos = self._pos
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        size = max(self._window, end - base)
+        size += -size % mmap.ALLOCATIONGRANULARITY
+        try:
+            window = _fs.map_append_window(self.path, self._fd, base, size)
+        except (OSError, ValueError) as exc:
+            log.debug("journal %s: appending with write(2) from byte %d (cannot map: %r)",
+                      self.path, pos, exc)
+            self._stop_mapping()
+            return
+        old, self._map = self._map, window  # type: ignore[assignment]
+        self._map_base, self._map_end = base, base + size
+        self._window = min(self._window * 2, self.MAP_MAX)
+        if old is not None:
+            old.close()
+
+    def _unmap(self) -> None:
+        """Drop the mapping and cut the reserved tail (the file ends at its last record)."""
+        m, self._map = self._map, None
+        self._map_end = 0
+        if m is not None:
+            m.close()
+        if self._fd is not None and self._mapped:
+            _fs.trim_fd(self._fd, self._pos)
+
+    def _stop_mapping(self) -> None:
+        self._unmap()
+        self._mapped = False
 
     def _break(self, exc: BaseException) -> None:
         """Called with ``self._lock`` held: refuse further records and close the fd.
@@ -367,6 +482,10 @@ class JournalWriter:
         (:attr:`closed` is True).  The failed records are never retried.
         """
         self._broken = exc
+        try:
+            self._unmap()
+        except (OSError, ValueError):
+            pass  # a NUL tail left behind is cut by recovery
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -405,16 +524,21 @@ class JournalWriter:
                 self._refuse()
             seq = self._seq
             body = f"{seq} {kind} {payload}".encode("utf-8")
-            data = b"%08x %s\n" % (zlib.crc32(body), body)
-            try:  # one write(2): G1/G4, the record reaches the OS before we return
-                _fs.append(fd, data, self.path)
-            except BaseException as exc:  # never retried: the journal takes no more
-                self._break(exc)
-                raise
+            data = b"%08x %s\n" % (_crc32(body), body)
+            pos = self._pos
+            end = pos + len(data)
+            # (``_fs._tracer`` read directly: a call per record costs more than the test.)
+            if end <= self._map_end and _fs._tracer is None:
+                base = self._map_base
+                # G1/G4: a store into the shared mapping: in the page cache on return.
+                self._map[pos - base:end - base] = data  # type: ignore[index]
+                self._pos = end
+            else:
+                self._write(data)  # maps the next window, or one write(2)
             self._seq = seq + 1
             self._written = ticket = self._written + 1
         if self._fsync:
-            self._group_commit(ticket, fd)
+            self._group_commit(ticket, fd)  # type: ignore[arg-type]
 
     def _refuse(self) -> None:
         if self._broken is not None:
@@ -443,17 +567,29 @@ class JournalWriter:
         """In a forked child: close this process's copy of the fd, never write to it.
 
         The flock belongs to the open file description shared with the parent; closing
-        our copy leaves the parent's lock (and file) untouched.
+        our copy (and unmapping our copy of the window, without cutting anything) leaves
+        the parent's lock and file untouched.
         """
         with self._lock:
             fd, self._fd = self._fd, None
+            m, self._map = self._map, None
+            self._map_end = 0
+            self._mapped = False
             self._broken = JournalBroken("journal inherited across fork")
+        if m is not None:
+            m.close()
         if fd is not None:
             os.close(fd)
 
     def close(self) -> None:
-        """Close the file descriptor (records are already written; idempotent)."""
+        """Cut the reserved tail and close the file (records are already written;
+        idempotent)."""
         with self._lock:
+            if self._fd is not None:
+                try:
+                    self._unmap()
+                except (OSError, ValueError) as exc:  # the NUL tail is cut at recovery
+                    log.debug("journal %s: reserved tail not cut: %r", self.path, exc)
             fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
@@ -492,6 +628,8 @@ class JournalScan:
     size: int
     good_end: int  # offset after the last good record before any torn tail
     problems: List[Problem] = field(default_factory=list)
+    #: bytes of reserved NUL tail after the records (a mapped writer's unused window)
+    reserved: int = 0
 
     @property
     def torn(self) -> Optional[Problem]:
@@ -525,6 +663,13 @@ def _valid_line(line: bytes) -> Optional[Tuple[int, str, Any]]:
         return None
 
 
+def _may_reserve(header: Dict[str, Any]) -> bool:
+    """A version 2 journal may end in a reserved NUL tail; in a version 1 journal NUL
+    bytes at the end are a torn tail (a power loss), as they always were."""
+    v = header.get("v")
+    return type(v) is int and v >= 2
+
+
 def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
     """Parse one journal.  Blocks on file I/O only.
 
@@ -545,7 +690,11 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
     pos = 0
     expected = 0
     good_end = 0
+    reserved = 0
     while pos < size:
+        if data[pos] == 0 and _may_reserve(header) and data.count(b"\0", pos) == size - pos:
+            reserved = size - pos  # a mapped writer's reserved, unwritten tail
+            break
         nl = data.find(b"\n", pos)
         if nl < 0:
             problems.append(Problem("torn", path, pos, size, "incomplete last record"))
@@ -598,7 +747,7 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
         problems.append(problem)
         pos = resume[0]
         expected = resume[1]
-    return JournalScan(path, name, header, records, size, good_end, problems)
+    return JournalScan(path, name, header, records, size, good_end, problems, reserved)
 
 
 # --------------------------------------------------------------------------- history
@@ -781,10 +930,19 @@ def cut_torn_tail(scan: JournalScan, *, durable: bool = True) -> Optional[str]:
     second run finds nothing more to do.
     """
     torn = scan.torn
-    if torn is None or scan.writer_alive():
+    if torn is None:
+        if scan.reserved and not scan.writer_alive():
+            # A mapped writer died before cutting its reserved tail: NUL bytes only, no
+            # record was ever in them, nothing to save.
+            _fs.truncate(scan.path, scan.good_end, durable=durable)
+            scan.size, scan.reserved = scan.good_end, 0
+        return None
+    if scan.writer_alive():
         return None
     data = _fs.read_bytes(scan.path)
     tail = data[torn.offset:]
+    if _may_reserve(scan.header):
+        tail = tail.rstrip(b"\0")  # the rest of a mapped writer's reserved window
     side = scan.path + TORN_SUFFIX_FORMAT.format(offset=torn.offset)
     if tail:
         try:

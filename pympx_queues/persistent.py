@@ -383,7 +383,8 @@ class PersistentQueue:
                     batch_keys.add(key)
                 if mid is None:
                     mid = self._new_id()
-                body = jr.dumps(self._encode(obj))
+                body = (jr.dumps_value(obj) if self._formatters is None
+                        else jr.dumps(self._encode(obj)))
                 if key is None and not requeue:
                     record = f'{{"i":"{mid}","m":{body}}}'  # ids of our own need no escaping
                 else:
@@ -443,14 +444,16 @@ class PersistentQueue:
                 and (self.current_pickup_dir is None
                      or (writer is not None and writer._fd is not None)):
             # Hot path (no key, no lock): journal one record, then queue the message.
-            if timeout is not None:
-                timeout = _fs.check_timeout(timeout)
+            if timeout is not None and not ((type(timeout) is float or type(timeout) is int)
+                                            and timeout >= 0):
+                timeout = _fs.check_timeout(timeout)  # raises
             mid = f"{self._id_prefix}.{next(self._ids):x}"
             if writer is not None:
-                body = jr.encode_value(obj) if self._formatters is None else self._encode(obj)
+                body = (jr.dumps_value(obj) if self._formatters is None
+                        else jr.dumps(self._encode(obj)))
                 # G1: written (synced in fsync mode) before the queue sees it.  The body
                 # is encoded first: a bad message raises with nothing written.
-                writer.append_one(jr.KIND_PUT, f'{{"i":"{mid}","m":{jr.dumps(body)}}}')
+                writer.append_one(jr.KIND_PUT, f'{{"i":"{mid}","m":{body}}}')
             try:
                 self.joinable_queue.put((mid, obj), block, timeout)  # type: ignore[union-attr]
             except Full:
@@ -611,8 +614,9 @@ class PersistentQueue:
         negative timeout.
         """
         if self.use_queue and not self._buffer:
-            if timeout is not None:
-                timeout = _fs.check_timeout(timeout)
+            if timeout is not None and not ((type(timeout) is float or type(timeout) is int)
+                                            and timeout >= 0):
+                timeout = _fs.check_timeout(timeout)  # raises
             item = self.joinable_queue.get(block, timeout)  # type: ignore[union-attr]
             if item is DONE or item is FAILED:
                 return item  # sentinels were settled for join() when they were put
@@ -715,7 +719,7 @@ class PersistentQueue:
                     mid, value = self._resolve(obj, None)  # raises ValueError
             writer = self._writer
             try:
-                if (writer is None or writer.closed) and self.current_pickup_dir is not None:
+                if (writer is None or writer._fd is None) and self.current_pickup_dir is not None:
                     with self._lock:
                         writer = self._get_writer()  # a new journal after a failed one
                 if writer is not None:

@@ -379,6 +379,8 @@ def repair(path: "str | os.PathLike[str]", prefix: Optional[str] = None, *,
             history = jr.scan_dirs([path], pfx, strict=False)
             for scan in history.scans:
                 if not scan.problems:
+                    if scan.reserved and not dry_run:
+                        jr.cut_torn_tail(scan)  # a crashed mapped writer's NUL tail only
                     continue
                 alive = scan.writer_alive()
                 if alive:

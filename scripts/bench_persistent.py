@@ -15,6 +15,12 @@ One producer process and two consumer processes (spawn) move ``--n`` messages th
                    and per ack (on a smaller count, it is slow).
 * ``naive-fsync``  the baseline of the fsync target: one process appending one journal-size
                    record per message with write() + fsync() each time (no queue at all).
+* ``put-floor``    the cost of one put in one process (no consumer), microseconds per call,
+                   best block of 500: ``JoinableQueue.put``; the same put plus one write(2)
+                   of a preformatted journal record; plus one store of it into a mapped
+                   file instead; and ``PersistentQueue.put`` (flush).  The first two bound
+                   what any put that hands its record to the OS before returning can reach
+                   against the plain put (G1), before any encoding or checksum.
 
 Timing starts when all processes are ready and stops when the last consumer saw DONE.
 Run on the disk you care about (``--dir``; default: a temp dir under the current
@@ -172,6 +178,69 @@ def naive_fsync(n, workdir):
     return n / (t1 - t0), None, None, None
 
 
+def put_floor(n, workdir, block=500):
+    """Microseconds per put (best block of ``block`` calls) for the put-floor rows."""
+    import mmap
+
+    payloads = [message(i) for i in range(n)]
+    records = []
+    for i, m in enumerate(payloads):
+        body = f'{i} P {{"i":"abcdef012345.{i:x}","m":{json.dumps(m)}}}'.encode()
+        records.append(b"%08x %s\n" % (zlib.crc32(body), body))
+    size = sum(map(len, records))
+    out = {}
+    for case in ("mp put", "mp put + write(2)", "mp put + mapped store",
+                 "PersistentQueue.put"):
+        q = CTX.JoinableQueue()
+        path = os.path.join(workdir, "floor.journal")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        m = None
+        pq = None
+        if case == "mp put + mapped store":
+            os.posix_fallocate(fd, 0, size + 4096)
+            m = mmap.mmap(fd, size + 4096)
+        if case == "PersistentQueue.put":
+            pq = PersistentQueue("floor", tempfile.mkdtemp(prefix="floor-", dir=workdir),
+                                 durability="flush", context=CTX)
+            pq.put(payloads[0])  # opens the journal
+        put, write, clock = q.put, os.write, time.perf_counter
+        best = float("inf")
+        pos = 0
+        for lo in range(0, n - block + 1, block):
+            chunk = payloads[lo:lo + block]
+            recs = records[lo:lo + block]
+            t0 = clock()
+            if case == "mp put":
+                for x in chunk:
+                    put(x)
+            elif case == "mp put + write(2)":
+                for x, r in zip(chunk, recs):
+                    write(fd, r)
+                    put(x)
+            elif m is not None:
+                for x, r in zip(chunk, recs):
+                    end = pos + len(r)
+                    m[pos:end] = r
+                    pos = end
+                    put(x)
+            else:
+                pput = pq.put  # type: ignore[union-attr]
+                for x in chunk:
+                    pput(x)
+            best = min(best, (clock() - t0) / block)
+        out[case] = best * 1e6
+        if m is not None:
+            m.close()
+        os.close(fd)
+        os.unlink(path)
+        if pq is not None:
+            pq.joinable_queue.cancel_join_thread()  # nobody reads: do not wait at exit
+            pq.dispose()
+            shutil.rmtree(pq.current_pickup_dir, ignore_errors=True)
+        q.cancel_join_thread()
+    return out
+
+
 def fs_type(path):
     best, kind = "", "?"
     real = os.path.realpath(path)
@@ -197,7 +266,7 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--cases", default=None,
                     help="comma-separated subset of: plain,flush,flush-batched,fsync,"
-                         "fsync-single,naive-fsync")
+                         "fsync-single,naive-fsync,put-floor")
     args = ap.parse_args(argv)
     n = args.n
     single = args.single_n or min(n, 2000)
@@ -212,6 +281,7 @@ def main(argv=None):
         "fsync": lambda: run_pipeline("fsync", n, workdir, batch=args.batch),
         "fsync-single": lambda: run_pipeline("fsync-single", single, workdir),
         "naive-fsync": lambda: naive_fsync(single, workdir),
+        "put-floor": lambda: put_floor(n, workdir),
     }
     if args.cases:
         wanted = args.cases.split(",")
@@ -227,6 +297,10 @@ def main(argv=None):
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
+    floor = None
+    if "put-floor" in measured:  # per-call costs: the best of the rounds, row by row
+        rounds = measured.pop("put-floor")
+        floor = {k: min(r[k] for r in rounds) for k in rounds[0]}
     best = {k: max(v, key=lambda r: r[0]) for k, v in measured.items()}
     rates = {k: v[0] for k, v in best.items()}
     cpu_us = {k: v[1] for k, v in best.items() if v[1] is not None}
@@ -246,6 +320,7 @@ def main(argv=None):
             "consumers_cpu_us_per_msg": {k: v[3] for k, v in best.items()
                                          if v[3] is not None},
             "ratios": ratios,
+            "put_floor_us": floor,
             "targets": targets,
             "met": {k: ratios[k] >= v for k, v in targets.items() if k in ratios}}
     if args.json:
@@ -270,6 +345,12 @@ def main(argv=None):
         cpu = (f"   {cpu_us[key]:6.1f} us CPU/msg (producer {best[key][2]:.1f}, "
                f"consumers {best[key][3]:.1f})" if key in cpu_us else "")
         print(f"  {label:<56} {rates[key]:>10,.0f} msg/s{cpu}")
+    if floor:
+        print("  put in one process, no consumer (us per call, best block of 500; ratio = "
+              "plain put / this):")
+        plain = floor["mp put"]
+        for key, us in floor.items():
+            print(f"    {key:<54} {us:6.2f} us   {plain / us:5.2f}x")
     for key, value in ratios.items():
         target = targets.get(key)
         verdict = "" if target is None else (

@@ -168,11 +168,30 @@ def test_torn_tail_is_reported_then_cut_and_saved_when_writer_is_dead(tmp_path, 
     assert jr.compact(str(tmp_path), "q")[1]["cut"] == []
 
 
-def test_zero_filled_tail_after_power_loss_is_a_torn_tail(tmp_path):
-    w = _write_run(tmp_path, puts=[("a.0", 1)])
+def test_zero_filled_tail_of_a_version_1_journal_after_power_loss_is_a_torn_tail(tmp_path):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush",
+                         header={"v": 1})
+    w.append([(jr.KIND_PUT, jr.dumps({"i": "a.0", "m": 1}))])
+    w.close()
     with open(w.path, "ab") as f:
         f.write(b"\0" * 100)
     assert jr.scan_journal(w.path).torn is not None
+
+
+def test_zero_filled_tail_of_a_version_2_journal_is_reserved_space_cut_at_recovery(tmp_path):
+    # A flush-mode writer maps a reserved window: killed before close(), its journal
+    # ends in NUL bytes that never held a record.  Neither torn nor corrupt; recovery
+    # cuts them once the writer is gone, with nothing to save.
+    w = _write_run(tmp_path, puts=[("a.0", 1)])
+    good = os.path.getsize(w.path)
+    with open(w.path, "ab") as f:
+        f.write(b"\0" * 100)
+    scan = jr.scan_journal(w.path)
+    assert scan.problems == [] and scan.reserved == 100 and scan.good_end == good
+    assert [r[2]["i"] for r in scan.records] == ["a.0"]
+    history, actions = jr.compact(str(tmp_path), "q")
+    assert actions["cut"] == [] and os.path.getsize(w.path) == good
+    assert [r.id for r in history.outstanding()] == ["a.0"]
 
 
 def test_torn_tail_of_a_live_writer_is_never_cut(tmp_path):
@@ -313,3 +332,91 @@ def test_survivor_of_a_deleted_finished_history_never_resurrects_done_work(tmp_p
     assert history.outstanding() == [] and history.is_complete()
     jr.compact(str(tmp_path), "q")
     assert _journals(tmp_path) == []
+
+
+# ------------------------------------------------------------------ mapped appends (flush)
+def test_dumps_value_fast_paths_write_what_the_generic_encoder_writes():
+    values = ["a\"b\n\x00é\u2028", 5, -3, 10 ** 30, True, None, 1.5, (1, "a"), b"xy", ["q"],
+              {"k": 1}, (), [], (1, 2.5, None, True, "x"), [1, (2,)], ((1,),), [b"x"],
+              (float("inf"),), {"__tuple__": [1]}]
+    for value in values:
+        assert jr.dumps_value(value) == jr.dumps(jr.encode_value(value)), value
+
+
+def test_flush_writer_maps_its_journal_readers_stop_at_the_reserved_tail_close_cuts_it(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(jr.JournalWriter, "MAP_FIRST", 4096)  # cross several windows
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+    for i in range(300):
+        w.append_one(jr.KIND_PUT, jr.dumps({"i": f"a.{i:x}", "m": "x" * i}))
+    assert w.mapped
+    live = jr.scan_journal(w.path)  # another reader while the writer is alive
+    assert live.problems == [] and live.reserved > 0 and len(live.records) == 300
+    assert [r[0] for r in live.records] == list(range(1, 301))
+    w.close()
+    scan = jr.scan_journal(w.path)
+    assert scan.reserved == 0 and os.path.getsize(w.path) == scan.good_end == live.good_end
+    assert len(scan.records) == 300
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_records_of_a_mapped_writer_killed_with_sigkill_survive_and_recovery_cuts_the_tail(
+        tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "from pympx_queues import _journal as jr\n"
+        "jr.JournalWriter.MAP_FIRST = 4096\n"
+        "w = jr.JournalWriter(sys.argv[1], 'q', jr.new_run_id(), durability='flush')\n"
+        "for i in range(500):\n"
+        "    w.append_one(jr.KIND_PUT, jr.dumps({'i': 'a.%x' % i, 'm': i}))\n"
+        "assert w.mapped\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=60)
+    assert res.returncode == -signal.SIGKILL
+    (path,) = [os.path.join(tmp_path, n) for n in _journals(tmp_path)]
+    scan = jr.scan_journal(path)
+    assert scan.problems == [] and scan.reserved > 0 and len(scan.records) == 500
+    history, actions = jr.compact(str(tmp_path), "q")
+    assert actions["cut"] == [] and os.path.getsize(path) == scan.good_end
+    assert [r.id for r in history.outstanding()] == [f"a.{i:x}" for i in range(500)]
+
+
+def test_tracer_installed_while_mapped_switches_to_write_with_no_gap(tmp_path):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+    w.append_one(jr.KIND_PUT, jr.dumps({"i": "a.0", "m": 0}))
+    assert w.mapped
+    events = []
+    _fs.set_tracer(lambda op, *args: events.append(op))
+    try:
+        w.append_one(jr.KIND_PUT, jr.dumps({"i": "a.1", "m": 1}))
+        w.append([(jr.KIND_DONE, jr.dumps({"i": "a.0"}))])
+    finally:
+        _fs.set_tracer(None)
+    assert events == ["write", "write"] and not w.mapped
+    scan = jr.scan_journal(w.path)  # the reserved tail was cut before the first write
+    assert scan.problems == [] and scan.reserved == 0 and len(scan.records) == 3
+    w.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_forgets_the_mapping_without_touching_the_parents_journal(tmp_path):
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+    w.append_one(jr.KIND_PUT, jr.dumps({"i": "a.0", "m": 0}))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            w.forget()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert w.mapped and _fs.is_flocked(w.path)  # still ours, still locked
+    w.append_one(jr.KIND_PUT, jr.dumps({"i": "a.1", "m": 1}))
+    w.close()
+    scan = jr.scan_journal(w.path)
+    assert scan.problems == [] and [r[2]["i"] for r in scan.records] == ["a.0", "a.1"]

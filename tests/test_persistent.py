@@ -188,7 +188,11 @@ def test_torn_tail_of_a_killed_writer_is_cut_reported_and_nothing_else_lost(tmp_
         os.path.join(tmp_path, n) for n in os.listdir(tmp_path)
         if n.endswith(".journal") and f".{c1.pid}." in n)
     half = jr.format_record(99, jr.KIND_DONE, jr.dumps({"i": "never"}))[:20]
-    with open(consumer_journal, "ab") as f:
+    # Where its next record goes: the end of its records (a flush-mode writer maps a
+    # reserved NUL tail after them, so that is not the end of the file).
+    end = jr.scan_journal(consumer_journal).good_end
+    with open(consumer_journal, "r+b") as f:
+        f.seek(end)
         f.write(half)
     with caplog.at_level(logging.WARNING, logger="pympx_queues"):
         q2 = PersistentQueue("jobs", tmp_path, context=SPAWN)

@@ -404,11 +404,31 @@ def test_repair_removes_unpublished_temp_journals_of_dead_writers(tmp_path):
     assert not leftover.exists() and PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == ["a"]
 
 
-def test_after_a_failed_journal_write_the_next_put_uses_a_new_journal(tmp_path, monkeypatch):
+@pytest.mark.parametrize("io", ["write", "mapped"])
+def test_after_a_failed_journal_write_the_next_put_uses_a_new_journal(tmp_path, monkeypatch,
+                                                                      io):
     import errno
 
+    if io == "write":  # a file system that cannot map the journal: one write(2) per record
+        def no_map(*args):
+            raise OSError(errno.ENODEV, "No such device")
+
+        monkeypatch.setattr(_fs, "map_append_window", no_map)
+    else:  # a full disk when the mapped window is used up: write(2) gets ENOSPC too
+        monkeypatch.setattr(jr.JournalWriter, "MAP_FIRST", 4096)
     q = PersistentQueue("jobs", tmp_path)
     first = q.put("before")
+    if io == "mapped":
+        assert q._writer.mapped
+        real_map = _fs.map_append_window
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(_fs, "map_append_window", full)
+        while q._writer._pos + 150 < q._writer._map_end:
+            q.task_done(q.get(timeout=5))  # fill the window (puts and acks)
+            first = q.put("before")
     real = _fs.append
     state = {"fail": True}
 
@@ -420,7 +440,9 @@ def test_after_a_failed_journal_write_the_next_put_uses_a_new_journal(tmp_path, 
 
     monkeypatch.setattr(_fs, "append", disk_full_once)
     with pytest.raises(OSError):
-        q.put("failed")
+        q.put("failed" * 50)  # longer than what is left of the mapped window
+    if io == "mapped":
+        monkeypatch.setattr(_fs, "map_append_window", real_map)
     second = q.put("after")  # space is back: a fresh journal takes it
     assert second is not None and len(_journal_files(tmp_path)) == 2
     monkeypatch.undo()
