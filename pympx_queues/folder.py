@@ -1293,6 +1293,11 @@ class ReadableFolderQueue(_FolderQueue):
                 if moved is None:
                     if not _fs.remove_claim(p):  # G4
                         raise self._lost(p)
+                elif _fs.tracing():
+                    # The crash-state recorder attributes each file-system change to the
+                    # operation traced next: no deleter thread then, every operation in
+                    # order in this thread.
+                    self._remove_batch([self._trash_slash + p[self._wip_cut:]])
                 else:
                     with self._claims_lock:
                         self._trash_backlog += 1
@@ -1346,6 +1351,9 @@ class ReadableFolderQueue(_FolderQueue):
     def _kick_trash(self) -> None:
         """Have the deleter thread empty ``trash/`` (leftovers of exited consumers too)."""
         try:
+            if _fs.tracing():  # crash-state recording: in order, in this thread
+                self._empty_trash()
+                return
             with self._claims_lock:
                 if self._trash_thread is not None:
                     self._trash_wake.set()
