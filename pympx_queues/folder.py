@@ -1231,9 +1231,9 @@ class ReadableFolderQueue(_FolderQueue):
         acknowledged (and are made durable) and the exception propagates.
         """
         if not self._durable:  # nothing to share: each one takes task_done's fast path
-            task_done = self.task_done
             for p in paths:
-                task_done(p)
+                # This class's task_done (a subclass's may call back into this method).
+                ReadableFolderQueue.task_done(self, p)
             return
         settled = 0
         try:
