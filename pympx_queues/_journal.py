@@ -630,6 +630,8 @@ class JournalScan:
     problems: List[Problem] = field(default_factory=list)
     #: bytes of reserved NUL tail after the records (a mapped writer's unused window)
     reserved: int = 0
+    #: its writer held the lock when the file was read (checked *before* reading)
+    locked_at_read: bool = False
 
     @property
     def torn(self) -> Optional[Problem]:
@@ -640,8 +642,11 @@ class JournalScan:
         return [p for p in self.problems if p.kind == "corrupt"]
 
     def writer_alive(self) -> bool:
-        """True when the process that writes this journal may still be running."""
-        return writer_alive(self.path, self.header, self.name)
+        """True when the process that writes this journal may still be running, or was
+        running when the file was read (its content may then be a prefix of the final
+        one: a writer that closes right after our read must not make that prefix look
+        like the complete history of a dead run)."""
+        return self.locked_at_read or writer_alive(self.path, self.header, self.name)
 
 
 def writer_alive(path: str, header: Dict[str, Any], name: JournalName) -> bool:
@@ -682,6 +687,11 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
     name = parse_journal_name(os.path.basename(path))
     if name is None:
         raise ValueError(f"{path} is not a journal file name")
+    # The lock first, then the bytes: a writer seen dead here has written its last record.
+    try:
+        locked = bool(_fs.is_flocked(path)) and not name.is_snapshot
+    except OSError:
+        locked = not name.is_snapshot  # cannot test the lock: never take it for dead
     data = _fs.read_bytes(path)
     size = len(data)
     records: List[Tuple[int, str, Any]] = []
@@ -747,7 +757,8 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
         problems.append(problem)
         pos = resume[0]
         expected = resume[1]
-    return JournalScan(path, name, header, records, size, good_end, problems, reserved)
+    return JournalScan(path, name, header, records, size, good_end, problems, reserved,
+                       locked)
 
 
 # --------------------------------------------------------------------------- history

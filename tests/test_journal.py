@@ -104,6 +104,23 @@ def test_writer_holds_a_lock_while_open_and_releases_it_on_close(tmp_path):
     assert _fs.is_flocked(w.path) is False
 
 
+def test_a_journal_read_while_its_writer_ran_stays_live_after_the_writer_closes(tmp_path):
+    """The lock is tested before the bytes are read: a writer that closes right after the
+    read must not make the prefix we read look like the whole history of a dead run (the
+    CLI's requeue once reported a live run's unfinished work as ready)."""
+    w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="flush")
+    w.append([(jr.KIND_PUT, jr.dumps({"i": "1", "m": "x"}))])
+    early = jr.scan_journal(w.path)
+    w.append([(jr.KIND_DONE, jr.dumps({"i": "1"}))])
+    w.close()
+    assert early.writer_alive() is True
+    history = jr.History()
+    history.add_scan(early)
+    assert any(run.live for run in history.runs.values())
+    late = jr.scan_journal(w.path)
+    assert late.writer_alive() is False
+
+
 def test_fsync_mode_group_commit_shares_fsyncs_between_threads(tmp_path, monkeypatch):
     w = jr.JournalWriter(str(tmp_path), "q", jr.new_run_id(), durability="fsync")
     calls = []
