@@ -1205,13 +1205,7 @@ class ReadableFolderQueue(_FolderQueue):
             # path get() returned, one unlink.  Everything else goes through _settle.
             claim = self._claims.pop(path, None)
             if claim is not None:
-                t0 = _perf_counter()
-                if not _fs.remove_claim(path):  # G4: the claim is removed, never redelivered
-                    raise self._lost(path)
-                if _perf_counter() - t0 > self.SLOW_UNLINK:
-                    self._note_slow_unlink()
-                elif self._slow_unlinks:
-                    self._slow_unlinks = 0
+                self._unlink_claim(path)  # G4
                 if self._retry_hint or self._wakeups.side:
                     self._drop_retry_sidecar(claim, known=False)
                 return
@@ -1269,15 +1263,12 @@ class ReadableFolderQueue(_FolderQueue):
         if not _fs.remove_claim(p):  # G4: the claim is removed, never redelivered
             raise self._lost(p)
         if _perf_counter() - t0 > self.SLOW_UNLINK:
-            self._note_slow_unlink()
+            self._slow_unlinks += 1
+            if self._slow_unlinks >= self.SLOW_STREAK:
+                self._slow_unlinks = 0
+                self._trash_run = self.TRASH_RUN  # the next acks go through trash/
         elif self._slow_unlinks:
             self._slow_unlinks = 0
-
-    def _note_slow_unlink(self) -> None:
-        self._slow_unlinks += 1
-        if self._slow_unlinks >= self.SLOW_STREAK:
-            self._slow_unlinks = 0
-            self._trash_run = self.TRASH_RUN  # the next acks go through trash/
 
     def _settle(self, path: PathLike) -> None:
         p, claim = self._resolve(path)
