@@ -37,6 +37,7 @@ import select
 import struct
 import sys
 import threading
+import time
 from typing import Any, Callable, Deque, List, Optional
 
 log = logging.getLogger("pympx_queues.watch")
@@ -56,6 +57,8 @@ _IN_ISDIR = 0x40000000
 _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 _EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
+#: The inotify reader waits this long after the first event before reading the batch.
+COALESCE_SECONDS = 0.001
 _libc: Any = None
 
 
@@ -122,6 +125,10 @@ class _InotifyReader:
                 return
             if rpipe in ready:
                 return
+            # Let a burst of puts gather (1 ms): one wake-up then carries many names,
+            # instead of every consumer process waking once per file while a producer
+            # publishes thousands per second.
+            time.sleep(COALESCE_SECONDS)
             try:
                 buf = os.read(fd, 65536)
             except BlockingIOError:
