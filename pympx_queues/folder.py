@@ -458,17 +458,20 @@ class WritableFolderQueue(_FolderQueue):
             _fs.unlink_quiet(tmp)
             raise
 
+    def _message_item(self, msg: Tuple[str, Any]) -> Tuple[str, bytes]:
+        """Check a ``(name, data)`` item: a valid message name and bytes (str as UTF-8)."""
+        name, data = msg
+        name = self._message_name(name)
+        if isinstance(data, str):
+            return name, data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"message data must be bytes or str, got {type(data).__name__}")
+        return name, data if isinstance(data, bytes) else bytes(data)
+
     def _put_one(self, msg: Union[PathLike, Tuple[str, Union[bytes, str]]], copy: bool,
                  durable: bool) -> str:
         if isinstance(msg, tuple):
-            name, data = msg
-            name = self._message_name(name)
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-            elif not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TypeError(f"message data must be bytes or str, got {type(data).__name__}")
-            elif not isinstance(data, bytes):
-                data = bytes(data)
+            name, data = self._message_item(msg)
             tmp = self._tmp_path(name)
             _fs.write_new(tmp, data, durable=durable, mode=self.file_mode,  # G1, G2
                           writeback=self.writeback)
@@ -562,15 +565,9 @@ class WritableFolderQueue(_FolderQueue):
             for msg in messages:
                 if isinstance(msg, tuple) or copy:
                     if isinstance(msg, tuple):
-                        name, data = msg
-                        name = self._message_name(name)
-                        if isinstance(data, str):
-                            data = data.encode("utf-8")
-                        elif not isinstance(data, (bytes, bytearray, memoryview)):
-                            raise TypeError("message data must be bytes or str, got "
-                                            f"{type(data).__name__}")
+                        name, data = self._message_item(msg)
                         tmp = self._tmp_path(name)
-                        _fs.write_new(tmp, bytes(data), durable=False, mode=self.file_mode,
+                        _fs.write_new(tmp, data, durable=False, mode=self.file_mode,
                                       writeback=self.writeback)
                     else:
                         src = os.fspath(msg)
