@@ -152,7 +152,13 @@ KIND_CANCEL = "X"
 KIND_KEY = "K"
 KIND_CLOSE = "C"
 KIND_FAIL = "F"
-KINDS = frozenset("HPDXKCF")
+#: Kinds of the PersistentQueue pickup journals.
+QUEUE_KINDS = frozenset("HPDXKCF")
+#: Kinds of pipeline journals (pympx_queues.pipeline defines their payloads):
+#: A accepted, S stage finished, E attempt failed, L dead letter, Y item done,
+#: W kill-switch state, B batch acknowledged, R pending sink side effect, Q reset.
+PIPELINE_KINDS = frozenset("HASELYWBRQ")
+KINDS = QUEUE_KINDS | PIPELINE_KINDS
 #: 2: the journal may end in a reserved tail of NUL bytes (flush-mode writers map it);
 #: 1: never does.  Both read the same way.
 FORMAT_VERSION = 2
