@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
-from . import folder as _folder
-from .folder import _identity
+from .. import folder as _folder
+from ..folder import _identity
 
 __all__ = ["WritableFolderQueue", "ReadableFolderQueue", "ReadableGroupedFileFolderQueue"]
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {
-    "PersistentQueue": "._compat_persistent",
-    "WritableFolderQueue": "._compat_folder",
-    "ReadableFolderQueue": "._compat_folder",
-    "ReadableGroupedFileFolderQueue": "._compat_folder",
+    "PersistentQueue": ".pympx_persistent",
+    "WritableFolderQueue": ".pympx_folder",
+    "ReadableFolderQueue": ".pympx_folder",
+    "ReadableGroupedFileFolderQueue": ".pympx_folder",
 }
 
 __all__ = list(_LAZY)
@@ -30,6 +30,6 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'pympx_queues.compat' has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(module, "pympx_queues"), name)
+    value = getattr(import_module(module, __name__), name)
     globals()[name] = value
     return value

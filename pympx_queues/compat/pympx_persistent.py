@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, List, Optional, Sequence
 
-from . import persistent as _main
-from .sentinels import is_sentinel
+from .. import persistent as _main
+from ..sentinels import is_sentinel
 
 log = logging.getLogger("pympx_queues.compat")
 
