@@ -226,7 +226,7 @@ def folder_crash(tmp: str, norm: Normaliser) -> Dict[str, str]:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             consumers.append(p)
             norm.add_pid(p.pid)
-            wait_for(lambda: len(_regular_files(os.path.join(orders, "wip"))) == k
+            wait_for(lambda k=k, p=p: len(_regular_files(os.path.join(orders, "wip"))) == k
                      or p.poll() is not None, f"consumer {k} to claim")
             if p.poll() is not None:
                 raise RuntimeError(f"consumer {k} ended early: {p.stderr.read()}")
