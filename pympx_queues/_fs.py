@@ -623,7 +623,7 @@ def owner_tag() -> Tuple[str, int, int]:
 
 
 # --------------------------------------------------------------------------- folder queues
-# Added for the folder queues (pympx_queues/folder.py).
+# Added for the folder queues (pympx_queues/folder/).
 
 
 def fsync_path(path: PathLike) -> None:
@@ -764,7 +764,7 @@ def write_replace(path: PathLike, tmp_path: PathLike, data: bytes, *, durable: b
 
 
 # --------------------------------------------------------------------------- journal locks
-# Added for the PersistentQueue journals (pympx_queues/_journal.py).
+# Added for the PersistentQueue journals (pympx_queues/journal/).
 try:
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - not POSIX

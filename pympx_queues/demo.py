@@ -46,10 +46,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import _journal as jr
-from . import _layout as L
-from . import folder_admin
+from . import journal as jr
 from .folder import ReadableFolderQueue, WritableFolderQueue
+from .folder import admin as folder_admin
+from .folder import layout as L
 from .persistent import PersistentQueue
 from .sentinels import DONE, is_sentinel
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from pympx_queues import DONE, FAILED, QueueClosed, QueueFailed, _fs
-from pympx_queues import _layout as L
-from pympx_queues import folder_admin as admin
+from pympx_queues.folder import layout as L
+from pympx_queues.folder import admin
 from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
 pytestmark = pytest.mark.timeout(60)

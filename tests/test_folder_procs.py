@@ -17,7 +17,7 @@ import pytest
 from conftest import wait_for
 
 from pympx_queues import DONE
-from pympx_queues import _layout as L
+from pympx_queues.folder import layout as L
 from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
 SPAWN = mp.get_context("spawn")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from pympx_queues import _fs
-from pympx_queues import _journal as jr
+from pympx_queues import journal as jr
 from pympx_queues.errors import JournalCorruptError
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,7 +65,7 @@ VALUES = [
 def test_values_round_trip_through_json(value):
     text = jr.dumps(jr.encode_value(value))
     assert "\n" not in text
-    back = jr.decode_value(jr.json.loads(text))
+    back = jr.decode_value(json.loads(text))
     assert back == value and type(back) is (bytes if type(value) is bytearray else type(value))
 
 
@@ -385,7 +386,7 @@ def test_records_of_a_mapped_writer_killed_with_sigkill_survive_and_recovery_cut
 
     code = (
         "import os, signal, sys\n"
-        "from pympx_queues import _journal as jr\n"
+        "from pympx_queues import journal as jr\n"
         "jr.JournalWriter.MAP_FIRST = 4096\n"
         "w = jr.JournalWriter(sys.argv[1], 'q', jr.new_run_id(), durability='flush')\n"
         "for i in range(500):\n"

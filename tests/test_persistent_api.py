@@ -11,8 +11,9 @@ import queue
 
 import pytest
 
-from pympx_queues import _fs, pickup
-from pympx_queues import _journal as jr
+from pympx_queues import _fs
+from pympx_queues.persistent import pickup
+from pympx_queues import journal as jr
 from pympx_queues.compat import PersistentQueue as CompatQueue
 from pympx_queues.errors import QueueClosed, QueueFailed
 from pympx_queues.persistent import Message, PersistentQueue

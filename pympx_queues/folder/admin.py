@@ -24,9 +24,10 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from . import _fs
-from . import _layout as L
-from .errors import NotAQueueError
+from .. import _fs
+from ..errors import NotAQueueError
+from . import layout as L
+from .reader import ReadableFolderQueue
 
 log = logging.getLogger("pympx_queues.folder_admin")
 
@@ -138,8 +139,6 @@ def _check(path: Any) -> str:
 
 
 def _reader(path: str, message_extension: str, lease_timeout: float):
-    from .folder import ReadableFolderQueue
-
     return ReadableFolderQueue(path, message_extension, wakeups="poll",
                                recover_on_start=False, lease_timeout=lease_timeout)
 
@@ -355,7 +354,7 @@ def close_producer(path: Any, producer_id: str, failed: bool = False, reason: An
     kind = L.FAILED if failed else L.DONE
     name = L.format_control(kind, match.run, match.producer)
     payload = {"type": kind.lower(), "run": match.run, "producer": producer_id,
-               "written_by": "pympx_queues.folder_admin.close_producer",
+               "written_by": "pympx_queues.folder.admin.close_producer",
                "reason": "" if reason is None else str(reason), "time": time.time()}
     tmp = os.path.join(p, L.TMP_DIR, L.format_owned(L.new_owner(), name))
     final = os.path.join(ctrl, name)
@@ -399,8 +398,6 @@ def _purge_control(q: Any, keep: set, force: bool = False) -> int:
 
 
 def _requeue_claims(q: Any, include_live: bool = False) -> List[str]:
-    from .folder import ReadableFolderQueue
-
     reader = ReadableFolderQueue(q.path, q.message_extension, wakeups="poll",
                                  recover_on_start=False, lease_timeout=q.lease_timeout,
                                  dir_mode=q.dir_mode, file_mode=q.file_mode)

@@ -30,7 +30,7 @@ import re
 import time
 from typing import NamedTuple, Optional
 
-from . import _fs
+from .. import _fs
 
 # --------------------------------------------------------------------------- folders
 TMP_DIR = "tmp"

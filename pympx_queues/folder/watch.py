@@ -68,7 +68,7 @@ def _inotify_libc() -> Any:
         if not sys.platform.startswith("linux"):
             _libc = False
         else:
-            from ._fs import libc_with
+            from .._fs import libc_with
 
             lib = libc_with("inotify_init1")
             if lib:

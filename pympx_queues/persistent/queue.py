@@ -18,7 +18,7 @@ Message ids and ``task_done``
     which returns a picklable :class:`Message` ``(id, body)``, and pass that message (or
     ``id=...``) to ``task_done``.
 
-See the module :mod:`pympx_queues._journal` for the journal format and layout.
+See the module :mod:`pympx_queues.journal` for the journal format and layout.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from queue import Empty, Full
 from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence,
                     Tuple, Union)
 
-from . import _fs
-from . import _journal as jr
-from .errors import QueueClosed, QueueFailed
-from .sentinels import DONE, FAILED, is_sentinel
+from .. import _fs
+from .. import journal as jr
+from ..errors import QueueClosed, QueueFailed
+from ..sentinels import DONE, FAILED, is_sentinel
 
 log = logging.getLogger("pympx_queues.persistent")
 
