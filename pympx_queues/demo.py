@@ -234,7 +234,8 @@ def _folder_producer(qdir: str, run_id: str, n: int, report: Any) -> None:
 def _folder_reader(qdir: str, run_id: str) -> ReadableFolderQueue:
     return ReadableFolderQueue(qdir, FOLDER_EXT,
                                task_done_directory=os.path.join(qdir, L.DONE_DIR),
-                               run_id=run_id, expected_producers=1, poll_interval=0.1)
+                               run_id=run_id, expected_producers=1, poll_interval=0.1,
+                               create=True)  # consumers may start before the producer
 
 
 def _folder_consumer(qdir: str, run_id: str, work: float, report: Any) -> None:

@@ -3,6 +3,7 @@ the temp-file sweep, the recovery lock and pickling."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -60,10 +61,20 @@ class _FolderQueue:
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         dir_mode: int = _fs.DEFAULT_DIR_MODE,
         file_mode: int = _fs.DEFAULT_FILE_MODE,
+        create: bool = True,
     ) -> None:
         if path is None or os.fspath(path) == "":
             raise ValueError("path must name a folder")
         self.path = os.path.abspath(os.fspath(path))
+        if not create and not os.path.lexists(self.path):
+            parent = os.path.dirname(self.path)
+            while not os.path.lexists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise _fs.not_a_folder(parent, "parent of the queue folder")
+            raise FileNotFoundError(
+                errno.ENOENT, "no queue folder here; a consumer does not create one (pass "
+                "create=True, or start a producer first: producers create it)", self.path)
         self.message_extension = L.normalise_extension(message_extension)
         self.durability = _fs.check_durability(durability)
         lt = _fs.check_timeout(lease_timeout)
@@ -88,11 +99,11 @@ class _FolderQueue:
         self._trash_slash = self._trash + os.sep
         self._wip_cut = len(self._wip) + 1  # wip path -> its base name, by slicing
         self._root_slash = self.path + os.sep
-        _fs.makedirs(self.path, dir_mode)
+        _fs.makedirs(self.path, dir_mode, what="queue folder")
         for sub in L.SUBDIRS:
-            _fs.makedirs(os.path.join(self.path, sub), dir_mode)
+            _fs.makedirs(os.path.join(self.path, sub), dir_mode, what="queue sub-folder")
         if self.task_done_directory:
-            _fs.makedirs(self.task_done_directory, dir_mode)
+            _fs.makedirs(self.task_done_directory, dir_mode, what="task_done_directory")
         self._rid = _fs.random_id()
         self._warned: Set[str] = set()
         self._tmp_prefix: Optional[Tuple[int, str, List[int]]] = None

@@ -59,6 +59,11 @@ class ReadableFolderQueue(_Claims, _Acknowledgement, _Retries, _Leases, _Recover
     :param rescan_interval: seconds between full rescans while messages are flowing (at
         least 20x the last scan's duration, so the cost of ``get()`` stays flat).
     :param recover_interval: seconds between automatic :meth:`recover` passes.
+    :param create: create the queue folder when it does not exist.  By default a consumer
+        of a missing folder raises ``FileNotFoundError`` (a typo in the path would
+        otherwise wait forever on a queue no producer writes to); producers always create
+        it.  A file where the folder (or one of its sub-folders) belongs raises
+        ``NotADirectoryError`` naming it.
 
     One object serves one thread; give each thread (or process: the object pickles, its
     observer and claims stay behind) its own.  ``close()`` stops the wake-up observer
@@ -91,10 +96,11 @@ class ReadableFolderQueue(_Claims, _Acknowledgement, _Retries, _Leases, _Recover
         durability: str = _fs.FLUSH,
         dir_mode: int = _fs.DEFAULT_DIR_MODE,
         file_mode: int = _fs.DEFAULT_FILE_MODE,
+        create: bool = False,
     ) -> None:
         super().__init__(path, message_extension, task_done_directory, sorting_function,
                          durability=durability, lease_timeout=lease_timeout,
-                         dir_mode=dir_mode, file_mode=file_mode)
+                         dir_mode=dir_mode, file_mode=file_mode, create=create)
         if expected_producers is not None:
             if isinstance(expected_producers, bool) or not isinstance(expected_producers, int) \
                     or expected_producers < 1:

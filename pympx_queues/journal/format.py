@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import zlib
-from typing import Any, Tuple
+from typing import Any, List, Set, Tuple
 
 # --------------------------------------------------------------------------- records
 KIND_HEADER = "H"
@@ -85,32 +86,46 @@ def encode_value(obj: Any) -> Any:
     """A JSON-compatible structure for ``obj`` that :func:`decode_value` turns back.
 
     Supports None, bool, int, float, str, bytes/bytearray, list, tuple, set, frozenset
-    and dicts (any encodable keys), nested.  Raises ``TypeError`` for anything else.
+    and dicts (any encodable keys), nested.  Raises ``TypeError`` for anything else, and
+    for a container that contains itself (or nests deeper than Python's recursion limit).
+
+    Floats must be finite: NaN and the infinities have no JSON form, and the journal is
+    strict JSON.  They pass through here unchanged and :func:`dumps` refuses them with a
+    ``ValueError`` naming the value, before anything is written (replace them, for
+    example with None, or journal them as text with ``formatter_list`` hooks).
+    Journals written by earlier versions that hold a bare ``NaN`` still read back.
     """
+    try:
+        return _encode(obj)
+    except RecursionError:
+        raise _too_deep(obj) from None
+
+
+def _encode(obj: Any) -> Any:
     t = type(obj)
     if t in _SCALARS:
         return obj
     # Scalars inline (no call per item): the common messages are flat tuples/lists/dicts.
     if t is tuple:
-        return {TAG_TUPLE: [x if type(x) in _SCALARS else encode_value(x) for x in obj]}
+        return {TAG_TUPLE: [x if type(x) in _SCALARS else _encode(x) for x in obj]}
     if t is list:
-        return [x if type(x) in _SCALARS else encode_value(x) for x in obj]
+        return [x if type(x) in _SCALARS else _encode(x) for x in obj]
     if t is dict:
         if all(type(k) is str for k in obj) and not (len(obj) == 1 and next(iter(obj)) in TAGS):
-            return {k: v if type(v) in _SCALARS else encode_value(v) for k, v in obj.items()}
-        return {TAG_DICT: [[encode_value(k), encode_value(v)] for k, v in obj.items()]}
+            return {k: v if type(v) in _SCALARS else _encode(v) for k, v in obj.items()}
+        return {TAG_DICT: [[_encode(k), _encode(v)] for k, v in obj.items()]}
     if t is bytes or t is bytearray:
         return {TAG_BYTES: base64.b64encode(obj).decode("ascii")}
     if t is set or t is frozenset:
         tag = TAG_SET if t is set else TAG_FROZENSET
-        return {tag: [encode_value(x) for x in obj]}
+        return {tag: [_encode(x) for x in obj]}
     # Subclasses (IntEnum, namedtuple, OrderedDict...) are journaled as their base type.
     for base in (bool, int, float, str):
         if isinstance(obj, base):
             return base(obj)
     for base in (tuple, list, dict, bytes, set, frozenset):
         if isinstance(obj, base):
-            return encode_value(base(obj))
+            return _encode(base(obj))
     raise TypeError(
         f"cannot journal an object of type {t.__name__}: use JSON-like data (str, numbers, "
         "bytes, lists, tuples, dicts, sets) or formatter_list/converter_list hooks"
@@ -155,7 +170,7 @@ try:  # the C encoder, built once (json.dumps builds an encoder per call)
     from json.encoder import c_make_encoder as _c_make_encoder
 
     _C_ENCODE = _c_make_encoder(None, _not_json, _encode_str, None, ":", ",", False, False,
-                                True) if _c_make_encoder is not None else None
+                                False) if _c_make_encoder is not None else None
 except ImportError:  # pragma: no cover
     _C_ENCODE = None
 
@@ -182,7 +197,78 @@ def dumps_value(obj: Any) -> str:
 
 def dumps(data: Any) -> str:
     """Compact JSON text (one line, UTF-8 kept as is).  ``data`` must be plain JSON data
-    (the output of :func:`encode_value`); raises TypeError otherwise."""
-    if _C_ENCODE is not None:
-        return "".join(_C_ENCODE(data, 0))
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)  # pragma: no cover
+    (the output of :func:`encode_value`); raises TypeError otherwise, and ValueError for
+    a NaN or infinite float (strict JSON has neither)."""
+    try:
+        if _C_ENCODE is not None:
+            return "".join(_C_ENCODE(data, 0))
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False,  # pragma: no cover
+                          allow_nan=False)
+    except ValueError:
+        bad = _non_finite(data)
+        if bad is None:
+            raise
+        raise ValueError(
+            f"cannot journal the float {bad!r}: NaN and infinities are not JSON; replace "
+            "them (for example with None) or journal them as text with "
+            "formatter_list/converter_list hooks") from None
+    except RecursionError:
+        raise _too_deep(data) from None
+
+
+def _children(obj: Any) -> Any:
+    """The values directly inside a container (dict keys and values), else ()."""
+    if isinstance(obj, dict):
+        return [x for kv in obj.items() for x in kv]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return obj
+    return ()
+
+
+def _non_finite(data: Any) -> Any:
+    """The first NaN or infinite float in ``data`` (a container of any depth), or None."""
+    stack = [data]
+    seen = set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, float):
+            if x != x or x in (_INF, -_INF):
+                return x
+            continue
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        stack.extend(_children(x))
+    return None
+
+
+_INF = float("inf")
+
+
+def _too_deep(obj: Any) -> TypeError:
+    """The error for a value that hit the recursion limit: it contains itself (named), or
+    it is nested too deeply."""
+    # Depth-first with the containers on the current path: a child on the path is a cycle.
+    on_path: Set[int] = set()
+    done: Set[int] = set()
+    stack: List[Tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        x, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(x))
+            done.add(id(x))
+            continue
+        kids = _children(x)
+        if not kids and not isinstance(x, (list, tuple, dict, set, frozenset)):
+            continue
+        if id(x) in on_path:
+            return TypeError(
+                f"cannot journal a {type(x).__name__} that contains itself (a reference "
+                "cycle): JSON has no references; break the cycle or journal an id instead")
+        if id(x) in done:
+            continue
+        on_path.add(id(x))
+        stack.append((x, True))
+        stack.extend((k, False) for k in kids)
+    return TypeError(f"cannot journal this {type(obj).__name__}: it is nested deeper than "
+                     f"Python's recursion limit ({sys.getrecursionlimit()})")
