@@ -339,17 +339,7 @@ def claim(src: PathLike, dst: PathLike) -> bool:
     src, dst = os.fspath(src), os.fspath(dst)
     if not is_regular_nofollow(src):
         return False
-    try:
-        rename_noreplace(src, dst)
-    except FileNotFoundError:
-        return False
-    if not is_regular_nofollow(dst):  # lost a race with a hostile swap: undo, skip
-        try:
-            rename_noreplace(dst, src)
-        except OSError:
-            log.warning("non-regular file %s left at %s after a claim race", src, dst)
-        return False
-    return True
+    return claim_listed(src, dst) is not None
 
 
 # --------------------------------------------------------------------------- files

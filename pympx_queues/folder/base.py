@@ -236,12 +236,7 @@ class _FolderQueue:
                     self._warn_once("tmp:" + name, "leaving unexpected file %s in %s",
                                     name, self._tmp)
                 continue
-            alive = parsed.owner.alive()
-            if alive is None:  # another host: judge by age
-                st = _fs.lstat(entry.path)
-                if st is None or now - max(st.st_mtime, st.st_ctime) < self.lease_timeout:
-                    continue
-            elif alive:
+            if not parsed.owner.abandoned(entry.path, self.lease_timeout, now):
                 continue
             if _fs.unlink_quiet(entry.path):  # G2: a crashed put is never published
                 removed.append(entry.path)

@@ -69,6 +69,12 @@ class _Claims:
         self._listing = listing
         self._cursor = 0
         self._hints = []
+        self._listed(t0)
+
+    def _listed(self, t0: float) -> None:
+        """Note a full listing of the ready folder begun at ``t0`` (monotonic): nothing of
+        it was skipped yet, and the next one is due after ``rescan_interval`` (at least
+        20x this one's duration, so the cost of ``get()`` stays flat)."""
         self._skipped = False
         # The wake-up watch was running before this listing began: every name published
         # after it reaches us as a hint (or as an overflow that forces a relist).

@@ -122,11 +122,7 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
             wake.names()  # superseded by the listing below
             names = self._gnames = set(self._scan_ready())
             self._gclass = {n: gi for n, gi in self._gclass.items() if n in names}
-            self._scan_watched = wake.active
-            self._skipped = False
-            done = time.monotonic()
-            self._last_scan = done
-            self._next_rescan = done + max(self.rescan_interval, 20 * (done - now))
+            self._listed(now)
         elif wake.pending():
             ext = self.message_extension
             valid = L.valid_message_name
@@ -253,16 +249,5 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
                 known = os.path.abspath(os.fspath(p)) in self._claims
             if known or os.path.exists(p):
                 attempt = max(attempt, self.attempts(p))
-        out = []
         text = _format_error(error)
-        for p in items:
-            ap, claim = self._resolve(p)
-            st = _fs.lstat(ap)
-            if st is None:
-                raise self._lost(ap)
-            if self.max_retries is not None and attempt >= self.max_retries:
-                out.append(self._dead_letter(ap, claim, attempt, text))
-            else:
-                out.append(self._requeue(ap, claim, st, attempt, text, "nack"))
-                self._forget(ap)
-        return out
+        return [self._give_back(*self._held(p), attempt, text) for p in items]

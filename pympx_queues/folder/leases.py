@@ -1,4 +1,5 @@
-"""Leases: a claim's mtime is its lease; heartbeats renew it, staleness ends it."""
+"""Leases: a claim's mtime is its lease, renewed by heartbeats (:meth:`.layout.Owner.abandoned`
+judges it)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,3 @@ class _Leases:
                 paths = list(self._claims)
             for p in paths:
                 _fs.touch(p)
-
-    def _stale(self, owner: L.Owner, st: os.stat_result, now: float) -> bool:
-        alive = owner.alive()
-        if alive is None:  # another host: only the lease can tell
-            return now - max(st.st_mtime, st.st_ctime) > self.lease_timeout
-        return not alive

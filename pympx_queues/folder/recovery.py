@@ -79,7 +79,8 @@ class _Recovery:
                 st = _fs.lstat(entry.path)
                 if st is None:
                     continue
-                if not include_live and not self._stale(parsed.owner, st, now):
+                abandoned = parsed.owner.abandoned(entry.path, self.lease_timeout, now, st)
+                if not include_live and not abandoned:
                     live += 1
                     continue
                 if st.st_nlink > 1:
@@ -98,7 +99,7 @@ class _Recovery:
                     attempts = int(prev.get("attempts", 1))
                 else:
                     attempts = int(prev.get("attempts", 0)) + 1
-                why = ("forced requeue" if include_live and not self._stale(parsed.owner, st, now)
+                why = ("forced requeue" if not abandoned
                        else "owner died" if parsed.owner.is_local() else "lease expired")
                 text = f"claim by {parsed.owner.format()} recovered: {why}"
                 try:

@@ -6,7 +6,7 @@ import fnmatch
 import json
 import logging
 import os
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from .. import _fs
 from . import layout as L
@@ -45,13 +45,22 @@ class _Retries:
             return {}  # written for an earlier message of the same name
         return data
 
-    def attempts(self, path: PathLike) -> int:
-        """Which attempt the claim at ``path`` is (1 for a message never returned)."""
+    def _held(self, path: PathLike) -> Tuple[str, str, os.stat_result]:
+        """``(wip path, message name, its lstat)`` of a claim still held; raises like
+        :meth:`task_done` otherwise."""
         p, claim = self._resolve(path)
         st = _fs.lstat(p)
         if st is None:
             raise self._lost(p)
+        return p, claim, st
+
+    def _attempt(self, claim: str, st: os.stat_result) -> int:
         return int(self._read_retry(claim, st.st_dev, st.st_ino).get("attempts", 0)) + 1
+
+    def attempts(self, path: PathLike) -> int:
+        """Which attempt the claim at ``path`` is (1 for a message never returned)."""
+        _, claim, st = self._held(path)
+        return self._attempt(claim, st)
 
     def nack(self, path: PathLike, error: Any = None) -> str:
         """Give a claimed message back for a retry; returns where it went.
@@ -61,16 +70,16 @@ class _Retries:
         to ``failed/`` with ``failed/<name>.error.json`` beside it (a dead letter;
         :meth:`retry_failed` brings it back).  Raises like :meth:`task_done`.
         """
-        p, claim = self._resolve(path)
-        st = _fs.lstat(p)
-        if st is None:
-            raise self._lost(p)
-        prev = self._read_retry(claim, st.st_dev, st.st_ino)
-        attempt = int(prev.get("attempts", 0)) + 1
-        text = _format_error(error)
+        p, claim, st = self._held(path)
+        return self._give_back(p, claim, st, self._attempt(claim, st), _format_error(error))
+
+    def _give_back(self, p: str, claim: str, st: os.stat_result, attempt: int,
+                   error: str) -> str:
+        """Requeue the claim ``p`` after its ``attempt``-th attempt, or make it a dead
+        letter once that is ``max_retries``; returns where it went."""
         if self.max_retries is not None and attempt >= self.max_retries:
-            return self._dead_letter(p, claim, attempt, text)
-        target = self._requeue(p, claim, st, attempt, text, "nack")
+            return self._dead_letter(p, claim, attempt, error)
+        target = self._requeue(p, claim, st, attempt, error, "nack")
         self._forget(p)
         return target
 
