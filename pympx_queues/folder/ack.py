@@ -13,12 +13,13 @@ from typing import Iterable, List
 from .. import _fs
 from . import layout as L
 from .base import PathLike
+from .retries import _Retries
 
 log = logging.getLogger("pympx_queues.folder")
 
 
-class _Acknowledgement:
-    """Mixed into :class:`~pympx_queues.folder.ReadableFolderQueue`: settling claims."""
+class _Acknowledgement(_Retries):
+    """A layer of :class:`~pympx_queues.folder.ReadableFolderQueue`: settling claims."""
 
     def task_done(self, path: PathLike) -> None:
         """Acknowledge a claimed message: delete it, or move it to ``task_done_directory``.

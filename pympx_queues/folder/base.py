@@ -7,12 +7,14 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from .. import _fs
 from . import layout as L
+from .watch import Wakeups
 
 log = logging.getLogger("pympx_queues.folder")
 
@@ -272,3 +274,54 @@ class _FolderQueue:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, message_extension={self.message_extension!r})"
+
+
+class _ReaderState(_FolderQueue):
+    """The state the parts of a consumer share (annotations only: ``ReadableFolderQueue``
+    sets it in ``__init__`` and ``_init_runtime``).
+
+    A consumer is built in layers, each in its own module and each using the ones below:
+    :mod:`.leases` (heartbeats), :mod:`.claims` (listing, claiming, the claims held),
+    :mod:`.retries` (nack, retry sidecars, dead letters), :mod:`.ack` (task_done and the
+    trash deleter), :mod:`.recovery` (abandoned claims) and :mod:`.reader` (the stream).
+    """
+
+    expected_producers: Optional[int]
+    run_id: Optional[str]
+    max_retries: Optional[int]
+    heartbeat_interval: Optional[float]
+    poll_interval: float
+    rescan_interval: float
+    recover_interval: float
+    _wakeups: Wakeups
+    _claims: Dict[str, str]  # wip path -> original message name
+    _claims_lock: threading.Lock
+    _runtime_pid: int
+    _wip_prefix: str
+    # listing (claims)
+    _listing: List[Tuple[str, str]]
+    _cursor: int
+    _hints: List[Tuple[str, str]]
+    _contention: int
+    _lost_races: int
+    _retry_hint: Set[str]
+    _last_scan: float
+    _next_rescan: float
+    _scan_watched: bool
+    _skipped: bool
+    # leases
+    _hb_thread: Optional[threading.Thread]
+    _hb_stop: threading.Event
+    # acknowledgement
+    _trash_thread: Optional[threading.Thread]
+    _trash_wake: threading.Event
+    _trash_halt: threading.Event
+    _trash_stop: bool
+    _trash_backlog: int
+    _trash_run: int
+    _slow_unlinks: int
+    _fast_ack: bool
+    # recovery and the stream
+    _next_recover: float
+    _next_control: float
+    _control_state: Optional[Tuple[bool, bool, List[str]]]

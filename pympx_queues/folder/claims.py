@@ -14,12 +14,13 @@ from typing import List, Optional, Tuple
 from .. import _fs
 from . import layout as L
 from .base import PathLike
+from .leases import _Leases
 
 log = logging.getLogger("pympx_queues.folder")
 
 
-class _Claims:
-    """Mixed into :class:`~pympx_queues.folder.ReadableFolderQueue`: listing and claiming."""
+class _Claims(_Leases):
+    """A layer of :class:`~pympx_queues.folder.ReadableFolderQueue`: listing and claiming."""
 
     # ------------------------------------------------------------------ listing
     def _scan_ready(self) -> List[str]:

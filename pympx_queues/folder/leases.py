@@ -10,13 +10,13 @@ from typing import Sequence, Union
 
 from .. import _fs
 from . import layout as L
-from .base import PathLike
+from .base import PathLike, _ReaderState
 
 log = logging.getLogger("pympx_queues.folder")
 
 
-class _Leases:
-    """Mixed into :class:`~pympx_queues.folder.ReadableFolderQueue`: leases and heartbeats."""
+class _Leases(_ReaderState):
+    """A layer of :class:`~pympx_queues.folder.ReadableFolderQueue`: leases and heartbeats."""
 
     def heartbeat(self, path: Union[PathLike, Sequence[PathLike]]) -> bool:
         """Renew the lease of a claim (or of every path in a list); False if one is gone.

@@ -1,9 +1,10 @@
 """The consumer side of a folder queue: :class:`ReadableFolderQueue`.
 
-The reader's jobs live in one module each, mixed into the class: claiming
-(:mod:`.claims`), acknowledgement and the trash deleter (:mod:`.ack`), retries and dead
-letters (:mod:`.retries`), leases and heartbeats (:mod:`.leases`), recovery
-(:mod:`.recovery`).  This module holds the stream: ``get``, end of stream, ``close``."""
+The reader is built in layers, one job per module, each using the ones below it: leases
+and heartbeats (:mod:`.leases`), listing and claiming (:mod:`.claims`), retries and dead
+letters (:mod:`.retries`), acknowledgement and the trash deleter (:mod:`.ack`), recovery
+(:mod:`.recovery`); the state they share is declared in :class:`.base._ReaderState`.
+This module holds the stream: ``get``, the end of the stream, ``close``."""
 
 from __future__ import annotations
 
@@ -19,18 +20,14 @@ from .. import _fs
 from ..errors import Empty, QueueClosed, QueueFailed
 from ..sentinels import DONE, FAILED
 from . import layout as L
-from .ack import _Acknowledgement
-from .base import DEFAULT_LEASE_TIMEOUT, DEFAULT_MAX_RETRIES, Message, PathLike, _FolderQueue
-from .claims import _Claims
-from .leases import _Leases
+from .base import DEFAULT_LEASE_TIMEOUT, DEFAULT_MAX_RETRIES, Message, PathLike
 from .recovery import _Recovery
-from .retries import _Retries
 from .watch import EVENTS, Wakeups, check_mode
 
 log = logging.getLogger("pympx_queues.folder")
 
 
-class ReadableFolderQueue(_Claims, _Acknowledgement, _Retries, _Leases, _Recovery, _FolderQueue):
+class ReadableFolderQueue(_Recovery):
     """The consumer side: claims message files one at a time.
 
     ``get()`` returns the path of the claimed file in ``wip/`` (its name records the owner:

@@ -10,6 +10,7 @@ from typing import List, NamedTuple, Set
 
 from .. import _fs
 from . import layout as L
+from .ack import _Acknowledgement
 from .base import _now
 
 log = logging.getLogger("pympx_queues.folder")
@@ -25,8 +26,8 @@ class RecoveryReport(NamedTuple):
     dead_lettered: List[str] = []  # claims whose owners died max_retries times (poison)
 
 
-class _Recovery:
-    """Mixed into :class:`~pympx_queues.folder.ReadableFolderQueue`: recovery passes."""
+class _Recovery(_Acknowledgement):
+    """A layer of :class:`~pympx_queues.folder.ReadableFolderQueue`: recovery passes."""
 
     def _auto_recover(self, wait: bool = False) -> None:
         self._next_recover = time.monotonic() + self.recover_interval

@@ -11,12 +11,13 @@ from typing import Any, List, Optional, Tuple
 from .. import _fs
 from . import layout as L
 from .base import PathLike, _format_error, _json, _now
+from .claims import _Claims
 
 log = logging.getLogger("pympx_queues.folder")
 
 
-class _Retries:
-    """Mixed into :class:`~pympx_queues.folder.ReadableFolderQueue`: retries and dead letters."""
+class _Retries(_Claims):
+    """A layer of :class:`~pympx_queues.folder.ReadableFolderQueue`: retries and dead letters."""
 
     def _drop_retry_sidecar(self, name: str, known: bool = True) -> None:
         """Remove ``retries/<name>.json``.  On the hot path (``known=False``) only when
