@@ -150,22 +150,24 @@ def is_litter(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- directories
-def makedirs(path: PathLike, mode: int = DEFAULT_DIR_MODE) -> None:
+def makedirs(path: PathLike, mode: int = DEFAULT_DIR_MODE, what: str = "folder") -> None:
     """Create ``path`` and parents with ``mode`` (not subject to a lax umask).
 
-    Each directory actually created is made durable by syncing its parent (G1).
+    Each directory actually created is made durable by syncing its parent (G1).  A file
+    (or anything but a directory) where one of the folders belongs raises
+    ``NotADirectoryError`` naming it; ``what`` says what the folder is for.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         return
     parent = os.path.dirname(os.path.abspath(path))
     if parent and not os.path.isdir(parent):
-        makedirs(parent, mode)
+        makedirs(parent, mode, what=f"parent of the {what}")
     try:
         os.mkdir(path, mode)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         if not os.path.isdir(path):
-            raise
+            raise not_a_folder(path, what) from None
         return
     os.chmod(path, mode)  # mkdir honours the umask; chmod makes the mode explicit
     _trace("mkdir", path)
@@ -173,6 +175,16 @@ def makedirs(path: PathLike, mode: int = DEFAULT_DIR_MODE) -> None:
     # this, a power cut could drop a fresh queue or pickup dir with every message in it.
     # Directories are created once per queue, so the cost is negligible in any mode.
     fsync_dir(parent)
+
+
+def not_a_folder(path: str, what: str) -> NotADirectoryError:
+    """The error for a non-directory at ``path`` where the ``what`` (a folder) belongs."""
+    st = lstat(path)
+    kind = ("a file" if st is None or stat.S_ISREG(st.st_mode) else "a symlink"
+            if stat.S_ISLNK(st.st_mode) else "a special file")
+    return NotADirectoryError(
+        errno.ENOTDIR, f"{kind} where the {what} belongs: move it away or choose "
+        "another path", path)
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -327,17 +339,7 @@ def claim(src: PathLike, dst: PathLike) -> bool:
     src, dst = os.fspath(src), os.fspath(dst)
     if not is_regular_nofollow(src):
         return False
-    try:
-        rename_noreplace(src, dst)
-    except FileNotFoundError:
-        return False
-    if not is_regular_nofollow(dst):  # lost a race with a hostile swap: undo, skip
-        try:
-            rename_noreplace(dst, src)
-        except OSError:
-            log.warning("non-regular file %s left at %s after a claim race", src, dst)
-        return False
-    return True
+    return claim_listed(src, dst) is not None
 
 
 # --------------------------------------------------------------------------- files
@@ -623,7 +625,7 @@ def owner_tag() -> Tuple[str, int, int]:
 
 
 # --------------------------------------------------------------------------- folder queues
-# Added for the folder queues (pympx_queues/folder.py).
+# Added for the folder queues (pympx_queues/folder/).
 
 
 def fsync_path(path: PathLike) -> None:
@@ -764,7 +766,7 @@ def write_replace(path: PathLike, tmp_path: PathLike, data: bytes, *, durable: b
 
 
 # --------------------------------------------------------------------------- journal locks
-# Added for the PersistentQueue journals (pympx_queues/_journal.py).
+# Added for the PersistentQueue journals (pympx_queues/journal/).
 try:
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - not POSIX

@@ -3,8 +3,8 @@
 Every CLI command is a thin layer over one function here, and every function here is a
 thin layer over the queue modules' own administration functions:
 
-* a **folder queue** directory: :mod:`pympx_queues.folder_admin`;
-* a **pickup dir** of PersistentQueue journals: :mod:`pympx_queues.pickup`.
+* a **folder queue** directory: :mod:`pympx_queues.folder.admin`;
+* a **pickup dir** of PersistentQueue journals: :mod:`pympx_queues.persistent.pickup`.
 
 :func:`detect_kind` tells them apart (or raises :class:`~pympx_queues.errors.NotAQueueError`).
 Each public function dispatches on the kind and returns plain data (dicts, lists, str,
@@ -245,13 +245,13 @@ _FOLDER_REPAIRABLE = ("missing-folder", "leftover-temp", "orphaned-retry-sidecar
 
 
 class _FolderBackend(_Backend):
-    """Folder queues: wraps :mod:`pympx_queues.folder_admin`."""
+    """Folder queues: wraps :mod:`pympx_queues.folder.admin`."""
 
     kind = FOLDER
 
     @staticmethod
     def _fa() -> Any:
-        from . import folder_admin
+        from .folder import admin as folder_admin
 
         return folder_admin
 
@@ -350,7 +350,7 @@ class _FolderBackend(_Backend):
             moved = fa.requeue_stale(path, dry_run=True, include_live=include_live,
                                      force=include_live, **self._kw(o))
         else:
-            from . import _layout as layout
+            from .folder import layout
 
             total = len(before) - len(skipped)
             wip = os.path.join(path, layout.WIP_DIR)
@@ -453,13 +453,13 @@ class _FolderBackend(_Backend):
 
 # --------------------------------------------------------------------------- pickup dirs
 class _PickupBackend(_Backend):
-    """PersistentQueue pickup dirs: wraps :mod:`pympx_queues.pickup`."""
+    """PersistentQueue pickup dirs: wraps :mod:`pympx_queues.persistent.pickup`."""
 
     kind = PICKUP
 
     @staticmethod
     def _pk() -> Any:
-        from . import pickup
+        from .persistent import pickup
 
         return pickup
 
@@ -468,7 +468,7 @@ class _PickupBackend(_Backend):
         history was compacted away (then it is an empty pickup dir, not "not a queue")."""
         if self._pk().is_pickup_dir(path):
             return True
-        from . import _journal as jr
+        from . import journal as jr
 
         suffix = jr.LOCK_NAME_FORMAT.format(prefix="")
         for entry in _fs.scandir(path):

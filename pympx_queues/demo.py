@@ -46,10 +46,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import _journal as jr
-from . import _layout as L
-from . import folder_admin
+from . import journal as jr
 from .folder import ReadableFolderQueue, WritableFolderQueue
+from .folder import admin as folder_admin
+from .folder import layout as L
 from .persistent import PersistentQueue
 from .sentinels import DONE, is_sentinel
 
@@ -234,7 +234,8 @@ def _folder_producer(qdir: str, run_id: str, n: int, report: Any) -> None:
 def _folder_reader(qdir: str, run_id: str) -> ReadableFolderQueue:
     return ReadableFolderQueue(qdir, FOLDER_EXT,
                                task_done_directory=os.path.join(qdir, L.DONE_DIR),
-                               run_id=run_id, expected_producers=1, poll_interval=0.1)
+                               run_id=run_id, expected_producers=1, poll_interval=0.1,
+                               create=True)  # consumers may start before the producer
 
 
 def _folder_consumer(qdir: str, run_id: str, work: float, report: Any) -> None:

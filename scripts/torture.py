@@ -1066,7 +1066,7 @@ def _pids_in(ack_dir: str) -> set:
 
 def _pq_completed_evidence(pickup: str) -> set:
     """Message ids the journals show as completed (read-only, never repairs)."""
-    from pympx_queues import _journal as jr
+    from pympx_queues import journal as jr
 
     try:
         history = jr.scan_dirs([pickup], PQ_PREFIX, strict=False)

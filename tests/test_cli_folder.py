@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from pympx_queues import _layout as L
+from pympx_queues.folder import layout as L
 from pympx_queues import cli
 from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
@@ -45,7 +45,7 @@ def reader(q, **kw):
 def dead_owner():
     """An owner tag of a process that has exited (for leftovers of crashed processes)."""
     p = subprocess.run([sys.executable, "-c",
-                        "from pympx_queues import _layout as L; print(L.new_owner().format())"],
+                        "from pympx_queues.folder import layout as L; print(L.new_owner().format())"],
                        capture_output=True, text=True, check=True, timeout=30)
     return L.parse_owner(p.stdout.strip())
 
@@ -247,7 +247,7 @@ def test_status_counts_acknowledged_claims_still_in_trash(tmp_path):
 
     from click.testing import CliRunner
 
-    from pympx_queues import _layout
+    from pympx_queues.folder import layout as _layout
     from pympx_queues.cli import main
     from pympx_queues.folder import WritableFolderQueue
 

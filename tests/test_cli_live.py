@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import wait_for
-from pympx_queues import _layout as L
+from pympx_queues.folder import layout as L
 from pympx_queues import cli
 
 pytestmark = pytest.mark.timeout(90)
@@ -110,7 +110,7 @@ def test_progress_bar_on_a_terminal_and_silence_in_a_pipe(tmp_path):
 
     q = tmp_path / "q"
     owner = L.parse_owner(subprocess.run(
-        [sys.executable, "-c", "from pympx_queues import _layout as L; "
+        [sys.executable, "-c", "from pympx_queues.folder import layout as L; "
          "print(L.new_owner().format())"], capture_output=True, text=True,
         check=True, timeout=30).stdout.strip())
     for sub in L.SUBDIRS:

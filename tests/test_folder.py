@@ -14,9 +14,13 @@ import time
 import pytest
 
 from pympx_queues import DONE, FAILED, QueueClosed, QueueFailed, _fs
-from pympx_queues import _layout as L
-from pympx_queues import folder_admin as admin
-from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
+from pympx_queues.folder import layout as L
+from pympx_queues.folder import admin
+from pympx_queues.folder import (
+    ReadableFolderQueue,
+    ReadableGroupedFileFolderQueue,
+    WritableFolderQueue,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -880,7 +884,7 @@ def test_event_wakeups_claim_hinted_names_without_listing_the_folder_again(tmp_p
 
     """Thundering herd fix: a put wakes a waiting consumer, which claims the hinted name;
     it does not list the whole folder once per wake-up (the periodic listing stays)."""
-    q = ReadableFolderQueue(tmp_path / "q", poll_interval=5.0)
+    q = ReadableFolderQueue(tmp_path / "q", poll_interval=5.0, create=True)
     if q.wakeups != "events":
         pytest.skip("needs event wake-ups")
     w = WritableFolderQueue(tmp_path / "q")
@@ -981,3 +985,39 @@ def test_unregistered_producer_publishes_without_joining_or_ending_a_run(tmp_pat
     w.close()
     assert os.listdir(q / "control") == []  # no HELO, no DONE: a hand drop
     assert (q / "a.tsv").read_bytes() == b"x"
+
+
+# ------------------------------------------------------------------ paths that are not queues
+def test_a_consumer_of_a_missing_folder_raises_instead_of_creating_it_and_waiting(tmp_path):
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="no queue folder here.*create=True") as info:
+        ReadableFolderQueue(missing)
+    assert info.value.filename == str(missing)
+    with pytest.raises(FileNotFoundError):
+        ReadableGroupedFileFolderQueue(missing, list_of_items_in_group=["a"])
+    assert not missing.exists()  # nothing was created
+    r = ReadableFolderQueue(missing, create=True, wakeups="poll")  # asked to: created
+    assert (missing / L.WIP_DIR).is_dir()
+    with pytest.raises(queue.Empty):
+        r.get(timeout=0)
+    r.close()
+    w = WritableFolderQueue(tmp_path / "new")  # producers create the folder as before
+    assert (tmp_path / "new" / L.CONTROL_DIR).is_dir()
+    w.close()
+
+
+def test_a_file_where_a_queue_folder_belongs_is_named_as_such(tmp_path):
+    (tmp_path / "f").write_text("data")
+    for make in (lambda p: WritableFolderQueue(p), lambda p: ReadableFolderQueue(p)):
+        with pytest.raises(NotADirectoryError, match="a file where the queue folder belongs"):
+            make(tmp_path / "f")
+        with pytest.raises(NotADirectoryError, match="parent of the queue folder"):
+            make(tmp_path / "f" / "q")
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / L.WIP_DIR).write_text("oops")
+    with pytest.raises(NotADirectoryError, match="a file where the queue sub-folder belongs"):
+        ReadableFolderQueue(q)
+    with pytest.raises(NotADirectoryError, match="task_done_directory"):
+        WritableFolderQueue(tmp_path / "q2", task_done_directory=tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "data" and (q / L.WIP_DIR).read_text() == "oops"

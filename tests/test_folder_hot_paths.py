@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pympx_queues import DONE, _fs
-from pympx_queues import _layout as L
+from pympx_queues.folder import layout as L
 from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
 from conftest import wait_for

@@ -17,7 +17,7 @@ import pytest
 from conftest import wait_for
 
 from pympx_queues import DONE
-from pympx_queues import _layout as L
+from pympx_queues.folder import layout as L
 from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
 SPAWN = mp.get_context("spawn")
@@ -62,7 +62,7 @@ def leftovers(path):
 def test_four_consumer_processes_process_every_file_exactly_once(tmp_path):
     q = str(tmp_path / "q")
     names = [f"m{i:05d}.tsv" for i in range(3000)]
-    r = ReadableFolderQueue(q, poll_interval=0.05)
+    r = ReadableFolderQueue(q, poll_interval=0.05, create=True)
     with pytest.raises(queue.Empty):
         r.get(timeout=0.05)  # the parent's observer runs; it must not travel to children
     logs = [str(tmp_path / f"c{k}.log") for k in range(4)]
@@ -163,7 +163,7 @@ def test_two_producers_and_the_done_race(tmp_path):
     """The first producer closes before the second even registered: with
     expected_producers=2 the consumers wait for both and lose nothing."""
     q = str(tmp_path / "q")
-    r = ReadableFolderQueue(q, poll_interval=0.05, expected_producers=2)
+    r = ReadableFolderQueue(q, poll_interval=0.05, expected_producers=2, create=True)
     logs = [str(tmp_path / f"c{k}.log") for k in range(2)]
     procs = [SPAWN.Process(target=consumer, args=(r, logs[k])) for k in range(2)]
     for p in procs:

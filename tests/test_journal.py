@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from pympx_queues import _fs
-from pympx_queues import _journal as jr
+from pympx_queues import journal as jr
 from pympx_queues.errors import JournalCorruptError
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,7 +65,7 @@ VALUES = [
 def test_values_round_trip_through_json(value):
     text = jr.dumps(jr.encode_value(value))
     assert "\n" not in text
-    back = jr.decode_value(jr.json.loads(text))
+    back = jr.decode_value(json.loads(text))
     assert back == value and type(back) is (bytes if type(value) is bytearray else type(value))
 
 
@@ -355,9 +356,16 @@ def test_survivor_of_a_deleted_finished_history_never_resurrects_done_work(tmp_p
 def test_dumps_value_fast_paths_write_what_the_generic_encoder_writes():
     values = ["a\"b\n\x00é\u2028", 5, -3, 10 ** 30, True, None, 1.5, (1, "a"), b"xy", ["q"],
               {"k": 1}, (), [], (1, 2.5, None, True, "x"), [1, (2,)], ((1,),), [b"x"],
-              (float("inf"),), {"__tuple__": [1]}]
+              {"__tuple__": [1]}]
     for value in values:
         assert jr.dumps_value(value) == jr.dumps(jr.encode_value(value)), value
+    # Both refuse what strict JSON cannot hold, with the same error (never a bare inf).
+    for value in ((float("inf"),), [float("nan")]):
+        with pytest.raises(ValueError) as fast:
+            jr.dumps_value(value)
+        with pytest.raises(ValueError) as generic:
+            jr.dumps(jr.encode_value(value))
+        assert str(fast.value) == str(generic.value)
 
 
 def test_flush_writer_maps_its_journal_readers_stop_at_the_reserved_tail_close_cuts_it(
@@ -385,7 +393,7 @@ def test_records_of_a_mapped_writer_killed_with_sigkill_survive_and_recovery_cut
 
     code = (
         "import os, signal, sys\n"
-        "from pympx_queues import _journal as jr\n"
+        "from pympx_queues import journal as jr\n"
         "jr.JournalWriter.MAP_FIRST = 4096\n"
         "w = jr.JournalWriter(sys.argv[1], 'q', jr.new_run_id(), durability='flush')\n"
         "for i in range(500):\n"
@@ -437,3 +445,32 @@ def test_forked_child_forgets_the_mapping_without_touching_the_parents_journal(t
     w.close()
     scan = jr.scan_journal(w.path)
     assert scan.problems == [] and [r[2]["i"] for r in scan.records] == ["a.0", "a.1"]
+
+
+# ------------------------------------------------------------------ values the journal refuses
+def test_a_container_that_contains_itself_is_a_type_error_naming_it_not_a_recursion_error():
+    loop = [1]
+    loop.append(loop)
+    me = {}
+    me["me"] = me
+    for bad, kind in ((loop, "list"), ({"k": loop}, "list"), ((1, [loop]), "list"),
+                      (me, "dict"), ({1: me}, "dict")):
+        with pytest.raises(TypeError, match=f"cannot journal a {kind} that contains itself"):
+            jr.dumps_value(bad)
+        with pytest.raises(TypeError, match="contains itself"):
+            jr.encode_value(bad)
+    shared = [1]  # the same list twice is no cycle
+    assert jr.decode_value(json.loads(jr.dumps_value([shared, (shared,)]))) == [[1], ([1],)]
+
+
+def test_nan_and_infinities_are_refused_naming_the_value_never_written_as_bare_nan():
+    for bad, text in ((float("nan"), "nan"), ([1, float("inf")], "inf"),
+                      ({"a": (float("-inf"),)}, "-inf"), ({2.5: float("nan")}, "nan")):
+        with pytest.raises(ValueError, match=f"cannot journal the float {text}: NaN and "):
+            jr.dumps_value(bad)
+        with pytest.raises(ValueError, match="NaN and infinities are not JSON"):
+            jr.dumps(jr.encode_value(bad))
+    assert jr.dumps_value([1.5, -0.0, 1e308]) == "[1.5,-0.0,1e+308]"
+    # A journal written before the check may hold a bare NaN: it still reads back.
+    seq, kind, payload = jr.parse_record(jr.format_record(1, "P", '{"i":"a","m":NaN}')[:-1])
+    assert payload["m"] != payload["m"]

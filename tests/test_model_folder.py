@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pympx_queues import DONE, _fs
-from pympx_queues import _layout as L
+from pympx_queues.folder import layout as L
 from pympx_queues.folder import ReadableFolderQueue, WritableFolderQueue
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

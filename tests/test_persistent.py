@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from pympx_queues import _journal as jr
-from pympx_queues import pickup
+from pympx_queues import journal as jr
+from pympx_queues.persistent import pickup
 from pympx_queues.errors import JournalCorruptError, QueueFailed
 from pympx_queues.persistent import PersistentQueue
 from pympx_queues.sentinels import DONE, FAILED
@@ -424,7 +424,7 @@ def _compat_consume(q, report):
 def test_compat_queue_goes_to_children_of_the_default_start_method_with_requeued_work(
         tmp_path):
     from pympx_queues.compat import PersistentQueue as CompatQueue
-    from pympx_queues.persistent import _default_context
+    from pympx_queues.persistent.queue import _default_context
 
     ctx = _default_context()  # pympx's signature has no context: the default one is used
 

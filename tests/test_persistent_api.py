@@ -11,8 +11,9 @@ import queue
 
 import pytest
 
-from pympx_queues import _fs, pickup
-from pympx_queues import _journal as jr
+from pympx_queues import _fs
+from pympx_queues.persistent import pickup
+from pympx_queues import journal as jr
 from pympx_queues.compat import PersistentQueue as CompatQueue
 from pympx_queues.errors import QueueClosed, QueueFailed
 from pympx_queues.persistent import Message, PersistentQueue
@@ -43,6 +44,42 @@ def test_unserialisable_message_raises_and_writes_nothing(tmp_path):
     assert q.empty()
     q.put(1)
     assert q.get(timeout=5) == 1  # the queue is still usable
+
+
+def test_self_containing_and_non_finite_messages_raise_and_write_nothing(tmp_path):
+    q = PersistentQueue("jobs", tmp_path)
+    hooked = PersistentQueue("hooked", tmp_path, formatter_list=[str, float],
+                             converter_list=[str, float])
+    loop = [1]
+    loop.append(loop)
+    with pytest.raises(TypeError, match="list that contains itself"):
+        q.put(loop)
+    with pytest.raises(TypeError, match="contains itself"):
+        q.put_many([1, {"a": loop}])
+    with pytest.raises(TypeError, match="contains itself"):
+        q.put(loop, key="k1")
+    for bad in (float("nan"), [1.0, float("inf")], {"x": (float("-inf"),)}):
+        with pytest.raises(ValueError, match="cannot journal the float"):
+            q.put(bad)
+        with pytest.raises(ValueError, match="cannot journal the float"):
+            q.put(bad, key="k2")
+    with pytest.raises(ValueError, match="cannot journal the float nan"):
+        q.put_many([1, float("nan")])
+    with pytest.raises(ValueError, match="cannot journal the float inf"):
+        hooked.put(("a", "inf"))  # the formatter's output is journaled: refused too
+    assert _records(tmp_path, jr.KIND_PUT) == []
+    assert q.empty()
+    q.put(1.5)
+    assert q.get(timeout=5) == 1.5  # the queue is still usable
+
+
+def test_a_file_where_the_pickup_dir_belongs_is_named_as_such(tmp_path):
+    (tmp_path / "pickup").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="a file where the pickup dir belongs"):
+        PersistentQueue("jobs", tmp_path / "pickup")
+    with pytest.raises(NotADirectoryError, match="parent of the pickup dir"):
+        PersistentQueue("jobs", tmp_path / "pickup" / "inner")
+    assert (tmp_path / "pickup").read_text() == "not a folder"
 
 
 def test_negative_timeouts_raise_and_write_nothing(tmp_path):

@@ -17,7 +17,8 @@ import zlib
 
 import pytest
 
-from pympx_queues import _fs, _journal
+from pympx_queues import _fs
+from pympx_queues import journal as _journal
 from pympx_queues.errors import JournalCorruptError
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,7 +244,7 @@ def _run_with_deadline(fn, seconds=10.0):
 def _dead_owner_name(name):
     import subprocess
 
-    from pympx_queues import _layout as L
+    from pympx_queues.folder import layout as L
 
     p = subprocess.Popen(["true"])
     p.wait()

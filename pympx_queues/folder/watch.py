@@ -68,7 +68,7 @@ def _inotify_libc() -> Any:
         if not sys.platform.startswith("linux"):
             _libc = False
         else:
-            from ._fs import libc_with
+            from .._fs import libc_with
 
             lib = libc_with("inotify_init1")
             if lib:
@@ -152,6 +152,9 @@ class _InotifyReader:
 
     def abandon(self) -> None:
         """In a forked child: close the inherited descriptors (the thread is not here)."""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
         for fd in (self._fd, self._rpipe, self._wpipe):
             try:
                 os.close(fd)
@@ -165,11 +168,7 @@ class _InotifyReader:
             pass
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
-        for fd in (self._fd, self._rpipe, self._wpipe):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._close_fds()
 
 
 def check_mode(mode: str) -> str:

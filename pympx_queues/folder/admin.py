@@ -24,9 +24,10 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from . import _fs
-from . import _layout as L
-from .errors import NotAQueueError
+from .. import _fs
+from ..errors import NotAQueueError
+from . import layout as L
+from .reader import ReadableFolderQueue
 
 log = logging.getLogger("pympx_queues.folder_admin")
 
@@ -137,11 +138,11 @@ def _check(path: Any) -> str:
     return p
 
 
-def _reader(path: str, message_extension: str, lease_timeout: float):
-    from .folder import ReadableFolderQueue
-
+def _reader(path: str, message_extension: str, lease_timeout: float,
+            **kwargs: Any) -> ReadableFolderQueue:
+    """A consumer for administration: no wake-up watch, no recovery pass of its own."""
     return ReadableFolderQueue(path, message_extension, wakeups="poll",
-                               recover_on_start=False, lease_timeout=lease_timeout)
+                               recover_on_start=False, lease_timeout=lease_timeout, **kwargs)
 
 
 def _regular(directory: str):
@@ -172,7 +173,7 @@ def _claims(p: str, lease_timeout: float) -> List[ClaimInfo]:
             continue
         age = now - max(st.st_mtime, st.st_ctime)
         alive = parsed.owner.alive()
-        stale = (age > lease_timeout) if alive is None else not alive
+        stale = parsed.owner.abandoned(entry.path, lease_timeout, now, st)
         out.append(ClaimInfo(parsed.name, entry.path, parsed.owner.host, parsed.owner.pid,
                              parsed.owner.start, round(age, 3), alive, stale))
     return sorted(out, key=lambda c: c.name)
@@ -310,11 +311,8 @@ def requeue_stale(path: Any, dry_run: bool = False, include_live: bool = False,
     p = _check(path)
     if dry_run:
         return [c.name for c in _claims(p, lease_timeout) if c.stale or include_live]
-    q = _reader(p, message_extension, lease_timeout)
-    try:
+    with _reader(p, message_extension, lease_timeout) as q:
         return q.recover(wait=True, include_live=include_live).requeued
-    finally:
-        q.close()
 
 
 def retry_dead_letters(path: Any, pattern: Optional[str] = None, dry_run: bool = False,
@@ -325,11 +323,8 @@ def retry_dead_letters(path: Any, pattern: Optional[str] = None, dry_run: bool =
         ext = L.normalise_extension(message_extension)
         return [n for n in _dead_letter_names(p, ext)
                 if pattern is None or fnmatch.fnmatchcase(n, pattern)]
-    q = _reader(p, message_extension, 600.0)
-    try:
+    with _reader(p, message_extension, 600.0) as q:
         return q.retry_failed(pattern)
-    finally:
-        q.close()
 
 
 def close_producer(path: Any, producer_id: str, failed: bool = False, reason: Any = None,
@@ -355,7 +350,7 @@ def close_producer(path: Any, producer_id: str, failed: bool = False, reason: An
     kind = L.FAILED if failed else L.DONE
     name = L.format_control(kind, match.run, match.producer)
     payload = {"type": kind.lower(), "run": match.run, "producer": producer_id,
-               "written_by": "pympx_queues.folder_admin.close_producer",
+               "written_by": "pympx_queues.folder.admin.close_producer",
                "reason": "" if reason is None else str(reason), "time": time.time()}
     tmp = os.path.join(p, L.TMP_DIR, L.format_owned(L.new_owner(), name))
     final = os.path.join(ctrl, name)
@@ -399,15 +394,9 @@ def _purge_control(q: Any, keep: set, force: bool = False) -> int:
 
 
 def _requeue_claims(q: Any, include_live: bool = False) -> List[str]:
-    from .folder import ReadableFolderQueue
-
-    reader = ReadableFolderQueue(q.path, q.message_extension, wakeups="poll",
-                                 recover_on_start=False, lease_timeout=q.lease_timeout,
-                                 dir_mode=q.dir_mode, file_mode=q.file_mode)
-    try:
+    with _reader(q.path, q.message_extension, q.lease_timeout, dir_mode=q.dir_mode,
+                 file_mode=q.file_mode) as reader:
         return reader.recover(wait=True, include_live=include_live).requeued
-    finally:
-        reader.close()
 
 
 def reset(path: Any, force: bool = False, message_extension: str = ".tsv",
@@ -417,13 +406,10 @@ def reset(path: Any, force: bool = False, message_extension: str = ".tsv",
     marker; every control file with ``force``) and crashed producers' temp files.
     Safe while consumers drain a closed run.  Never deletes a message."""
     p = _check(path)
-    q = _reader(p, message_extension, lease_timeout)
-    try:
+    with _reader(p, message_extension, lease_timeout) as q:
         rep = q.recover(wait=True, include_live=force)
         n = _purge_control(q, keep=set(), force=force)
         return ResetReport(rep.requeued, n, rep.temp_removed)
-    finally:
-        q.close()
 
 
 def purge(path: Any, force: bool = False, message_extension: str = ".tsv",
@@ -495,13 +481,8 @@ def verify(path: Any, repair: bool = False, message_extension: str = ".tsv",
             if not _fs.is_litter(entry.name):
                 problems.append(Problem("unknown-temp", entry.path, "not ours; left alone"))
             continue
-        alive = parsed.owner.alive()
-        if alive:
+        if not parsed.owner.abandoned(entry.path, lease_timeout, time.time()):
             continue
-        if alive is None:
-            st = _fs.lstat(entry.path)
-            if st is None or time.time() - st.st_mtime < lease_timeout:
-                continue
         problems.append(Problem("leftover-temp", entry.path,
                                 "partial write of a crashed producer (never published)"))
         if repair:

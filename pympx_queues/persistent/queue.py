@@ -18,7 +18,7 @@ Message ids and ``task_done``
     which returns a picklable :class:`Message` ``(id, body)``, and pass that message (or
     ``id=...``) to ``task_done``.
 
-See the module :mod:`pympx_queues._journal` for the journal format and layout.
+See the module :mod:`pympx_queues.journal` for the journal format and layout.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from queue import Empty, Full
 from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence,
                     Tuple, Union)
 
-from . import _fs
-from . import _journal as jr
-from .errors import QueueClosed, QueueFailed
-from .sentinels import DONE, FAILED, is_sentinel
+from .. import _fs
+from .. import journal as jr
+from ..errors import QueueClosed, QueueFailed
+from ..sentinels import DONE, FAILED, is_sentinel
 
 log = logging.getLogger("pympx_queues.persistent")
 
@@ -231,7 +231,7 @@ class PersistentQueue:
     def _load_history(self, compact: bool, lock_timeout: float) -> jr.History:
         current, previous = self.current_pickup_dir, self.previous_pickup_dir
         if current is not None:
-            _fs.makedirs(current, self.dir_mode)
+            _fs.makedirs(current, self.dir_mode, what="pickup dir")
             if compact:
                 history, _ = jr.compact(current, self.pickup_file_prefix,
                                         extra_dirs=[previous] if previous else [],
@@ -435,8 +435,9 @@ class PersistentQueue:
         id, so completing it completes the old work.
 
         Raises :class:`~pympx_queues.errors.QueueClosed` after ``close()``/``fail()`` in
-        this process, ``TypeError`` for a message the journal cannot encode and
-        ``ValueError`` for a negative timeout or a DONE/FAILED sentinel; nothing is written
+        this process, ``TypeError`` for a message the journal cannot encode (an
+        unsupported type, a container that contains itself) and ``ValueError`` for a NaN
+        or infinite float, a negative timeout or a DONE/FAILED sentinel; nothing is written
         then.
         """
         writer = self._writer

@@ -26,11 +26,12 @@ delete them.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import NamedTuple, Optional
 
-from . import _fs
+from .. import _fs
 
 # --------------------------------------------------------------------------- folders
 TMP_DIR = "tmp"
@@ -73,6 +74,21 @@ class Owner(NamedTuple):
         if not self.is_local():
             return None
         return _fs.process_alive(self.pid, self.start)
+
+    def abandoned(self, path: str, lease_timeout: float, now: float,
+                  st: "Optional[os.stat_result]" = None) -> bool:
+        """True when the file this owner holds at ``path`` (a claim, a temp file) is
+        abandoned: its process is gone (this host), or, on another host, its lease ran
+        out (the file unchanged for ``lease_timeout`` seconds; ``st``: its stat, if known).
+        """
+        alive = self.alive()
+        if alive is not None:
+            return not alive
+        if st is None:
+            st = _fs.lstat(path)
+            if st is None:
+                return False  # gone meanwhile: nothing is abandoned
+        return now - max(st.st_mtime, st.st_ctime) > lease_timeout
 
 
 def new_owner(rid: Optional[str] = None) -> Owner:

@@ -15,8 +15,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import _fs
-from . import _journal as jr
+from .. import _fs
+from .. import journal as jr
 
 log = logging.getLogger("pympx_queues.pickup")
 
@@ -154,7 +154,7 @@ class OutstandingMessage:
     id: str
     key: Optional[str]
     run: str
-    body: Any  # the JSON form stored in the journal (see _journal.encode_value)
+    body: Any  # the JSON form stored in the journal (see journal.encode_value)
 
     def decoded(self) -> Any:
         """The body as Python data (without the queue's converter_list hooks)."""
