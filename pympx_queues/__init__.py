@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import (
+    ConsumerDied,
     Empty,
     Full,
     IncompleteGroupsError,
@@ -38,7 +39,7 @@ _LAZY = {
 __all__ = [
     "DONE", "FAILED", "is_sentinel",
     "Empty", "Full", "PympxQueueError", "QueueFailed", "QueueClosed",
-    "JournalCorruptError", "IncompleteGroupsError", "NotAQueueError",
+    "JournalCorruptError", "IncompleteGroupsError", "NotAQueueError", "ConsumerDied",
     *_LAZY,
 ]
 
