@@ -11,7 +11,7 @@ no process or manager is started); queue classes are imported lazily.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConsumerDied,
@@ -35,6 +35,13 @@ _LAZY = {
     "ReadableFolderQueue": ".folder",
     "ReadableGroupedFileFolderQueue": ".folder",
 }
+
+if TYPE_CHECKING:  # what the lazy loader below returns, visible to type checkers
+    from .folder import ReadableFolderQueue as ReadableFolderQueue
+    from .folder import ReadableGroupedFileFolderQueue as ReadableGroupedFileFolderQueue
+    from .folder import WritableFolderQueue as WritableFolderQueue
+    from .persistent import Message as Message
+    from .persistent import PersistentQueue as PersistentQueue
 
 __all__ = [
     "DONE", "FAILED", "is_sentinel",
