@@ -96,17 +96,19 @@ class _Consumers:
     """Which processes took messages from a queue, and how many each still holds.
 
     A table in shared memory (inherited by the processes the queue is passed to), one
-    slot per consumer process: ``(pid, start time, held)``.  A process claims a slot the
-    first time it takes from the queue and from then on writes only its own ``held``
-    (messages taken out of the pipe and not acknowledged yet), under its own lock, so
-    the hot paths pay one store and no shared lock.  ``join()`` reads the table to find
-    consumers that died holding messages; the exit of a producer reads it to know whether
-    anybody is left to read the pipe.  A slot whose process is gone and holds nothing is
-    reused.
+    slot per consumer process: ``(pid, start time, held, reading)``.  A process claims a
+    slot the first time it takes from the queue and from then on writes only its own
+    ``held`` (messages taken out of the pipe and not acknowledged yet, under its own
+    lock) and ``reading`` (1 while it holds the pipe's read lock), so the hot paths pay
+    a store and no shared lock.  ``join()`` reads the table to find consumers that died
+    holding messages, or holding the read lock (multiprocessing never releases it then:
+    nobody can take from the queue again); the exit of a producer reads it to know
+    whether anybody is left to read the pipe.  A slot whose process is gone and held
+    nothing is reused.
     """
 
     SLOTS = 256
-    _FIELDS = 3  # pid, start time, held
+    _FIELDS = 4  # pid, start time, held, reading
 
     def __init__(self, ctx: Any) -> None:
         self._array = ctx.RawArray("q", self.SLOTS * self._FIELDS)
@@ -137,25 +139,28 @@ class _Consumers:
                 if v[base] == pid and v[base + 1] == start:
                     return base + 2  # already registered (a second copy of the queue)
                 if free < 0 and (v[base] == 0 or (
-                        v[base + 2] == 0 and not _fs.process_alive(v[base], v[base + 1]))):
+                        v[base + 2] == 0 and v[base + 3] == 0
+                        and not _fs.process_alive(v[base], v[base + 1]))):
                     free = base
             if free < 0:
                 log.warning("more than %d consumer processes: pid %d is not tracked by "
                             "join()", self.SLOTS, pid)
                 return -1
-            v[free + 2] = 0
+            v[free + 2] = v[free + 3] = 0
             v[free + 1] = start
             v[free] = pid
             return free + 2
 
-    def _entries(self) -> List[Tuple[int, int, int]]:
+    def _entries(self) -> List[Tuple[int, int, int, int]]:
         v = self.view
-        return [(v[b], v[b + 1], v[b + 2]) for b in range(0, len(v), self._FIELDS) if v[b]]
+        return [(v[b], v[b + 1], v[b + 2], v[b + 3])
+                for b in range(0, len(v), self._FIELDS) if v[b]]
 
-    def dead_holders(self) -> List[Tuple[int, int]]:
-        """(pid, held) of each registered process that is gone and held messages."""
-        return [(pid, held) for pid, start, held in self._entries()
-                if held > 0 and not _fs.process_alive(pid, start)]
+    def dead_holders(self) -> List[Tuple[int, int, bool]]:
+        """(pid, held, reading) of each registered process that is gone and held
+        messages or the read lock."""
+        return [(pid, held, bool(reading)) for pid, start, held, reading in self._entries()
+                if (held > 0 or reading) and not _fs.process_alive(pid, start)]
 
     def abandoned(self, children: Sequence[Any] = ()) -> bool:
         """True when no process is left that reads, or may yet read, the queue's pipe:
@@ -163,12 +168,41 @@ class _Consumers:
         objects of the processes this one sent it to), and all of them but the caller
         (which is exiting) are dead."""
         me = os.getpid()
-        readers = [(pid, start) for pid, start, _ in self._entries() if pid != me]
+        readers = [(pid, start) for pid, start, _, _ in self._entries() if pid != me]
         children = [c for c in children if getattr(c, "pid", None)]
         if not readers and not children:
             return False  # nobody known yet: they may still be starting
         return not any(_fs.process_alive(pid, start) for pid, start in readers) \
             and not any(c.poll() is None for c in children)
+
+
+class _ReadLock:
+    """The pipe's read lock, marked in this process's slot of the consumer table while
+    held (``cells[at]``; ``at`` is -1 until the process registers as a consumer)."""
+
+    __slots__ = ("lock", "cells", "at")
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.cells: Any = None
+        self.at = -1
+
+    def acquire(self, block: bool = True, timeout: Optional[float] = None) -> bool:
+        got = self.lock.acquire(block, timeout)
+        if got and self.at >= 0:
+            self.cells[self.at] = 1
+        return bool(got)
+
+    def release(self) -> None:
+        if self.at >= 0:
+            self.cells[self.at] = 0
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type-arg]
@@ -186,9 +220,14 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
         super().__init__(maxsize, ctx=ctx)
         self.consumers = _Consumers(ctx)
         self._children: List[Any] = []
+        self._rlock = _ReadLock(self._rlock)
 
     def __getstate__(self) -> Any:
-        state = super().__getstate__() + (self.consumers,)  # only while spawning a process
+        marked, self._rlock = self._rlock, self._rlock.lock  # the lock itself travels
+        try:
+            state = super().__getstate__() + (self.consumers,)  # only while spawning
+        finally:
+            self._rlock = marked
         popen = multiprocessing.context.get_spawning_popen()
         if popen is not None:
             self._children.append(popen)  # a process that may read the pipe (see exit)
@@ -198,6 +237,7 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
         super().__setstate__(state[:-1])
         self.consumers = state[-1]
         self._children = []
+        self._rlock = _ReadLock(self._rlock)
 
     def _start_thread(self) -> None:
         super()._start_thread()
@@ -253,12 +293,14 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
             dead = self.consumers.dead_holders()
             if dead:
                 raise ConsumerDied(
-                    "join(): consumer process(es) died holding unacknowledged messages: "
-                    + ", ".join(f"pid {pid} ({held} message{'s' if held != 1 else ''})"
-                                for pid, held in dead)
-                    + "; they can never be acknowledged in this run (they are in the "
-                    "journal: the next run's requeue_unprocessed_work() puts them back)",
-                    tuple(pid for pid, _ in dead))
+                    "join(): consumer process(es) died holding work of this queue: "
+                    + ", ".join(f"pid {pid} ({held} message{'s' if held != 1 else ''}"
+                                + (", and the queue's read lock: no process can take from "
+                                   "the queue any more" if reading else "") + ")"
+                                for pid, held, reading in dead)
+                    + "; that work can never be acknowledged in this run (it is in the "
+                    "journal: the next run's requeue_unprocessed_work() puts it back)",
+                    tuple(pid for pid, _, _ in dead))
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
@@ -790,6 +832,9 @@ class PersistentQueue:
                 self._held = consumers.view
                 self._held_at = consumers.register()
                 self._registered = True
+                if self._held_at >= 0:  # mark the read lock while this process holds it
+                    rlock = self.joinable_queue._rlock  # type: ignore[union-attr]
+                    rlock.cells, rlock.at = self._held, self._held_at + 1
 
     def _note_held(self) -> None:
         """Publish how many messages this process holds (call with ``_ilock`` held)."""

@@ -16,6 +16,8 @@ from pympx_queues import ConsumerDied, PersistentQueue, QueueClosed
 from pympx_queues import _journal as jr
 from pympx_queues import pickup
 
+from conftest import wait_for
+
 
 SPAWN = mp.get_context("spawn")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +63,26 @@ def test_join_raises_naming_a_consumer_killed_while_holding_messages(tmp_path):
     # The journal holds the dead consumer's messages for the next run.
     assert sorted(PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work()) == \
         ["a", "b"]
+
+
+def _wait_in_get(q):
+    q.get()  # blocks on an empty queue, inside multiprocessing's read lock
+
+
+def test_join_raises_when_a_consumer_is_killed_inside_get_with_the_read_lock(tmp_path):
+    q = PersistentQueue("jobs", tmp_path, context=SPAWN)
+    idle = SPAWN.Process(target=_wait_in_get, args=(q,))
+    idle.start()
+    consumers = q.joinable_queue.consumers
+    wait_for(lambda: any(pid == idle.pid and reading
+                         for pid, _, _, reading in consumers._entries()),
+             timeout=60, message="the consumer to wait inside get()")
+    _kill(idle)  # multiprocessing never releases the lock it held: nobody can get again
+    q.put("x")
+    with pytest.raises(ConsumerDied, match="read lock") as info:
+        q.join(timeout=60)
+    assert info.value.pids == (idle.pid,)
+    q.dispose()
 
 
 def _ack_one_and_exit(q):
