@@ -220,12 +220,13 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
         super().__init__(maxsize, ctx=ctx)
         self.consumers = _Consumers(ctx)
         self._children: List[Any] = []
-        self._rlock = _ReadLock(self._rlock)
+        self._rlock: Any = _ReadLock(self._rlock)
 
     def __getstate__(self) -> Any:
         marked, self._rlock = self._rlock, self._rlock.lock  # the lock itself travels
         try:
-            state = super().__getstate__() + (self.consumers,)  # only while spawning
+            base: Any = super().__getstate__()  # only while spawning a process
+            state = base + (self.consumers,)
         finally:
             self._rlock = marked
         popen = multiprocessing.context.get_spawning_popen()
@@ -240,7 +241,7 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
         self._rlock = _ReadLock(self._rlock)
 
     def _start_thread(self) -> None:
-        super()._start_thread()
+        super()._start_thread()  # type: ignore[misc]
         # Runs at the exit of this process before multiprocessing's own finalizers
         # (priority 10 closes the feeder, -5 joins it).
         multiprocessing.util.Finalize(self, _JoinableQueue._flush_at_exit,
