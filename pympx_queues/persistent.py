@@ -380,6 +380,12 @@ class PersistentQueue:
 
     The object pickles into child processes (spawn, forkserver, fork); each process
     writes its own journal.
+
+    Crashed consumers: :meth:`join` raises :class:`~pympx_queues.errors.ConsumerDied`
+    (naming the pids) rather than wait forever for work a dead consumer held.  A process
+    that put messages waits at its exit, as with ``multiprocessing``, until they are in
+    the queue's pipe, but not when every process that read from the queue (or that this
+    one started with it) is dead: what is left in the pipe is in the journal already.
     """
 
     #: pympx's identity formatter, kept as a class attribute for compatibility.
