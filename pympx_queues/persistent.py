@@ -29,9 +29,11 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.queues
+import multiprocessing.reduction
 import multiprocessing.util
 import os
 import re
+import select
 import threading
 import time
 import weakref
@@ -159,21 +161,47 @@ class _Consumers:
     def dead_holders(self) -> List[Tuple[int, int, bool]]:
         """(pid, held, reading) of each registered process that is gone and held
         messages or the read lock."""
-        return [(pid, held, bool(reading)) for pid, start, held, reading in self._entries()
-                if (held > 0 or reading) and not _fs.process_alive(pid, start)]
+        return [(pid, held, reading == _RECEIVING)
+                for pid, start, held, reading in self._entries()
+                if (held > 0 or reading == _RECEIVING) and not _fs.process_alive(pid, start)]
+
+    def give_back_read_lock(self, lock: Any) -> None:
+        """Release the pipe's read lock for a consumer killed while it waited for data
+        (multiprocessing never would: every other consumer would wait forever).  Only
+        while waiting: no byte of a message had been read, so the pipe is intact."""
+        v = self.view
+        with self._lock:
+            for b in range(0, len(v), self._FIELDS):
+                if v[b] and v[b + 3] == _WAITING and not _fs.process_alive(v[b], v[b + 1]):
+                    log.warning("consumer pid %d was killed inside get(): releasing the "
+                                "queue's read lock it held", v[b])
+                    v[b + 3] = 0
+                    try:
+                        lock.release()
+                    except ValueError:  # pragma: no cover - released already
+                        pass
 
     def abandoned(self, children: Sequence[Any] = ()) -> bool:
         """True when no process is left that reads, or may yet read, the queue's pipe:
         some process took from it or was started with it (``children``: the Popen
         objects of the processes this one sent it to), and all of them but the caller
         (which is exiting) are dead."""
-        me = os.getpid()
-        readers = [(pid, start) for pid, start, _, _ in self._entries() if pid != me]
+        me, entries = os.getpid(), self._entries()
+        if any(reading == _RECEIVING and not _fs.process_alive(pid, start)
+               for pid, start, _, reading in entries):
+            return True  # killed inside a message: the pipe cannot be read any more
+        readers = [(pid, start) for pid, start, _, _ in entries if pid != me]
         children = [c for c in children if getattr(c, "pid", None)]
         if not readers and not children:
             return False  # nobody known yet: they may still be starting
         return not any(_fs.process_alive(pid, start) for pid, start in readers) \
             and not any(c.poll() is None for c in children)
+
+
+#: ``reading`` cell of the consumer table: the process holds the pipe's read lock and
+#: waits for data (a kill then leaves the pipe intact: the lock can be given back), or
+#: it is receiving a message (a kill may leave half a message in the pipe).
+_WAITING, _RECEIVING = 1, 2
 
 
 class _ReadLock:
@@ -190,8 +218,12 @@ class _ReadLock:
     def acquire(self, block: bool = True, timeout: Optional[float] = None) -> bool:
         got = self.lock.acquire(block, timeout)
         if got and self.at >= 0:
-            self.cells[self.at] = 1
+            self.cells[self.at] = _WAITING
         return bool(got)
+
+    def receiving(self) -> None:
+        if self.at >= 0:
+            self.cells[self.at] = _RECEIVING
 
     def release(self) -> None:
         if self.at >= 0:
@@ -221,6 +253,7 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
         self.consumers = _Consumers(ctx)
         self._children: List[Any] = []
         self._rlock: Any = _ReadLock(self._rlock)
+        self._waiter: Any = None  # (pid, select.poll() on the reader) for get()
 
     def __getstate__(self) -> Any:
         marked, self._rlock = self._rlock, self._rlock.lock  # the lock itself travels
@@ -239,6 +272,55 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
         self.consumers = state[-1]
         self._children = []
         self._rlock = _ReadLock(self._rlock)
+        self._waiter = None
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        """``multiprocessing.Queue.get``, telling the consumer table whether this process
+        waits for data or receives a message while it holds the read lock."""
+        if self._closed:  # type: ignore[attr-defined]
+            raise ValueError(f"Queue {self!r} is closed")
+        rlock, poll = self._rlock, self._poll  # type: ignore[attr-defined]
+        if block and timeout is None:
+            lock, cells, at = rlock.lock, rlock.cells, rlock.at  # rlock, inlined
+            lock.acquire()
+            try:
+                waiter = self._waiter
+                if waiter is None or waiter[0] != os.getpid():
+                    # One poll object per process: Connection.poll(None) would build a
+                    # selector per call (several microseconds).
+                    waiter = (os.getpid(), select.poll())
+                    waiter[1].register(self._reader.fileno(),  # type: ignore[attr-defined]
+                                       select.POLLIN)
+                    self._waiter = waiter
+                if at >= 0:
+                    cells[at] = _WAITING
+                waiter[1].poll()
+                if at >= 0:
+                    cells[at] = _RECEIVING
+                res = self._recv_bytes()  # type: ignore[attr-defined]
+            finally:
+                if at >= 0:
+                    cells[at] = 0
+                lock.release()
+            self._sem.release()  # type: ignore[attr-defined]
+        else:
+            if block:
+                deadline = time.monotonic() + timeout  # type: ignore[operator]
+            if not rlock.acquire(block, timeout):
+                raise Empty
+            try:
+                if block:
+                    if not poll(deadline - time.monotonic()):
+                        raise Empty
+                elif not poll():
+                    raise Empty
+                rlock.receiving()
+                res = self._recv_bytes()  # type: ignore[attr-defined]
+                self._sem.release()  # type: ignore[attr-defined]
+            finally:
+                rlock.release()
+        # unserialize the data after having released the lock
+        return multiprocessing.reduction.ForkingPickler.loads(res)
 
     def _start_thread(self) -> None:
         super()._start_thread()  # type: ignore[misc]
@@ -267,6 +349,7 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
             thread.join(_JoinableQueue.POLL)
             if not thread.is_alive():
                 return
+            consumers.give_back_read_lock(q._rlock.lock)
             if consumers.abandoned(q._children):
                 log.warning("every consumer of the queue is dead: exiting without writing "
                             "the messages left in its pipe (they are in the journal; the "
@@ -291,14 +374,15 @@ class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type
                     self._cond.wait(step)  # type: ignore[attr-defined]
                     if unfinished._is_zero():
                         return True
+            self.consumers.give_back_read_lock(self._rlock.lock)
             dead = self.consumers.dead_holders()
             if dead:
                 raise ConsumerDied(
                     "join(): consumer process(es) died holding work of this queue: "
                     + ", ".join(f"pid {pid} ({held} message{'s' if held != 1 else ''}"
-                                + (", and the queue's read lock: no process can take from "
-                                   "the queue any more" if reading else "") + ")"
-                                for pid, held, reading in dead)
+                                + (", killed while receiving one: the queue's pipe cannot "
+                                   "be read any more" if receiving else "") + ")"
+                                for pid, held, receiving in dead)
                     + "; that work can never be acknowledged in this run (it is in the "
                     "journal: the next run's requeue_unprocessed_work() puts it back)",
                     tuple(pid for pid, _, _ in dead))

@@ -69,7 +69,7 @@ def _wait_in_get(q):
     q.get()  # blocks on an empty queue, inside multiprocessing's read lock
 
 
-def test_join_raises_when_a_consumer_is_killed_inside_get_with_the_read_lock(tmp_path):
+def test_read_lock_of_a_consumer_killed_while_waiting_in_get_is_given_back(tmp_path):
     q = PersistentQueue("jobs", tmp_path, context=SPAWN)
     idle = SPAWN.Process(target=_wait_in_get, args=(q,))
     idle.start()
@@ -77,11 +77,31 @@ def test_join_raises_when_a_consumer_is_killed_inside_get_with_the_read_lock(tmp
     wait_for(lambda: any(pid == idle.pid and reading
                          for pid, _, _, reading in consumers._entries()),
              timeout=60, message="the consumer to wait inside get()")
-    _kill(idle)  # multiprocessing never releases the lock it held: nobody can get again
+    _kill(idle)  # multiprocessing never releases the read lock it held
     q.put("x")
-    with pytest.raises(ConsumerDied, match="read lock") as info:
-        q.join(timeout=60)
-    assert info.value.pids == (idle.pid,)
+    assert q.join(timeout=0.3) is False  # nothing to blame: it held no message
+    assert q.get(timeout=30) == "x"  # the lock was given back: the queue is readable
+    q.task_done()
+    assert q.join(timeout=10) is True
+    q.dispose()
+
+
+def test_join_raises_for_a_consumer_killed_while_receiving_a_message(tmp_path):
+    q = PersistentQueue("jobs", tmp_path, context=SPAWN)
+    gone = SPAWN.Process(target=_ack_one_and_exit, args=(q,))  # any dead pid will do
+    q.put("x")
+    gone.start()
+    gone.join(60)
+    q.put("y")
+    # Its slot as a kill in the middle of reading a message would leave it.
+    v = q.joinable_queue.consumers.view
+    (base,) = [b for b in range(0, len(v), 4) if v[b] == gone.pid]
+    v[base + 3] = 2
+    with pytest.raises(ConsumerDied, match="receiving") as info:
+        q.join(timeout=30)
+    assert info.value.pids == (gone.pid,)
+    v[base + 3] = 0
+    q.task_done(q.get(timeout=5))
     q.dispose()
 
 
