@@ -11,9 +11,10 @@ no process or manager is started); queue classes are imported lazily.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    ConsumerDied,
     Empty,
     Full,
     IncompleteGroupsError,
@@ -35,10 +36,17 @@ _LAZY = {
     "ReadableGroupedFileFolderQueue": ".folder",
 }
 
+if TYPE_CHECKING:  # what the lazy loader below returns, visible to type checkers
+    from .folder import ReadableFolderQueue as ReadableFolderQueue
+    from .folder import ReadableGroupedFileFolderQueue as ReadableGroupedFileFolderQueue
+    from .folder import WritableFolderQueue as WritableFolderQueue
+    from .persistent import Message as Message
+    from .persistent import PersistentQueue as PersistentQueue
+
 __all__ = [
     "DONE", "FAILED", "is_sentinel",
     "Empty", "Full", "PympxQueueError", "QueueFailed", "QueueClosed",
-    "JournalCorruptError", "IncompleteGroupsError", "NotAQueueError",
+    "JournalCorruptError", "IncompleteGroupsError", "NotAQueueError", "ConsumerDied",
     *_LAZY,
 ]
 

@@ -30,8 +30,9 @@ folder queues, default 600: when a claim of *another host* counts as abandoned) 
 Errors: ``FileNotFoundError`` (no such path), ``NotADirectoryError``, ``PermissionError``,
 ``NotAQueueError``, :class:`UnsupportedOperation` (no meaning for this kind of queue),
 :class:`NotFound` (no such message or producer), :class:`Refused` (would touch a live
-process's work without ``force``), ``ValueError`` (bad arguments), ``FileExistsError``
-(a message of that name is waiting), ``JournalCorruptError`` (run :func:`repair`).
+process's work without ``force``), ``ValueError`` (bad arguments), :class:`NameTaken`
+(a ``FileExistsError``: a message of that name is waiting), ``JournalCorruptError`` (run
+:func:`repair`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import dataclasses
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from . import _fs
 from .errors import NotAQueueError, PympxQueueError
@@ -48,7 +49,9 @@ from .errors import NotAQueueError, PympxQueueError
 __all__ = [
     "FOLDER", "PICKUP", "STATES", "Options", "Progress",
     "UnsupportedOperation", "NotFound", "NoSuchMessage", "Refused",
-    "detect_kind", "status", "list_messages", "show_message", "put_files", "put_data",
+    "NameTaken",
+    "detect_kind", "status", "list_messages", "iter_messages", "show_message",
+    "put_files", "put_data",
     "requeue", "retry", "close", "fail", "reset", "purge", "verify", "repair",
     "describe_destruction", "snapshot", "rates",
 ]
@@ -77,6 +80,17 @@ class NotFound(PympxQueueError, KeyError):
 
 class NoSuchMessage(NotFound):
     """``show_message`` found no message of that name or id."""
+
+
+class NameTaken(PympxQueueError, FileExistsError):
+    """A message of that name is already waiting (and renaming was not asked for)."""
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(f"a message named {name!r} is already waiting in {path}")
+        self.name, self.path = name, path
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class Refused(PympxQueueError):
@@ -149,6 +163,10 @@ class _Backend:
                       ) -> List[Dict[str, Any]]:
         raise self._unsupported("ls")
 
+    def iter_messages(self, path: str, state: Optional[str], o: Options
+                      ) -> Iterator[Dict[str, Any]]:
+        return iter(self.list_messages(path, state, o))
+
     def show_message(self, path: str, message: str, o: Options) -> Dict[str, Any]:
         raise self._unsupported("show")
 
@@ -196,6 +214,21 @@ def _age(path: str, now: Optional[float] = None) -> Optional[float]:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class _name_taken:
+    """Turns the writer's "name already waiting" ``FileExistsError`` into :class:`NameTaken`
+    (the library's wording names its keyword argument; callers name their own option)."""
+
+    def __init__(self, path: str, name: str, rename: bool) -> None:
+        self.path, self.name, self.rename = path, name, rename
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if exc is not None and not self.rename and type(exc) is FileExistsError:
+            raise NameTaken(self.name, self.path) from exc
 
 
 def _run_with_progress(fn: Callable[[], Any], total: int, remaining: Callable[[], int],
@@ -298,12 +331,15 @@ class _FolderBackend(_Backend):
 
     def list_messages(self, path: str, state: Optional[str], o: Options
                       ) -> List[Dict[str, Any]]:
+        return list(self.iter_messages(path, state, o))
+
+    def iter_messages(self, path: str, state: Optional[str], o: Options
+                      ) -> Iterator[Dict[str, Any]]:
         now = time.time()
-        out = []
-        for s in ([state] if state else STATES):
-            out += [self._message(m, now)
-                    for m in self._fa().list_messages(path, s, **self._kw(o))]
-        return out
+        # Every state's arguments are checked now; the messages are read as consumed.
+        states = [self._fa().iter_messages(path, s, **self._kw(o))
+                  for s in ([state] if state else STATES)]
+        return (self._message(m, now) for messages in states for m in messages)
 
     def show_message(self, path: str, message: str, o: Options) -> Dict[str, Any]:
         try:
@@ -331,13 +367,15 @@ class _FolderBackend(_Backend):
         writer = self._writer(path, o, rename)
         out = []
         for i, f in enumerate(files, 1):
-            out.append(writer.put(f, copy=copy))  # no-clobber, durable before it returns
+            with _name_taken(path, os.path.basename(f), rename):
+                out.append(writer.put(f, copy=copy))  # no-clobber, durable on return
             if progress:
                 progress(i, len(files))
         return out
 
     def put_data(self, path: str, name: str, data: bytes, o: Options, rename: bool) -> str:
-        return self._writer(path, o, rename).put_data(name, data)
+        with _name_taken(path, name, rename):
+            return self._writer(path, o, rename).put_data(name, data)
 
     # -- moving messages ------------------------------------------------------------
     def requeue(self, path: str, include_live: bool, dry_run: bool, o: Options,
@@ -481,6 +519,16 @@ class _PickupBackend(_Backend):
         return False
 
     @staticmethod
+    def _check_prefix_known(path: str, prefix: Optional[str]) -> None:
+        """A prefix with neither a journal nor a lock in ``path`` is a typo: NotFound."""
+        if prefix is None:
+            return
+        from . import journal as jr
+
+        if not jr.list_journals(path, prefix) and _fs.lstat(jr.lock_path(path, prefix)) is None:
+            raise NotFound(f"no journals with prefix {prefix!r} in {path}")
+
+    @staticmethod
     def _issue(i: Any) -> Dict[str, Any]:
         d = i.to_dict()
         return {"kind": i.kind, "path": i.path, "offset": i.offset, "detail": i.detail,
@@ -568,6 +616,7 @@ class _PickupBackend(_Backend):
         return {"marked_done": done}
 
     def verify(self, path: str, o: Options) -> Dict[str, Any]:
+        self._check_prefix_known(path, o.prefix)
         rep = self._pk().verify(path, o.prefix)
         issues = [self._issue(i) for i in rep.issues]
         issues += [{"kind": "leftover-temp", "path": p, "offset": None,
@@ -627,6 +676,17 @@ def list_messages(path: str, state: Optional[str] = None, **options: Any
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     path, backend, o = _backend(path, options)
     return backend.list_messages(path, state, o)
+
+
+def iter_messages(path: str, state: Optional[str] = None, **options: Any
+                  ) -> Iterator[Dict[str, Any]]:
+    """:func:`list_messages` one at a time, for listings too large to hold (folder queues
+    read each message as it is consumed).  The arguments, the path and the options are
+    checked before this returns."""
+    if state is not None and state not in STATES:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    path, backend, o = _backend(path, options)
+    return backend.iter_messages(path, state, o)
 
 
 def show_message(path: str, message: str, **options: Any) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -54,6 +55,8 @@ def _os_error_line(exc: OSError) -> str:
 
 def translate_error(exc: BaseException) -> Optional[CliError]:
     """Map an expected library exception to a one-line :class:`CliError` (None: a bug)."""
+    if isinstance(exc, admin.NameTaken):
+        return CliError(f"{exc} (pass --rename to publish under a unique name)", EXIT_PROBLEM)
     if isinstance(exc, (admin.UnsupportedOperation, admin.NotFound, NotAQueueError)):
         return CliError(str(exc), EXIT_USAGE)
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, PermissionError)):
@@ -78,6 +81,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            # The reader went away (`watch | head`): a normal end, not an error.
+            _discard_stdout()
+            raise click.exceptions.Exit(EXIT_OK) from None
         except Exception as exc:  # noqa: BLE001 - translated or re-raised unchanged
             err = translate_error(exc)
             if err is None:
@@ -86,6 +93,20 @@ class _Group(click.Group):
 
 
 # --------------------------------------------------------------------------- output helpers
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the final flush at exit does not fail again on
+    the closed pipe (Python would print "Exception ignored ... BrokenPipeError")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return  # not a real file (tests capture it): nothing will be flushed to a pipe
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -143,6 +164,22 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], indent: str = "
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def emit_json_list(items: Iterable[Any], chunk: int = 256) -> None:
+    """Print ``items`` as one JSON array, exactly as :func:`emit_json` would, but written
+    as the items come: a listing of any size never sits in memory whole."""
+    parts: List[str] = []
+    first = True
+    for item in items:
+        text = "  " + json.dumps(item, indent=2, default=str).replace("\n", "\n  ")
+        parts.append(("[\n" if first else ",\n") + text)
+        first = False
+        if len(parts) >= chunk:
+            click.echo("".join(parts), nl=False)
+            parts.clear()
+    parts.append("[]" if first else "\n]")
+    click.echo("".join(parts))
 
 
 def emit(data: Any, as_json: bool, render: Any) -> None:
@@ -460,8 +497,12 @@ def status(path: str, as_json: bool, check: bool) -> None:
 @json_option
 @queue_options
 def ls_command(path: str, state: Optional[str], as_json: bool) -> None:
-    """List messages with state, size, age, retries and owner."""
-    emit(admin.list_messages(path, state, **_opts()), as_json, render_messages)
+    """List messages with state, size, age, retries and owner (--json: streamed, so a
+    queue of any size lists in little memory)."""
+    if as_json:
+        emit_json_list(admin.iter_messages(path, state, **_opts()))
+    else:
+        emit(admin.list_messages(path, state, **_opts()), as_json, render_messages)
 
 
 @main.command(short_help="Everything about one message (retries, error, owner, lease).")
@@ -626,7 +667,12 @@ def purge(path: str, force: bool, yes: bool, as_json: bool) -> None:
 @json_option
 @queue_options
 def verify(path: str, as_json: bool) -> None:
-    """Check journal checksums and folder consistency; exit 1 if anything is wrong."""
+    """Check journal checksums and folder consistency; exit 1 if anything is wrong.
+
+    Folder queues: files no consumer will ever see (a name with a control character
+    such as a newline, shown escaped), leftovers, stale claims.  Exit 2 (usage) when
+    --prefix names no journal in a pickup dir (a typo checks nothing).
+    """
     result = admin.verify(path, **_opts())
     emit(result, as_json, render_check)
     if not result.get("ok"):

@@ -6,7 +6,7 @@ from queue import Empty, Full
 
 __all__ = [
     "Empty", "Full", "PympxQueueError", "QueueFailed", "QueueClosed",
-    "JournalCorruptError", "IncompleteGroupsError", "NotAQueueError",
+    "JournalCorruptError", "IncompleteGroupsError", "NotAQueueError", "ConsumerDied",
 ]
 
 
@@ -20,6 +20,22 @@ class QueueFailed(PympxQueueError):
 
 class QueueClosed(PympxQueueError, ValueError):
     """An operation (such as ``put``) was attempted after ``close()`` or ``fail()``."""
+
+
+class ConsumerDied(PympxQueueError):
+    """``join()`` found consumer processes that died holding unacknowledged messages.
+
+    Those messages can never be acknowledged in this run, so ``join()`` would wait
+    forever; they are in the journal and the next run requeues them.  ``pids`` lists the
+    dead consumers' process ids.
+    """
+
+    def __init__(self, message: str, pids: "tuple[int, ...]" = ()) -> None:
+        super().__init__(message)
+        self.pids = tuple(pids)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.pids))
 
 
 class NotAQueueError(PympxQueueError):

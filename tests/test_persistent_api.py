@@ -521,8 +521,11 @@ def test_unacknowledged_part_of_a_together_batch_is_outstanding_next_run(tmp_pat
 def test_ids_given_by_the_caller_are_journaled_safely(tmp_path):
     q = PersistentQueue("jobs", tmp_path)
     q.put_many(["x", "y"])
-    q.task_done(id='odd "id"\n')  # not ours: escaped, the journal stays readable
-    q.task_done(Message('another"one', "z"))
+    # Not ids of this queue: refused with nothing written, the journal stays readable.
+    with pytest.raises(ValueError, match="unknown message id"):
+        q.task_done(id='odd "id"\n')
+    with pytest.raises(ValueError, match="unknown message id"):
+        q.task_done(Message('another"one', "z"))
     q.dispose()
     assert pickup.verify(tmp_path).issues == []
     assert PersistentQueue("jobs", tmp_path).get_list_of_outstanding_work() == ["x", "y"]

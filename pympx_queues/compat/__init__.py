@@ -12,7 +12,7 @@ main implementation, with its guarantees.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 _LAZY = {
     "PersistentQueue": ".pympx_persistent",
@@ -20,6 +20,13 @@ _LAZY = {
     "ReadableFolderQueue": ".pympx_folder",
     "ReadableGroupedFileFolderQueue": ".pympx_folder",
 }
+
+if TYPE_CHECKING:  # what the lazy loader below returns, visible to type checkers
+    from .pympx_folder import ReadableFolderQueue as ReadableFolderQueue
+    from .pympx_folder import \
+        ReadableGroupedFileFolderQueue as ReadableGroupedFileFolderQueue
+    from .pympx_folder import WritableFolderQueue as WritableFolderQueue
+    from .pympx_persistent import PersistentQueue as PersistentQueue
 
 __all__ = list(_LAZY)
 

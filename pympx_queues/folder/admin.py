@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from .. import _fs
 from ..errors import NotAQueueError
@@ -249,38 +249,46 @@ def _retry_info(p: str, name: str, st: Optional[os.stat_result]) -> Dict[str, An
 def list_messages(path: Any, state: str = "ready", message_extension: str = ".tsv",
                   lease_timeout: float = 600.0) -> List[MessageInfo]:
     """Messages in one state: ``ready``, ``wip``, ``done`` or ``failed`` (dead letters)."""
+    return list(iter_messages(path, state, message_extension, lease_timeout))
+
+
+def iter_messages(path: Any, state: str = "ready", message_extension: str = ".tsv",
+                  lease_timeout: float = 600.0) -> Iterator[MessageInfo]:
+    """:func:`list_messages` one at a time (the arguments and folder are checked first)."""
     if state not in STATES:
         raise ValueError(f"state must be one of {STATES}, got {state!r}")
-    p = _check(path)
-    ext = L.normalise_extension(message_extension)
-    out: List[MessageInfo] = []
+    return _iter_messages(_check(path), state, L.normalise_extension(message_extension),
+                          lease_timeout)
+
+
+def _iter_messages(p: str, state: str, ext: str, lease_timeout: float
+                   ) -> Iterator[MessageInfo]:
     if state == "ready":
         for n in _ready_names(p, ext):
             fp = os.path.join(p, n)
             st = _fs.lstat(fp)
             info = _retry_info(p, n, st)
-            out.append(MessageInfo(n, "ready", fp, st.st_size if st else 0,
-                                   int(info.get("attempts", 0)), info.get("last_error", "")))
+            yield MessageInfo(n, "ready", fp, st.st_size if st else 0,
+                              int(info.get("attempts", 0)), info.get("last_error", ""))
     elif state == "wip":
         for c in _claims(p, lease_timeout):
             st = _fs.lstat(c.path)
             info = _retry_info(p, c.name, st)
-            out.append(MessageInfo(c.name, "wip", c.path, st.st_size if st else 0,
-                                   int(info.get("attempts", 0)), info.get("last_error", ""),
-                                   f"{c.host}:{c.pid}", c.age_seconds, c.live))
+            yield MessageInfo(c.name, "wip", c.path, st.st_size if st else 0,
+                              int(info.get("attempts", 0)), info.get("last_error", ""),
+                              f"{c.host}:{c.pid}", c.age_seconds, c.live)
     elif state == "done":
         for e in sorted(_regular(os.path.join(p, L.DONE_DIR)), key=lambda e: e.name):
             st = _fs.lstat(e.path)
-            out.append(MessageInfo(e.name, "done", e.path, st.st_size if st else 0, 0, ""))
+            yield MessageInfo(e.name, "done", e.path, st.st_size if st else 0, 0, "")
     else:
         d = os.path.join(p, L.FAILED_DIR)
         for n in _dead_letter_names(p, ext):
             fp = os.path.join(d, n)
             st = _fs.lstat(fp)
             err = _read_json(os.path.join(d, L.format_error_sidecar(n)))
-            out.append(MessageInfo(n, "failed", fp, st.st_size if st else 0,
-                                   int(err.get("attempts", 0)), err.get("error", "")))
-    return out
+            yield MessageInfo(n, "failed", fp, st.st_size if st else 0,
+                              int(err.get("attempts", 0)), err.get("error", ""))
 
 
 def show_message(path: Any, name: str, message_extension: str = ".tsv",
@@ -438,6 +446,15 @@ def purge(path: Any, force: bool = False, message_extension: str = ".tsv",
     return n
 
 
+def _has_control_character(name: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 or 0xDC80 <= ord(c) <= 0xDCFF for c in name)
+
+
+def _escaped(path: str) -> str:
+    """``path`` with control characters (and undecodable bytes) shown as escapes."""
+    return "".join(repr(c)[1:-1] if _has_control_character(c) else c for c in path)
+
+
 def verify(path: Any, repair: bool = False, message_extension: str = ".tsv",
            lease_timeout: float = 600.0) -> VerifyReport:
     """Check a folder queue's consistency; with ``repair`` fix what is safe to fix.
@@ -459,6 +476,10 @@ def verify(path: Any, repair: bool = False, message_extension: str = ".tsv",
                 problems[-1].repaired = True
             continue
         for entry in _fs.scandir(d):
+            if _has_control_character(entry.name):  # no reader ever sees it: say so
+                problems.append(Problem("bad-name", _escaped(entry.path), "name contains a "
+                                        "control character: never seen as a message"))
+                continue
             if entry.is_dir(follow_symlinks=False) or _fs.entry_is_regular(entry):
                 continue
             if _fs.is_litter(entry.name):

@@ -278,5 +278,9 @@ def normalise_extension(message_extension: str) -> str:
     if ext and not ext.startswith("."):
         ext = "." + ext
     if ext:
-        _fs.check_name("x" + ext, "message extension")
+        try:
+            _fs.check_name("x" + ext, "message extension")
+        except ValueError:  # its wording would show the probe name "x" + ext
+            raise ValueError(f"bad message extension {message_extension!r}: a dot and plain "
+                             "name characters, such as '.tsv', expected") from None
     return ext

@@ -27,8 +27,15 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.queues
+import multiprocessing.reduction
+import multiprocessing.util
 import os
+import re
+import select
 import threading
+import time
 import weakref
 from collections import deque
 from queue import Empty, Full
@@ -37,7 +44,7 @@ from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, S
 
 from .. import _fs
 from .. import journal as jr
-from ..errors import QueueClosed, QueueFailed
+from ..errors import ConsumerDied, QueueClosed, QueueFailed
 from ..sentinels import DONE, FAILED, is_sentinel
 
 log = logging.getLogger("pympx_queues.persistent")
@@ -45,6 +52,10 @@ log = logging.getLogger("pympx_queues.persistent")
 __all__ = ["PersistentQueue", "Message", "return_same"]
 
 _MISSING: Any = object()
+
+#: Message ids this library makes: the putting process's 12-hex id prefix (also the random
+#: part of its journal's name), a dot, a hex counter.
+_ID_RE = re.compile(r"[0-9a-f]{12}\.[0-9a-f]+")
 
 
 class Message(NamedTuple):
@@ -83,6 +94,302 @@ def _default_context() -> Any:
     return multiprocessing.get_context(method)
 
 
+class _Consumers:
+    """Which processes took messages from a queue, and how many each still holds.
+
+    A table in shared memory (inherited by the processes the queue is passed to), one
+    slot per consumer process: ``(pid, start time, held, reading)``.  A process claims a
+    slot the first time it takes from the queue and from then on writes only its own
+    ``held`` (messages taken out of the pipe and not acknowledged yet, under its own
+    lock) and ``reading`` (1 while it holds the pipe's read lock), so the hot paths pay
+    a store and no shared lock.  ``join()`` reads the table to find consumers that died
+    holding messages, or holding the read lock (multiprocessing never releases it then:
+    nobody can take from the queue again); the exit of a producer reads it to know
+    whether anybody is left to read the pipe.  A slot whose process is gone and held
+    nothing is reused.
+    """
+
+    SLOTS = 256
+    _FIELDS = 4  # pid, start time, held, reading
+
+    def __init__(self, ctx: Any) -> None:
+        self._array = ctx.RawArray("q", self.SLOTS * self._FIELDS)
+        self._lock = ctx.Lock()
+        self._view: Any = None
+
+    def __getstate__(self) -> Tuple[Any, Any]:
+        return self._array, self._lock
+
+    def __setstate__(self, state: Tuple[Any, Any]) -> None:
+        self._array, self._lock = state
+        self._view = None
+
+    @property
+    def view(self) -> Any:
+        if self._view is None:
+            self._view = memoryview(self._array).cast("B").cast("q")
+        return self._view
+
+    def register(self) -> int:
+        """Claim a slot for this process; the index of its ``held`` cell (-1: table full,
+        this process is not tracked)."""
+        pid, start = os.getpid(), _fs.my_start_time()
+        v = self.view
+        with self._lock:
+            free = -1
+            for base in range(0, len(v), self._FIELDS):
+                if v[base] == pid and v[base + 1] == start:
+                    return base + 2  # already registered (a second copy of the queue)
+                if free < 0 and (v[base] == 0 or (
+                        v[base + 2] == 0 and v[base + 3] == 0
+                        and not _fs.process_alive(v[base], v[base + 1]))):
+                    free = base
+            if free < 0:
+                log.warning("more than %d consumer processes: pid %d is not tracked by "
+                            "join()", self.SLOTS, pid)
+                return -1
+            v[free + 2] = v[free + 3] = 0
+            v[free + 1] = start
+            v[free] = pid
+            return free + 2
+
+    def _entries(self) -> List[Tuple[int, int, int, int]]:
+        v = self.view
+        return [(v[b], v[b + 1], v[b + 2], v[b + 3])
+                for b in range(0, len(v), self._FIELDS) if v[b]]
+
+    def dead_holders(self) -> List[Tuple[int, int, bool]]:
+        """(pid, held, reading) of each registered process that is gone and held
+        messages or the read lock."""
+        return [(pid, held, reading == _RECEIVING)
+                for pid, start, held, reading in self._entries()
+                if (held > 0 or reading == _RECEIVING) and not _fs.process_alive(pid, start)]
+
+    def give_back_read_lock(self, lock: Any) -> None:
+        """Release the pipe's read lock for a consumer killed while it waited for data
+        (multiprocessing never would: every other consumer would wait forever).  Only
+        while waiting: no byte of a message had been read, so the pipe is intact."""
+        v = self.view
+        with self._lock:
+            for b in range(0, len(v), self._FIELDS):
+                if v[b] and v[b + 3] == _WAITING and not _fs.process_alive(v[b], v[b + 1]):
+                    log.warning("consumer pid %d was killed inside get(): releasing the "
+                                "queue's read lock it held", v[b])
+                    v[b + 3] = 0
+                    try:
+                        lock.release()
+                    except ValueError:  # pragma: no cover - released already
+                        pass
+
+    def abandoned(self, children: Sequence[Any] = ()) -> bool:
+        """True when no process is left that reads, or may yet read, the queue's pipe:
+        some process took from it or was started with it (``children``: the Popen
+        objects of the processes this one sent it to), and all of them but the caller
+        (which is exiting) are dead."""
+        me, entries = os.getpid(), self._entries()
+        if any(reading == _RECEIVING and not _fs.process_alive(pid, start)
+               for pid, start, _, reading in entries):
+            return True  # killed inside a message: the pipe cannot be read any more
+        readers = [(pid, start) for pid, start, _, _ in entries if pid != me]
+        children = [c for c in children if getattr(c, "pid", None)]
+        if not readers and not children:
+            return False  # nobody known yet: they may still be starting
+        return not any(_fs.process_alive(pid, start) for pid, start in readers) \
+            and not any(c.poll() is None for c in children)
+
+
+#: ``reading`` cell of the consumer table: the process holds the pipe's read lock and
+#: waits for data (a kill then leaves the pipe intact: the lock can be given back), or
+#: it is receiving a message (a kill may leave half a message in the pipe).
+_WAITING, _RECEIVING = 1, 2
+
+
+class _ReadLock:
+    """The pipe's read lock, marked in this process's slot of the consumer table while
+    held (``cells[at]``; ``at`` is -1 until the process registers as a consumer)."""
+
+    __slots__ = ("lock", "cells", "at")
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.cells: Any = None
+        self.at = -1
+
+    def acquire(self, block: bool = True, timeout: Optional[float] = None) -> bool:
+        got = self.lock.acquire(block, timeout)
+        if got and self.at >= 0:
+            self.cells[self.at] = _WAITING
+        return bool(got)
+
+    def receiving(self) -> None:
+        if self.at >= 0:
+            self.cells[self.at] = _RECEIVING
+
+    def release(self) -> None:
+        if self.at >= 0:
+            self.cells[self.at] = 0
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class _JoinableQueue(multiprocessing.queues.JoinableQueue):  # type: ignore[type-arg]
+    """``multiprocessing.JoinableQueue`` that knows its consumers (see :class:`_Consumers`).
+
+    Two things differ: ``join(timeout)`` raises :class:`ConsumerDied` instead of waiting
+    forever for messages a dead consumer held, and a process that put messages does not
+    hang at exit when every consumer of the pipe is dead.
+    """
+
+    #: How often a waiting ``join()`` looks for dead consumers (seconds).
+    POLL = 0.1
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any) -> None:
+        super().__init__(maxsize, ctx=ctx)
+        self.consumers = _Consumers(ctx)
+        self._children: List[Any] = []
+        self._rlock: Any = _ReadLock(self._rlock)
+        self._waiter: Any = None  # (pid, select.poll() on the reader) for get()
+
+    def __getstate__(self) -> Any:
+        marked, self._rlock = self._rlock, self._rlock.lock  # the lock itself travels
+        try:
+            base: Any = super().__getstate__()  # only while spawning a process
+            state = base + (self.consumers,)
+        finally:
+            self._rlock = marked
+        popen = multiprocessing.context.get_spawning_popen()
+        if popen is not None:
+            self._children.append(popen)  # a process that may read the pipe (see exit)
+        return state
+
+    def __setstate__(self, state: Any) -> None:
+        super().__setstate__(state[:-1])
+        self.consumers = state[-1]
+        self._children = []
+        self._rlock = _ReadLock(self._rlock)
+        self._waiter = None
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        """``multiprocessing.Queue.get``, telling the consumer table whether this process
+        waits for data or receives a message while it holds the read lock."""
+        if self._closed:  # type: ignore[attr-defined]
+            raise ValueError(f"Queue {self!r} is closed")
+        rlock, poll = self._rlock, self._poll  # type: ignore[attr-defined]
+        if block and timeout is None:
+            lock, cells, at = rlock.lock, rlock.cells, rlock.at  # rlock, inlined
+            lock.acquire()
+            try:
+                waiter = self._waiter
+                if waiter is None or waiter[0] != os.getpid():
+                    # One poll object per process: Connection.poll(None) would build a
+                    # selector per call (several microseconds).
+                    waiter = (os.getpid(), select.poll())
+                    waiter[1].register(self._reader.fileno(),  # type: ignore[attr-defined]
+                                       select.POLLIN)
+                    self._waiter = waiter
+                if at >= 0:
+                    cells[at] = _WAITING
+                waiter[1].poll()
+                if at >= 0:
+                    cells[at] = _RECEIVING
+                res = self._recv_bytes()  # type: ignore[attr-defined]
+            finally:
+                if at >= 0:
+                    cells[at] = 0
+                lock.release()
+            self._sem.release()  # type: ignore[attr-defined]
+        else:
+            if block:
+                deadline = time.monotonic() + timeout  # type: ignore[operator]
+            if not rlock.acquire(block, timeout):
+                raise Empty
+            try:
+                if block:
+                    if not poll(deadline - time.monotonic()):
+                        raise Empty
+                elif not poll():
+                    raise Empty
+                rlock.receiving()
+                res = self._recv_bytes()  # type: ignore[attr-defined]
+                self._sem.release()  # type: ignore[attr-defined]
+            finally:
+                rlock.release()
+        # unserialize the data after having released the lock
+        return multiprocessing.reduction.ForkingPickler.loads(res)
+
+    def _start_thread(self) -> None:
+        super()._start_thread()  # type: ignore[misc]
+        # Runs at the exit of this process before multiprocessing's own finalizers
+        # (priority 10 closes the feeder, -5 joins it).
+        multiprocessing.util.Finalize(self, _JoinableQueue._flush_at_exit,
+                                      [weakref.ref(self), self.consumers], exitpriority=20)
+
+    @staticmethod
+    def _flush_at_exit(ref: Any, consumers: _Consumers) -> None:
+        """Wait until the feeder thread has written every message to the pipe, as
+        multiprocessing does, but stop waiting when every consumer that took from the
+        queue is dead: nobody will ever read the pipe again, and the feeder would block
+        the exit forever.  Abandoning the unwritten messages is safe because each of
+        them was journaled before it was queued (G1): the next run requeues them.
+        While no process that could read is known yet (none took from the queue, this
+        process started none with it) the wait is multiprocessing's: the consumers may
+        still be starting.
+        """
+        q = ref()
+        thread = getattr(q, "_thread", None)
+        if q is None or thread is None or q._joincancelled:
+            return
+        q.close()  # the feeder ends once it has flushed its buffer
+        while True:
+            thread.join(_JoinableQueue.POLL)
+            if not thread.is_alive():
+                return
+            consumers.give_back_read_lock(q._rlock.lock)
+            if consumers.abandoned(q._children):
+                log.warning("every consumer of the queue is dead: exiting without writing "
+                            "the messages left in its pipe (they are in the journal; the "
+                            "next run requeues them)")
+                q.cancel_join_thread()
+                return
+
+    def join(self, timeout: Optional[float] = None) -> bool:  # type: ignore[override]
+        """Wait until every task is done: True; False after ``timeout`` seconds.
+
+        Raises :class:`ConsumerDied` when a consumer died holding messages.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        unfinished = self._unfinished_tasks._semlock  # type: ignore[attr-defined]
+        while True:
+            step = self.POLL if deadline is None else min(self.POLL,
+                                                          deadline - time.monotonic())
+            with self._cond:  # type: ignore[attr-defined]
+                if unfinished._is_zero():
+                    return True
+                if step > 0:
+                    self._cond.wait(step)  # type: ignore[attr-defined]
+                    if unfinished._is_zero():
+                        return True
+            self.consumers.give_back_read_lock(self._rlock.lock)
+            dead = self.consumers.dead_holders()
+            if dead:
+                raise ConsumerDied(
+                    "join(): consumer process(es) died holding work of this queue: "
+                    + ", ".join(f"pid {pid} ({held} message{'s' if held != 1 else ''}"
+                                + (", killed while receiving one: the queue's pipe cannot "
+                                   "be read any more" if receiving else "") + ")"
+                                for pid, held, receiving in dead)
+                    + "; that work can never be acknowledged in this run (it is in the "
+                    "journal: the next run's requeue_unprocessed_work() puts it back)",
+                    tuple(pid for pid, _, _ in dead))
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+
 def _check_hooks(name: str, hooks: Optional[Sequence[Callable[[Any], Any]]]
                  ) -> Optional[Tuple[Callable[[Any], Any], ...]]:
     if hooks is None:
@@ -98,7 +405,8 @@ def _check_hooks(name: str, hooks: Optional[Sequence[Callable[[Any], Any]]]
 # Per-process attributes: never pickled, rebuilt in each process that uses the queue.
 _PROCESS_STATE = ("_pid", "_lock", "_ilock", "_writer", "_inflight", "_ids", "_id_prefix",
                   "_closed", "_fast", "_keys_put", "_local_items", "_ctx", "_buffer",
-                  "_batch_of", "_batch_left", "_batch_ids")
+                  "_batch_of", "_batch_left", "_batch_ids", "_registered", "_held_at",
+                  "_held", "_prefix_journaled", "_run_rands")
 
 # Queues of this process, reset in a forked child (its parent's journal, locks and
 # unacknowledged messages are not its own).  Spawned children go through __setstate__.
@@ -156,6 +464,12 @@ class PersistentQueue:
 
     The object pickles into child processes (spawn, forkserver, fork); each process
     writes its own journal.
+
+    Crashed consumers: :meth:`join` raises :class:`~pympx_queues.errors.ConsumerDied`
+    (naming the pids) rather than wait forever for work a dead consumer held.  A process
+    that put messages waits at its exit, as with ``multiprocessing``, until they are in
+    the queue's pipe, but not when every process that read from the queue (or that this
+    one started with it) is dead: what is left in the pipe is in the journal already.
     """
 
     #: pympx's identity formatter, kept as a class attribute for compatibility.
@@ -208,6 +522,7 @@ class PersistentQueue:
             (r.id, r.key, r.body) for r in outstanding]
         self._outstanding_keys: Dict[str, int] = {
             key: i for i, (_, key, _) in enumerate(self._outstanding) if key is not None}
+        self._outstanding_ids = frozenset(mid for mid, _, _ in self._outstanding)
         self._done_keys = frozenset(history.keys_done())
         self._requeued: set = set()
         if self._outstanding:
@@ -215,7 +530,8 @@ class PersistentQueue:
                      self.pickup_file_prefix, len(self._outstanding))
 
         self._ctx = self._resolve_context(context)
-        self.joinable_queue = self._ctx.JoinableQueue(maxsize) if self.use_queue else None
+        self.joinable_queue = (_JoinableQueue(maxsize, ctx=self._ctx.get_context())
+                               if self.use_queue else None)
         self._pid: Optional[int] = None
         self._ensure_process()
 
@@ -266,6 +582,13 @@ class PersistentQueue:
         self._fast = self.use_queue  # hot paths allowed (cleared by close/fail)
         self._keys_put: set = set()
         self._local_items: Optional[List[Any]] = None
+        # join()'s view of this process: registered as a consumer at its first get, then
+        # _held[_held_at] = messages taken and not acknowledged (see _Consumers).
+        self._registered = False
+        self._held_at = -1
+        self._held: Any = None
+        self._prefix_journaled = False  # a journal of ours is named after _id_prefix
+        self._run_rands: set = set()  # id prefixes of this run's journals (task_done(id=))
         if getattr(self, "_ctx", None) is None:
             self._ctx = None
         _track(self)
@@ -300,12 +623,17 @@ class PersistentQueue:
         writer = self._writer
         if writer is None or writer.closed:
             for _ in range(3):
+                # The first journal of a process is named after its id prefix, so that
+                # task_done(id=...) in another process can tell a real id from a typo.
+                rand = None if self._prefix_journaled else self._id_prefix
                 try:
                     writer = jr.JournalWriter(
                         self.current_pickup_dir, self.pickup_file_prefix, self.run_id,
-                        durability=self.durability, file_mode=self.file_mode)
+                        durability=self.durability, file_mode=self.file_mode, rand=rand)
+                    self._prefix_journaled = True
                     break
                 except FileExistsError:  # random id collision: draw again
+                    self._prefix_journaled = True
                     continue
             else:  # pragma: no cover
                 raise FileExistsError("could not create a unique journal file name")
@@ -495,8 +823,10 @@ class PersistentQueue:
         with self._lock:
             was_closed, self._closed = self._closed, True
             self._fast = False
-            if was_closed and sentinel is DONE:
-                return  # close() is idempotent: one DONE per worker, once
+            if was_closed:
+                if sentinel is DONE:
+                    return  # close() is idempotent: one DONE per worker, once
+                self._check_open()  # fail() after close()/fail(): QueueClosed, as put
             self._journal([(kind, jr.dumps({"workers": self.number_of_workers}))])
         if self.use_queue:
             for _ in range(self.number_of_workers):
@@ -519,7 +849,13 @@ class PersistentQueue:
         self._put_sentinels(DONE, jr.KIND_CLOSE)
 
     def fail(self) -> None:
-        """Fail the run: journal it and put one FAILED per worker (consumers stop)."""
+        """Fail the run: journal it and put one FAILED per worker (consumers stop).
+
+        Raises :class:`~pympx_queues.errors.QueueClosed` after ``close()`` or ``fail()``
+        in this process (the stream has already ended; nothing is written).
+        """
+        self._ensure_process()
+        self._check_open()
         log.error("queue %s: failing the run (FAILED to %d worker(s))",
                   self.pickup_file_prefix, self.number_of_workers)
         self._put_sentinels(FAILED, jr.KIND_FAIL)
@@ -530,7 +866,8 @@ class PersistentQueue:
         try:
             yield self
         except BaseException:
-            self.fail()
+            if not self._closed:  # closed inside the block: the stream already ended
+                self.fail()
             raise
         self.close()
 
@@ -566,6 +903,8 @@ class PersistentQueue:
                         item = self._buffer.popleft()
                         self._inflight[item[0]] = item[1]
                         return item
+            if not self._registered:
+                self._register()
             item = self.joinable_queue.get(block, timeout)
             if is_sentinel(item):
                 return item  # settled for join() when it was put
@@ -574,7 +913,25 @@ class PersistentQueue:
         mid, obj = item
         with self._ilock:
             self._inflight[mid] = obj
+            self._note_held()
         return item
+
+    def _register(self) -> None:
+        """First take in this process: claim a slot in the queue's consumer table."""
+        consumers = self.joinable_queue.consumers  # type: ignore[union-attr]
+        with self._ilock:
+            if not self._registered:
+                self._held = consumers.view
+                self._held_at = consumers.register()
+                self._registered = True
+                if self._held_at >= 0:  # mark the read lock while this process holds it
+                    rlock = self.joinable_queue._rlock  # type: ignore[union-attr]
+                    rlock.cells, rlock.at = self._held, self._held_at + 1
+
+    def _note_held(self) -> None:
+        """Publish how many messages this process holds (call with ``_ilock`` held)."""
+        if self._held_at >= 0:
+            self._held[self._held_at] = len(self._inflight) + len(self._buffer)
 
     def _unpack(self, batch: _Batch) -> Tuple[str, Any]:
         """Keep a together-batch in this process; hand out its first message."""
@@ -586,6 +943,7 @@ class PersistentQueue:
             self._buffer.extend(batch.items[1:])
             first = batch.items[0]
             self._inflight[first[0]] = first[1]
+            self._note_held()
         return first
 
     def _settle(self, mids: Sequence[str]) -> None:
@@ -605,6 +963,8 @@ class PersistentQueue:
                     n += 1
         for _ in range(n):
             self.joinable_queue.task_done()  # type: ignore[union-attr]
+        with self._ilock:  # after the ack: a kill in between over-reports, never hangs
+            self._note_held()
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         """Remove and return the next message body (or DONE / FAILED).
@@ -618,6 +978,8 @@ class PersistentQueue:
             if timeout is not None and not ((type(timeout) is float or type(timeout) is int)
                                             and timeout >= 0):
                 timeout = _fs.check_timeout(timeout)  # raises
+            if not self._registered:
+                self._register()
             item = self.joinable_queue.get(block, timeout)  # type: ignore[union-attr]
             if item is DONE or item is FAILED:
                 return item  # sentinels were settled for join() when they were put
@@ -625,6 +987,8 @@ class PersistentQueue:
                 return self._unpack(item)[1]
             with self._ilock:
                 self._inflight[item[0]] = item[1]
+                if self._held_at >= 0:  # _note_held(), inlined on the hot path
+                    self._held[self._held_at] = len(self._inflight) + len(self._buffer)
             return item[1]
         item = self._take(block, timeout)
         return item if is_sentinel(item) else item[1]
@@ -674,7 +1038,12 @@ class PersistentQueue:
         if mid is not None:
             if not isinstance(mid, str):
                 raise TypeError(f"message id must be a str, got {type(mid).__name__}")
-            return mid, inflight.pop(mid, _MISSING)
+            value = inflight.pop(mid, _MISSING)
+            if value is _MISSING and not self._known_id(mid):
+                raise ValueError(f"task_done: unknown message id {mid!r}: no message with "
+                                 f"that id was put on queue {self.pickup_file_prefix} in "
+                                 "this run or left by an earlier one (nothing written)")
+            return mid, value
         if not inflight:
             raise ValueError("task_done() called more times than this process called get()")
         if obj is _MISSING:
@@ -695,6 +1064,25 @@ class PersistentQueue:
         raise ValueError(f"task_done({obj!r}): no unacknowledged message equal to it was "
                          "got by this process")
 
+    def _known_id(self, mid: str) -> bool:
+        """True if ``mid`` names a message of this queue that this process did not get.
+
+        O(1): an id left by an earlier run, or an id made by a process of this run (its
+        prefix names one of this run's journals; the directory is listed again only for
+        a prefix not seen yet).  Without a journal only the id's form can be checked.
+        """
+        if mid in self._outstanding_ids:
+            return True
+        if not _ID_RE.fullmatch(mid):
+            return False
+        prefix = mid[:12]
+        if prefix == self._id_prefix or self.current_pickup_dir is None:
+            return True
+        if prefix not in self._run_rands:
+            self._run_rands = {name.rand for _, name in jr.list_journals(
+                self.current_pickup_dir, self.pickup_file_prefix) if name.run == self.run_id}
+        return prefix in self._run_rands
+
     def task_done(self, obj: Any = _MISSING, *, id: Optional[str] = None) -> None:
         """Acknowledge one message: journal its completion, then settle it for ``join``.
 
@@ -702,7 +1090,8 @@ class PersistentQueue:
         equal bodies are told apart), a :class:`Message`, or omitted (the oldest
         unacknowledged message of this process); ``id=`` names the message exactly (it
         may have been got by another process).  Blocks on the journal write (and fsync in
-        fsync mode).  ``ValueError`` when nothing matches (nothing is written).
+        fsync mode).  ``ValueError`` when nothing matches, or for an id that no process
+        put on this queue (nothing is written then).
         """
         if id is None and self.use_queue and type(obj) is not Message \
                 and obj is not DONE and obj is not FAILED:
@@ -734,6 +1123,9 @@ class PersistentQueue:
                 self._settle((mid,))
             else:
                 self.joinable_queue.task_done()  # type: ignore[union-attr]
+                if self._held_at >= 0:
+                    with self._ilock:  # after the ack: a kill in between never hangs join
+                        self._held[self._held_at] = len(inflight) + len(self._buffer)
             return
         self.task_done_many([obj], ids=[id])
 
@@ -789,11 +1181,23 @@ class PersistentQueue:
         if self.use_queue:
             self._settle(resolved)
 
-    def join(self) -> None:
-        """Block until every message put on the queue has been acknowledged."""
-        if self.use_queue:
-            assert self.joinable_queue is not None
-            self.joinable_queue.join()
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Block until every message put on the queue has been acknowledged.
+
+        Returns True then; with a ``timeout`` (seconds) returns False if that time passes
+        first (like ``threading.Event.wait``).  Raises
+        :class:`~pympx_queues.errors.ConsumerDied`, naming the process ids, as soon as a
+        consumer process died (``kill -9``, a crash, or an exit) holding messages it got
+        and had not acknowledged: those can never be acknowledged in this run, so the
+        wait would be endless.  They are in the journal; the next run requeues them.
+        A message acknowledged by id in another process than the one that got it counts
+        as held by its getter until then.  ``ValueError`` for a negative timeout.
+        """
+        timeout = _fs.check_timeout(timeout)
+        if not self.use_queue:
+            return True
+        assert self.joinable_queue is not None
+        return self.joinable_queue.join(timeout)
 
     def qsize(self) -> int:
         """Approximate number of messages (and sentinels) waiting in the queue."""
