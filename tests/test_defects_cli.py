@@ -12,7 +12,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from pympx_queues import PersistentQueue, admin, cli, folder_admin
+from pympx_queues import PersistentQueue, admin, cli
+from pympx_queues.folder import admin as folder_admin
 from pympx_queues.folder import WritableFolderQueue
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ import pytest
 
 from pympx_queues import ConsumerDied, PersistentQueue, QueueClosed
 from pympx_queues import journal as jr
-from pympx_queues import pickup
+from pympx_queues.persistent import pickup
 
 from conftest import wait_for
 
