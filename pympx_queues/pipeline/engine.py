@@ -462,7 +462,7 @@ class Pipeline:
         for key, saved in replay.unfinished.items():
             if saved.dead is not None:
                 continue
-            ctx = ItemContext(key, saved.index, saved.data)
+            ctx = ItemContext(key, saved.index, self._journal.decode(saved.data))
             ctx.stage_index = saved.stage
             ctx.pending = saved.pending
             items.append(ctx)
@@ -604,6 +604,8 @@ class Pipeline:
         self._live += 1
         rep.accepted += 1
         rep.in_flight += 1
+        if not journal and ctx.stage_index < len(self._runs):
+            self._runs[ctx.stage_index].stats.rerun += 1  # resumed where it was (P2)
         if journal:
             try:
                 self._journal.accept(ctx.key, ctx.index, ctx.data)
