@@ -97,7 +97,7 @@ def test_handler_signatures_are_checked_when_the_pipeline_is_built_naming_the_st
     with pytest.raises(StageSignatureError, match="'store'.*kind='async'"):
         Pipeline([], [Stage("store", inc, kind="thread")])
     with pytest.raises(StageSignatureError, match="'cpu'.*module level"):
-        Pipeline([], [Stage("cpu", lambda x: x, kind="process")])
+        Pipeline([], [Stage("cpu", lambda x: x, kind="process", start_method="spawn")])
     with pytest.raises(PipelineError, match="unique"):
         Pipeline([], [Stage("a", double), Stage("a", double)])
     with pytest.raises(PipelineError, match="kind must be one of"):

@@ -226,7 +226,10 @@ class Stage:
                 f"stage {self.name!r}: kind 'interpreter' needs Python 3.14+ "
                 "(concurrent.futures.InterpreterPoolExecutor); this is Python "
                 f"{sys.version_info.major}.{sys.version_info.minor}. Use kind='process'.")
-        if self.kind in ("process", "interpreter"):
+        if self.kind == "interpreter" or (self.kind == "process" and self.start_method not in
+                                          (None, "fork")) or (
+                self.kind == "process" and self.start_method is None and
+                not sys.platform.startswith("linux")):
             if getattr(self.handler, "__name__", "") == "<lambda>" or \
                     "<locals>" in getattr(self.handler, "__qualname__", ""):
                 raise StageSignatureError(
@@ -252,7 +255,7 @@ class ItemContext:
     """
 
     __slots__ = ("key", "index", "data", "stage", "stage_index", "attempt", "metadata",
-                 "cancelled", "stage_timings", "pending", "started", "_retry_at",
+                 "_cancelled", "stage_timings", "pending", "started", "_retry_at",
                  "_handle", "__weakref__")
 
     def __init__(self, key: str, index: int, data: Any) -> None:
@@ -263,10 +266,20 @@ class ItemContext:
         self.stage_index = 0
         self.attempt = 1
         self.metadata: Dict[str, Any] = {}
-        self.cancelled = threading.Event()
+        self._cancelled: Any = None  # made on first use (one Event per item is costly)
         self.stage_timings: Dict[str, float] = {}
         self.pending = False
         self.started = 0.0
+
+    @property
+    def cancelled(self) -> Any:
+        ev = self._cancelled
+        if ev is None:
+            with _EVENT_LOCK:
+                ev = self._cancelled
+                if ev is None:
+                    ev = self._cancelled = threading.Event()
+        return ev
 
     def for_worker(self) -> "ItemContext":
         """A copy to send to another process (no event; ``cancelled`` never set there)."""
@@ -274,7 +287,7 @@ class ItemContext:
         c.stage, c.stage_index, c.attempt = self.stage, self.stage_index, self.attempt
         c.metadata, c.stage_timings, c.pending = dict(self.metadata), \
             dict(self.stage_timings), self.pending
-        c.cancelled = _NeverSet()  # type: ignore[assignment]
+        c._cancelled = _NEVER
         return c
 
     def __getstate__(self):
@@ -287,6 +300,7 @@ class ItemContext:
         self.__init__(state["key"], state["index"], None)
         for k, v in state.items():
             setattr(self, k, v)
+        self._cancelled = _NEVER  # in another process: the coordinator kills, not asks
 
     def __repr__(self) -> str:
         return f"ItemContext(key={self.key!r}, stage={self.stage!r}, attempt={self.attempt})"
@@ -298,6 +312,10 @@ class _NeverSet:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return False
+
+
+_NEVER = _NeverSet()
+_EVENT_LOCK = threading.Lock()
 
 
 @dataclass

@@ -366,7 +366,8 @@ class Pipeline:
                 self._loop = loop
                 if self._stop_request is not None:  # stop() before the loop existed
                     loop.call_soon(self._on_stop)
-            for sr in self._runs:
+            # Process pools first: their workers fork before any stage thread exists.
+            for sr in sorted(self._runs, key=lambda sr: sr.stage.kind != "process"):
                 sr.runner = _make_runner(sr.stage, loop)
             from .progress import start_progress
 
@@ -434,7 +435,8 @@ class Pipeline:
 
     def _wake_idle(self) -> None:
         w = self._idle_wait
-        if w is not None and not w.done():
+        if w is not None and not w.done() and (
+                self._halted or (self._source_done and self._report.in_flight == 0)):
             w.set_result(None)
 
     def _wake_feeder(self) -> None:
@@ -664,8 +666,9 @@ class Pipeline:
             item.stage = stage.name
             item.stage_index = sr.index
             item.started = now
-            if item.cancelled.is_set():
-                item.cancelled.clear()
+            ev = item._cancelled
+            if ev is not None and ev.is_set():
+                ev.clear()
         sr.running += 1
         remote = runner.remote
         if stage.batch:

@@ -13,8 +13,13 @@ one worker dies.  Here each worker is one process with one pipe to the coordinat
   reaches EOF.  Workers are started from the coordinator's event-loop thread, which lives
   as long as the run (the death signal follows the thread that forked the worker).
 
-Workers are started with ``multiprocessing``'s ``spawn`` method by default (safe in a
-process with threads; the handler must be importable: a module-level function).
+Workers are started with ``multiprocessing``'s ``fork`` method on Linux by default (as
+``ProcessPoolExecutor`` did there before Python 3.14): scripts need no ``__main__`` guard
+and handlers need not be importable.  They are forked from the event-loop thread before
+the stages' threads start; replacements are forked later, while other threads run, so a
+handler that needs a lock another thread held at that moment could block: pass
+``Stage(start_method="spawn")`` (or ``"forkserver"``) for a clean interpreter per worker
+(module-level handler, ``if __name__ == "__main__":`` guard in the script).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int
     if os.getppid() != coordinator:  # the coordinator died before the request took effect
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about stops
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. `timeout` signals the whole group
     while True:
         try:
             msg = conn.recv()
@@ -70,6 +75,10 @@ def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int
             conn.send(error_tuple(TypeError(
                 f"the output of stage handler {getattr(handler, '__qualname__', handler)} "
                 f"cannot be sent back from the worker process: {exc}")))
+
+
+def default_start_method() -> str:
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -101,7 +110,7 @@ class ProcessRunner:
                  start_method: Optional[str] = None) -> None:
         self.stage = stage
         self.loop = loop
-        self._mp = multiprocessing.get_context(start_method or "spawn")
+        self._mp = multiprocessing.get_context(start_method or default_start_method())
         self._idle: List[_Worker] = []
         self._all: Set[_Worker] = set()
         self._by_fut: dict = {}
@@ -132,7 +141,7 @@ class ProcessRunner:
                ) -> "asyncio.Future":
         w = self._idle.pop() if self._idle else self._start()
         fut = self.loop.create_future()
-        w.fut, w.group = fut, group
+        w.fut, w.group = fut, (ctx if isinstance(ctx, list) else [ctx])
         self._by_fut[fut] = w
         try:
             w.conn.send((data, ctx))
