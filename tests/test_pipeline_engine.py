@@ -431,3 +431,22 @@ def test_a_hung_process_handler_is_killed_at_its_timeout_and_the_run_goes_on():
     assert time.monotonic() - t0 < 60
     assert res["2"].error.type == "StageTimeout"
     assert sum(r.ok for r in res.values()) == 4
+
+
+def test_per_item_stage_timings_go_to_a_callback_and_the_display_is_quiet_off_a_terminal(
+        capsys):
+    timings = []
+    p = Pipeline(range(5), [Stage("a", double), Stage("b", inc, kind="async")],
+                 on_stage_complete=lambda key, stage, secs, ok: timings.append(
+                     (key, stage, ok, secs >= 0)))
+    p.run_all()  # progress=None: stderr is not a terminal under pytest
+    assert sorted(timings) == sorted((str(i), s, True, True) for i in range(5)
+                                     for s in ("a", "b"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_forced_progress_display_renders_per_stage_counts(capsys):
+    p = Pipeline(range(5), [Stage("parse", double)], progress=True)
+    p.run_all()
+    err = capsys.readouterr().err
+    assert "parse" in err and "done" in err
