@@ -450,3 +450,24 @@ def test_a_forced_progress_display_renders_per_stage_counts(capsys):
     p.run_all()
     err = capsys.readouterr().err
     assert "parse" in err and "done" in err
+
+
+def test_a_stop_from_on_complete_starts_nothing_more_and_the_same_pipeline_runs_again():
+    started = []
+    at_stop = []
+
+    def work(x):
+        started.append(x)
+        return x
+
+    def switch(result):
+        if result.key == "3":
+            p.stop(drain=False)
+            at_stop.append(len(started))
+
+    p = Pipeline(range(50), [Stage("w", work, workers=2)], on_complete=switch,
+                 progress=False)
+    assert p.run_all().state == "halted"
+    assert len(started) == at_stop[0]  # nothing started after the switch tripped
+    p.on_complete = None
+    assert p.run_all().state == "finished" and p.report.done == 50

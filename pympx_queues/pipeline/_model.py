@@ -255,7 +255,7 @@ class ItemContext:
     """
 
     __slots__ = ("key", "index", "data", "stage", "stage_index", "attempt", "metadata",
-                 "_cancelled", "stage_timings", "pending", "started", "_retry_at",
+                 "_cancelled", "stage_timings", "pending", "started", "admitted",
                  "_handle", "__weakref__")
 
     def __init__(self, key: str, index: int, data: Any) -> None:
@@ -269,7 +269,8 @@ class ItemContext:
         self._cancelled: Any = None  # made on first use (one Event per item is costly)
         self.stage_timings: Dict[str, float] = {}
         self.pending = False
-        self.started = 0.0
+        self.started = 0.0  # monotonic start of the current attempt
+        self.admitted = 0.0  # monotonic time the item entered this run
 
     @property
     def cancelled(self) -> Any:
@@ -354,6 +355,8 @@ class ItemResult:
     stage_timings: Dict[str, float] = field(default_factory=dict)
     from_journal: bool = False
     metadata: Dict[str, Any] = field(default_factory=dict)
+    #: seconds from the item's admission in this run to its end
+    elapsed: float = 0.0
 
 
 @dataclass

@@ -159,11 +159,19 @@ class Pipeline:
             if self._stop_request is None or (self._stop_request and not drain):
                 self._stop_request = bool(drain)
             loop = self._loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(self._on_stop)
-            except RuntimeError:  # loop closed: the run is over
-                pass
+        if loop is None:
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:  # from a callback or an async handler: nothing new starts after this
+            self._on_stop()
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_stop)
+        except RuntimeError:  # loop closed: the run is over
+            pass
 
     def set_state(self, name: str, value: Any) -> None:
         """Store a JSON value under ``name`` (journaled: kept across runs and crashes)."""
@@ -602,6 +610,7 @@ class Pipeline:
     def _admit(self, ctx: ItemContext, journal: bool) -> None:
         rep = self._report
         ctx._handle = self._seq  # admission order (ordered results)
+        ctx.admitted = time.monotonic()
         self._seq += 1
         self._live += 1
         rep.accepted += 1
@@ -861,7 +870,8 @@ class Pipeline:
         log.warning("pipeline %r: key %r dead at stage %r after %d attempt(s): %s: %s",
                     self.name, item.key, sr.stage.name, item.attempt, err.type, err.message)
         res = ItemResult(item.key, item.index, None, False, err, dict(item.stage_timings),
-                         metadata=item.metadata)
+                         metadata=item.metadata,
+                         elapsed=time.monotonic() - item.admitted if item.admitted else 0.0)
         self._emit(res, item._handle)
 
     def _finish(self, item: ItemContext, output: Any, sr: _StageRun,
@@ -872,7 +882,8 @@ class Pipeline:
         rep.done += 1
         rep.in_flight -= 1
         res = ItemResult(item.key, item.index, output, True, None, item.stage_timings,
-                         metadata=item.metadata)
+                         metadata=item.metadata,
+                         elapsed=time.monotonic() - item.admitted if item.admitted else 0.0)
         self._emit(res, item._handle)
 
     def _emit(self, res: ItemResult, seq: int) -> None:
