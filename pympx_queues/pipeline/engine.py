@@ -408,6 +408,11 @@ class Pipeline:
             if progress is not None:
                 progress.close()
             if self._journal is not None:
+                if rep.state == "running" and not self._halted:
+                    try:
+                        await self._journal.drain()  # results released after their fsync
+                    except Exception:  # pragma: no cover - reported by close below
+                        log.exception("pipeline %r: journal drain", self.name)
                 self._journal.end_run(finished=rep.state == "running" and
                                       self._source_done and self._stop_request is None)
             if rep.state == "running":
@@ -688,6 +693,17 @@ class Pipeline:
             ctx = group[0].for_worker() if remote else group[0]
         if stage.sink and self._journal is not None:
             self._journal.pending(group, sr.index)
+            if self._journal.fsync:  # the side effect starts once R is durable
+                self._journal.after_sync(lambda: self._submit(sr, group, data, ctx, now))
+                return
+        self._submit(sr, group, data, ctx, now)
+
+    def _submit(self, sr: _StageRun, group: List[ItemContext], data: Any, ctx: Any,
+                now: float) -> None:
+        if self._halted:
+            return
+        stage = sr.stage
+        runner = sr.runner
         try:
             fut = runner.submit(data, ctx)
         except Exception as exc:
@@ -910,6 +926,8 @@ class Pipeline:
             self._emit_fn(res)  # _live drops when the consumer takes it
         else:
             self._live -= 1
+            if self._feeder_wait is not None and self._room():
+                self._wake_feeder()
         self._wake_idle()
 
     def _callback(self, fn: Callable, *args: Any) -> None:

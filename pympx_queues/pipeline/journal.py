@@ -307,6 +307,10 @@ class PipelineJournal:
         self._buf: List[Tuple[str, str]] = []
         self._after: List[Any] = []
         self._flush_scheduled = False
+        self._inflight: Any = None
+        self._inflight_after: List[Any] = []
+        self._pool: Any = None
+        self._failed: Optional[BaseException] = None
         self._loop: Any = None
         self._run = None
         self._bytes = 0
@@ -354,6 +358,10 @@ class PipelineJournal:
         with self._lock:
             self._flush_now(writer=self._writer)
             self._close_writer()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._loop = None
 
     def end_run(self, finished: bool) -> None:
         self._loop = None
@@ -363,46 +371,117 @@ class PipelineJournal:
     def _append(self, kind: str, payload: str) -> None:
         if self._writer is None:
             raise PipelineError(f"pipeline {self.name!r}: its journal is closed")
+        if self._failed is not None:
+            raise self._failed
         self._bytes += len(payload) + 24
         if self.fsync:
             self._buf.append((kind, payload))
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop = self._loop
-                if loop is None:
-                    import asyncio
-
-                    try:
-                        loop = self._loop = asyncio.get_running_loop()
-                    except RuntimeError:
-                        loop = None
-                if loop is not None:
-                    loop.call_soon(self.flush)
-                else:
-                    self.flush()
+            self._kick_soon()
         else:
             self._writer.append_one(kind, payload)  # P1: in the page cache on return
-        if self._bytes > self.compact_bytes:
+            if self._bytes > self.compact_bytes:
+                self.rotate()
+
+    # fsync mode: group commit.  Records wait in a buffer; one thread writes and fsyncs
+    # each buffer in order while the loop goes on collecting the next one, and work that
+    # must not happen before the records are durable (a result to the user, a sink's side
+    # effect) waits in after_sync() callbacks for the batch that covers them.
+    def _get_loop(self) -> Any:
+        if self._loop is None:
+            import asyncio
+
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+        return self._loop
+
+    def _kick_soon(self) -> None:
+        if self._flush_scheduled or self._inflight is not None:
+            return
+        loop = self._get_loop()
+        if loop is None:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._flush_scheduled = False
+        if self._inflight is not None or not self._buf or self._writer is None:
+            return
+        buf, self._buf = self._buf, []
+        after, self._after = self._after, []
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"journal-{self.name}")
+        fut = self._loop.run_in_executor(self._pool, self._writer.append, buf)
+        self._inflight = fut
+        self._inflight_after = after
+        fut.add_done_callback(self._batch_synced)
+
+    def _batch_synced(self, fut: Any) -> None:
+        self._inflight = None
+        after, self._inflight_after = self._inflight_after, []
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            # Never retried (a later fsync could lie): nothing that waited for these
+            # records happens; the run fails at its next record.
+            self._failed = exc or PipelineError("journal write cancelled")
+            log.error("pipeline %s: journal write failed: %r", self.name, exc)
+            return
+        for fn in after:
+            fn()
+        if self._buf:
+            self._kick()
+        elif self._bytes > self.compact_bytes:
             self.rotate()
 
+    async def drain(self) -> None:
+        """Wait until every record appended so far is durable and its callbacks ran."""
+        import asyncio
+
+        while self.fsync and (self._inflight is not None or self._buf):
+            if self._failed is not None:
+                return
+            if self._inflight is None:
+                self._kick()
+            fut = self._inflight
+            if fut is None:
+                return
+            await asyncio.wait([fut])
+            await asyncio.sleep(0)  # let _batch_synced run
+
     def flush(self) -> None:
+        """Write (and in fsync mode, sync) the buffered records now, then run their
+        callbacks; blocks."""
         with self._lock:
             self._flush_now(writer=self._writer)
 
     def _flush_now(self, writer: Optional[jr.JournalWriter] = None) -> None:
         writer = writer or self._writer
+        if self._pool is not None and self._inflight is not None:
+            self._pool.shutdown(wait=True)  # the batch in flight is written first
+            self._pool = None
+            self._inflight = None
         buf, self._buf = self._buf, []
         self._flush_scheduled = False
         after, self._after = self._after, []
-        if buf and writer is not None:
-            writer.append(buf)  # P1 across power loss: one fsync for the whole turn
-        for fn in after:
-            fn()
+        if buf and writer is not None and self._failed is None:
+            writer.append(buf)  # P1 across power loss: one fsync for the whole batch
+            for fn in after:
+                fn()
 
     def after_sync(self, fn: Any) -> None:
-        """Run ``fn`` once the records written so far are durable."""
-        if self.fsync and self._buf:
+        """Run ``fn`` once the records appended so far are durable (at once in flush
+        mode: they are in the page cache already)."""
+        if not self.fsync:
+            fn()
+        elif self._buf:
             self._after.append(fn)
+        elif self._inflight is not None:
+            self._inflight_after.append(fn)
         else:
             fn()
 
@@ -466,8 +545,6 @@ class PipelineJournal:
         keys = [g.key for g in group]
         self._append(KIND_PENDING, jr.dumps({"k": keys[0] if len(keys) == 1 else keys,
                                              "s": stage}))
-        if self.fsync:
-            self.flush()
 
     def write_state(self, name: str, value: Any) -> None:
         try:
