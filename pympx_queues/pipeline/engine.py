@@ -128,6 +128,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ public API
     @property
+    def running(self) -> bool:
+        """True from the start of run()/run_all()/arun() until the run has ended."""
+        return self._running
+
+    @property
     def report(self) -> RunReport:
         """The report of the current or last run (see :meth:`stats` for a copy)."""
         return self._report
