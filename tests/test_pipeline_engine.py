@@ -471,3 +471,28 @@ def test_a_stop_from_on_complete_starts_nothing_more_and_the_same_pipeline_runs_
     assert len(started) == at_stop[0]  # nothing started after the switch tripped
     p.on_complete = None
     assert p.run_all().state == "finished" and p.report.done == 50
+
+
+def test_backpressure_a_slow_last_stage_bounds_every_stage_and_the_source():
+    pulled = []
+
+    def source():
+        for i in range(300):
+            pulled.append(i)
+            yield i
+
+    samples = []
+
+    def slow(x):
+        samples.append((len(pulled), p.stats()))
+        time.sleep(0.001)
+        return x
+
+    p = Pipeline(source(), [Stage("fast", double, workers=2, queue_size=4),
+                            Stage("slow", slow, workers=1, queue_size=2)], progress=False)
+    assert p.run_all().done == 300
+    cap = (4 + 2) + (2 + 1)
+    for n_pulled, st in samples:
+        ended = st.done + st.dead
+        assert n_pulled - ended <= cap + 1  # the source runs at most the bound ahead
+        assert st.stages["fast"].queued <= 4 + 2 and st.stages["slow"].queued <= 2

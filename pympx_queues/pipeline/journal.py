@@ -51,6 +51,11 @@ KIND_STATE = "W"
 KIND_RESET = "Q"
 assert set("ASBYELRWQ") <= jr.PIPELINE_KINDS
 
+#: Re-exported for the pipeline's admin module (this is the one module importing the
+#: journal module).
+list_journals = jr.list_journals
+Problem = jr.Problem
+
 #: Header field that marks a pipeline journal (``pympx-queues status`` looks for it).
 HEADER_FIELD = "pipeline"
 #: A run rotates and compacts its journal past this many bytes (P4 on disk).
@@ -178,10 +183,10 @@ def pipeline_prefixes(directory: str) -> List[str]:
         if name.prefix in found:
             continue
         try:
-            scan = jr.scan_journal(path, strict=False)
-        except (OSError, ValueError):
+            header = read_header(path)
+        except OSError:
             continue
-        if is_pipeline_header(scan.header):
+        if is_pipeline_header(header):
             found.append(name.prefix)
     return found
 
