@@ -42,7 +42,7 @@ class _StageRun:
     """A stage's live state during a run (O(workers + queue_size) items)."""
 
     __slots__ = ("stage", "index", "sched", "runner", "running", "blocked", "stats",
-                 "retrying", "last", "futs")
+                 "retrying", "last", "futs", "slots")
 
     def __init__(self, stage: Stage, index: int, last: bool) -> None:
         self.stage = stage
@@ -56,6 +56,7 @@ class _StageRun:
         self.stats = StageStats()
         self.last = last
         self.futs: Dict[Any, Any] = {}  # running future -> (group, timer, started)
+        self.slots = stage.workers  # groups running at once (a runner may pipeline more)
 
 
 class Pipeline:
@@ -382,6 +383,7 @@ class Pipeline:
             # Process pools first: their workers fork before any stage thread exists.
             for sr in sorted(self._runs, key=lambda sr: sr.stage.kind != "process"):
                 sr.runner = _make_runner(sr.stage, loop)
+                sr.slots = getattr(sr.runner, "slots", sr.stage.workers)
             from .progress import start_progress
 
             progress = start_progress(self, self.progress)
@@ -656,7 +658,7 @@ class Pipeline:
                 while prev.blocked and sr.sched.buffered() + sr.retrying < q:
                     item = prev.blocked.popleft()
                     self._enter(sr, item)
-            free = sr.stage.workers - sr.running - len(sr.blocked)
+            free = sr.slots - sr.running - len(sr.blocked)
             if free > 0 and sr.sched.buffered():
                 groups = sr.sched.take(free)
                 if not groups and sr.running == 0 and \
@@ -719,7 +721,7 @@ class Pipeline:
             sr.sched.finished(group)
             return
         timer = None
-        if stage.timeout is not None:
+        if stage.timeout is not None and not getattr(runner, "handles_timeout", False):
             timer = self._loop.call_later(stage.timeout, self._timed_out, sr, fut)
         sr.futs[fut] = (group, timer, now)
         fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
