@@ -31,8 +31,9 @@ import multiprocessing
 import os
 import signal
 import sys
+import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 from ._invoke import error_tuple, invoke_captured
 from ._model import ItemContext, Stage, StageTimeout, WorkerDied
@@ -40,6 +41,9 @@ from ._model import ItemContext, Stage, StageTimeout, WorkerDied
 log = logging.getLogger("pympx_queues.pipeline")
 
 PR_SET_PDEATHSIG = 1
+#: The coordinator's ends of every worker pipe in this process (a forked worker closes
+#: its copies of them).
+_PARENT_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -54,10 +58,13 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int) -> None:
+def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int,
+                 inherited: Sequence[Any] = ()) -> None:
     set_parent_death_signal()
     if os.getppid() != coordinator:  # the coordinator died before the request took effect
         os._exit(0)
+    for other in inherited:  # forked: the coordinator's ends of every pipe, ours included
+        other.close()  # (else our own recv never sees EOF when the coordinator is gone)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. `timeout` signals the whole group
     while True:
@@ -138,13 +145,17 @@ class ProcessRunner:
 
     def _start(self) -> _Worker:
         parent, child = self._mp.Pipe(duplex=True)
+        forked = self._mp.get_start_method() == "fork"
+        inherited = [parent] + [c for c in list(_PARENT_ENDS) if not c.closed] \
+            if forked else []
         proc = self._mp.Process(
             target=_worker_main, name=f"pipeline-{self.stage.name}",
-            args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid()),
+            args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid(), inherited),
             daemon=True)
         proc.start()
         child.close()  # only the worker holds its end: its death is an EOF here
         w = _Worker(proc, parent)
+        _PARENT_ENDS.add(parent)
         self._all.append(w)
         self.started += 1
         self.loop.add_reader(w.fd, self._readable, w)
