@@ -94,7 +94,7 @@ from .names import (
     new_run_id,
     parse_journal_name,
 )
-from .scan import JournalScan, Problem, cut_torn_tail, scan_journal, writer_alive
+from .scan import JournalScan, Problem, cut_torn_tail, scan_journal, valid_line, writer_alive
 from .writer import JournalBroken, JournalWriter
 
 __all__ = [
@@ -110,7 +110,7 @@ __all__ = [
     "TAG_TUPLE", "TAG_BYTES", "TAG_SET", "TAG_FROZENSET", "TAG_DICT", "TAG_FORMATTED",
     "TAGS", "encode_value", "decode_value", "dumps_value", "dumps",
     # writer, reader, history, compaction
-    "JournalBroken", "JournalWriter", "Problem", "JournalScan", "writer_alive",
+    "JournalBroken", "JournalWriter", "Problem", "JournalScan", "writer_alive", "valid_line",
     "scan_journal", "cut_torn_tail", "Requested", "RunState", "History", "scan_dirs",
     "lock_path", "directory_lock", "write_snapshot", "compact",
 ]

@@ -75,7 +75,7 @@ def writer_alive(path: str, header: Dict[str, Any], name: JournalName) -> bool:
         return True  # cannot open it to test the lock: never treat it as dead
 
 
-def _valid_line(line: bytes) -> Optional[Tuple[int, str, Any]]:
+def valid_line(line: bytes) -> Optional[Tuple[int, str, Any]]:
     try:
         return parse_record(line)
     except RecordError:
@@ -124,7 +124,7 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
             problems.append(Problem("torn", path, pos, size, "incomplete last record"))
             break
         line = data[pos:nl]
-        parsed = _valid_line(line)
+        parsed = valid_line(line)
         reason = None
         if parsed is None:
             try:
@@ -157,7 +157,7 @@ def scan_journal(path: str, *, strict: bool = True) -> JournalScan:
             nl2 = data.find(b"\n", nxt)
             if nl2 < 0:
                 break
-            again = _valid_line(data[nxt:nl2])
+            again = valid_line(data[nxt:nl2])
             if again is not None:
                 resume = (nxt, again[0])
                 break
