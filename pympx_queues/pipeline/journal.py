@@ -34,7 +34,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import _fs
-from .. import _journal as jr
+from .. import journal as jr
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
