@@ -284,6 +284,10 @@ class _Run:
         return {"completed": self.completed, "failed": self.failed,
                 "counted": self.counted}
 
+    def started(self) -> Dict[str, Any]:
+        """Calls started by this run: when the switch tripped, and in all."""
+        return {"started_at_trip": self.trip_seq, "started": self.sched.started}
+
     def state(self) -> Dict[str, Any]:
         sw = self.ks.to_state() if self.ks is not None and hasattr(self.ks, "to_state") \
             else None
@@ -298,7 +302,7 @@ class _Run:
             f"{reason}; {self.failed} of {self.completed} calls failed"
             + (f"; last failure: {self.failures[-1]['type']}: "
                f"{self.failures[-1]['message']}" if self.failures else ""),
-            self.ks, counts=self.counts(), failures=list(self.failures),
+            self.ks, counts=dict(self.counts(), **self.started()), failures=list(self.failures),
             tripped_at=t.get("at"), reason=reason, run_id=self.run_id)
 
     # in the coordinator, on every completion
@@ -307,8 +311,9 @@ class _Run:
             return  # counted in the run that computed it (journaled counters)
         idx = res.index
         args = self.args.pop(idx, "")
-        if self.trip is not None:
-            return  # in flight when it tripped: not counted again
+        if self.trip is not None:  # in flight when it tripped: not counted again
+            self.check_soon()
+            return
         self.completed += 1
         if res.ok:
             o = Outcome(idx, True, args=args)
