@@ -256,3 +256,30 @@ def test_journal_records_use_the_reserved_pipeline_kinds(tmp_path):
              progress=False).run_all()
     kinds = {k for k, _p in records(tmp_path)}
     assert kinds <= jr.PIPELINE_KINDS and {"A", "Y"} <= kinds
+
+
+def test_a_torn_tail_is_cut_and_saved_and_corruption_fails_closed(tmp_path):
+    from pympx_queues.errors import JournalCorruptError
+
+    Pipeline(range(5), [Stage("s", lambda x: x)], journal_dir=str(tmp_path),
+             progress=False).run_all()
+    (name,) = journals(tmp_path)
+    path = tmp_path / name
+    with open(path, "ab") as f:
+        f.write(b"0badc0de 99 Y {\"k\":")  # a torn last record
+    rep = Pipeline(range(6), [Stage("s", lambda x: x)], journal_dir=str(tmp_path),
+                   progress=False).run_all()
+    assert rep.skipped_done == 5 and rep.done == 1
+    assert [n for n in os.listdir(tmp_path) if ".torn-" in n]
+
+    d = tmp_path / "corrupt"
+    Pipeline(range(5), [Stage("s", lambda x: x)], journal_dir=str(d),
+             progress=False).run_all()
+    (name,) = journals(d)
+    data = (d / name).read_bytes()
+    lines = data.split(b"\n")
+    lines[2] = lines[2][:-3] + b"xyz"
+    (d / name).write_bytes(b"\n".join(lines))
+    with pytest.raises(JournalCorruptError):
+        Pipeline(range(5), [Stage("s", lambda x: x)], journal_dir=str(d),
+                 progress=False).run_all()

@@ -463,11 +463,39 @@ def test_a_stop_from_on_complete_starts_nothing_more_and_the_same_pipeline_runs_
     def switch(result):
         if result.key == "3":
             p.stop(drain=False)
-            at_stop.append(len(started))
+            at_stop.append(p.stats())
 
     p = Pipeline(range(50), [Stage("w", work, workers=2)], on_complete=switch,
                  progress=False)
     assert p.run_all().state == "halted"
-    assert len(started) == at_stop[0]  # nothing started after the switch tripped
+    st = at_stop[0]
+    # nothing was admitted or handed to a worker after the switch tripped
+    assert p.report.accepted == st.accepted
+    assert len(started) <= st.stages["w"].done + st.stages["w"].in_flight
     p.on_complete = None
     assert p.run_all().state == "finished" and p.report.done == 50
+
+
+def test_backpressure_a_slow_last_stage_bounds_every_stage_and_the_source():
+    pulled = []
+
+    def source():
+        for i in range(300):
+            pulled.append(i)
+            yield i
+
+    samples = []
+
+    def slow(x):
+        samples.append((len(pulled), p.stats()))
+        time.sleep(0.001)
+        return x
+
+    p = Pipeline(source(), [Stage("fast", double, workers=2, queue_size=4),
+                            Stage("slow", slow, workers=1, queue_size=2)], progress=False)
+    assert p.run_all().done == 300
+    cap = (4 + 2) + (2 + 1)
+    for n_pulled, st in samples:
+        ended = st.done + st.dead
+        assert n_pulled - ended <= cap + 1  # the source runs at most the bound ahead
+        assert st.stages["fast"].queued <= 4 + 2 and st.stages["slow"].queued <= 2

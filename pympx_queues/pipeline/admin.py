@@ -12,7 +12,9 @@ import fnmatch
 import os
 from typing import Any, Dict, List, Optional
 
-from .journal import fold, is_pipeline_header, pipeline_prefixes, redrive_dead, scan_pipeline
+from ..errors import JournalCorruptError
+from .journal import (HEADER_FIELD, Problem, Replay, StreamScan, is_pipeline_header,
+                      list_journals, pipeline_prefixes, redrive_dead)
 
 KIND = "pipeline"
 
@@ -31,13 +33,56 @@ def _one(path: str, name: Optional[str]) -> List[str]:
     return names
 
 
+class _Seen:
+    """What status shows of one journal (its records are folded, not kept)."""
+
+    def __init__(self, st: StreamScan, records: int, problems: List[Any]) -> None:
+        self.path, self.name, self.header, self.size = st.path, st.name, st.header, st.size
+        self.records = range(records)  # len() only
+        self.problems = problems
+        self._st = st
+
+    def writer_alive(self) -> bool:
+        return self._st.writer_alive()
+
+
+def _stream_fold(path: str, name: str) -> "tuple[List[_Seen], List[str], Any]":
+    """Read-only fold of a pipeline's journals, record by record (no lock, no cut)."""
+    streams = [StreamScan(p) for p, _n in list_journals(path, name)]
+    merged = set()
+    for st in streams:
+        if st.name.is_snapshot:
+            merged.update(st.header.get("merged") or ())
+    replay = Replay(track_done=False)
+    seen = []
+    for st in streams:
+        if os.path.basename(st.path) in merged:
+            continue
+        meta = st.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
+        n = 0
+        problems: List[Any] = []
+        try:
+            for kind, payload in st:
+                replay.apply(kind, payload, False)
+                n += 1
+        except JournalCorruptError as exc:
+            problems.append(Problem("corrupt", st.path, exc.offset if hasattr(exc, "offset")
+                                    else 0, st.size, str(exc)))
+        if st.problem is not None:
+            problems.append(st.problem)
+        seen.append(_Seen(st, n, problems))
+    superseded = [st.path for st in streams if os.path.basename(st.path) in merged]
+    return seen, superseded, replay
+
+
 def status(path: str, name: Optional[str] = None, max_dead: int = 100) -> Dict[str, Any]:
     """The state of every pipeline journaled in ``path`` (or of ``name``)."""
     path = os.path.abspath(path)
     out: Dict[str, Any] = {"kind": KIND, "path": path, "pipelines": [], "problems": []}
     for pname in _one(path, name):
-        scans, superseded = scan_pipeline(path, pname, strict=False)
-        replay = fold(scans, keep_results=False)
+        scans, superseded, replay = _stream_fold(path, pname)
         stages = replay.stages
         live = [s for s in scans if not s.name.is_snapshot and s.writer_alive()]
         per_stage: Dict[str, Dict[str, int]] = {
@@ -64,11 +109,13 @@ def status(path: str, name: Optional[str] = None, max_dead: int = 100) -> Dict[s
         for scan in scans:
             for p in scan.problems:
                 problems.append(f"{p.kind} record in {os.path.basename(p.path)} at byte "
-                                f"{p.offset}: {p.reason}")
+                                f"{p.offset}: {p.reason}"
+                                + (" (its run is live: it may be a record being written)"
+                                   if scan.writer_alive() and p.kind == "torn" else ""))
         info = {
             "name": pname, "stages": stages, "live": bool(live),
             "live_pid": live[0].header.get("pid") if live else None,
-            "counts": {"done": len(replay.done), "unfinished":
+            "counts": {"done": replay.done_count, "unfinished":
                        len(replay.unfinished) - n_dead, "dead": n_dead},
             "per_stage": per_stage, "dead_letters": dead,
             "states": replay.states,
@@ -94,8 +141,7 @@ def retry(path: str, *, pattern: Optional[str] = None, dry_run: bool = False,
     moved: List[str] = []
     skipped: List[Dict[str, str]] = []
     for pname in _one(path, name):
-        scans, _sup = scan_pipeline(path, pname, strict=False)
-        replay = fold(scans, keep_results=False)
+        scans, _sup, replay = _stream_fold(path, pname)
         keys = [k for k, s in replay.unfinished.items() if s.dead is not None
                 and (pattern is None or fnmatch.fnmatchcase(k, pattern))]
         live = any(not s.name.is_snapshot and s.writer_alive() for s in scans)

@@ -42,7 +42,7 @@ class _StageRun:
     """A stage's live state during a run (O(workers + queue_size) items)."""
 
     __slots__ = ("stage", "index", "sched", "runner", "running", "blocked", "stats",
-                 "retrying", "last", "futs")
+                 "retrying", "last", "futs", "slots")
 
     def __init__(self, stage: Stage, index: int, last: bool) -> None:
         self.stage = stage
@@ -56,6 +56,7 @@ class _StageRun:
         self.stats = StageStats()
         self.last = last
         self.futs: Dict[Any, Any] = {}  # running future -> (group, timer, started)
+        self.slots = stage.workers  # groups running at once (a runner may pipeline more)
 
 
 class Pipeline:
@@ -127,6 +128,11 @@ class Pipeline:
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ public API
+    @property
+    def running(self) -> bool:
+        """True from the start of run()/run_all()/arun() until the run has ended."""
+        return self._running
+
     @property
     def report(self) -> RunReport:
         """The report of the current or last run (see :meth:`stats` for a copy)."""
@@ -377,6 +383,7 @@ class Pipeline:
             # Process pools first: their workers fork before any stage thread exists.
             for sr in sorted(self._runs, key=lambda sr: sr.stage.kind != "process"):
                 sr.runner = _make_runner(sr.stage, loop)
+                sr.slots = getattr(sr.runner, "slots", sr.stage.workers)
             from .progress import start_progress
 
             progress = start_progress(self, self.progress)
@@ -408,6 +415,11 @@ class Pipeline:
             if progress is not None:
                 progress.close()
             if self._journal is not None:
+                if rep.state == "running" and not self._halted:
+                    try:
+                        await self._journal.drain()  # results released after their fsync
+                    except Exception:  # pragma: no cover - reported by close below
+                        log.exception("pipeline %r: journal drain", self.name)
                 self._journal.end_run(finished=rep.state == "running" and
                                       self._source_done and self._stop_request is None)
             if rep.state == "running":
@@ -646,7 +658,7 @@ class Pipeline:
                 while prev.blocked and sr.sched.buffered() + sr.retrying < q:
                     item = prev.blocked.popleft()
                     self._enter(sr, item)
-            free = sr.stage.workers - sr.running - len(sr.blocked)
+            free = sr.slots - sr.running - len(sr.blocked)
             if free > 0 and sr.sched.buffered():
                 groups = sr.sched.take(free)
                 if not groups and sr.running == 0 and \
@@ -688,6 +700,17 @@ class Pipeline:
             ctx = group[0].for_worker() if remote else group[0]
         if stage.sink and self._journal is not None:
             self._journal.pending(group, sr.index)
+            if self._journal.fsync:  # the side effect starts once R is durable
+                self._journal.after_sync(lambda: self._submit(sr, group, data, ctx, now))
+                return
+        self._submit(sr, group, data, ctx, now)
+
+    def _submit(self, sr: _StageRun, group: List[ItemContext], data: Any, ctx: Any,
+                now: float) -> None:
+        if self._halted:
+            return
+        stage = sr.stage
+        runner = sr.runner
         try:
             fut = runner.submit(data, ctx)
         except Exception as exc:
@@ -698,7 +721,7 @@ class Pipeline:
             sr.sched.finished(group)
             return
         timer = None
-        if stage.timeout is not None:
+        if stage.timeout is not None and not getattr(runner, "handles_timeout", False):
             timer = self._loop.call_later(stage.timeout, self._timed_out, sr, fut)
         sr.futs[fut] = (group, timer, now)
         fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
@@ -910,6 +933,8 @@ class Pipeline:
             self._emit_fn(res)  # _live drops when the consumer takes it
         else:
             self._live -= 1
+            if self._feeder_wait is not None and self._room():
+                self._wake_feeder()
         self._wake_idle()
 
     def _callback(self, fn: Callable, *args: Any) -> None:

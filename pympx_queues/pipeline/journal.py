@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import _fs
 from .. import journal as jr
+from ..errors import JournalCorruptError
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -49,6 +50,11 @@ KIND_PENDING = "R"
 KIND_STATE = "W"
 KIND_RESET = "Q"
 assert set("ASBYELRWQ") <= jr.PIPELINE_KINDS
+
+#: Re-exported for the pipeline's admin module (this is the one module importing the
+#: journal module).
+list_journals = jr.list_journals
+Problem = jr.Problem
 
 #: Header field that marks a pipeline journal (``pympx-queues status`` looks for it).
 HEADER_FIELD = "pipeline"
@@ -84,7 +90,9 @@ class Saved:
 class Replay:
     """The fold of a pipeline's journals."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_done: bool = True) -> None:
+        self.track_done = track_done
+        self.done_count = 0
         self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
         self.done: Dict[str, Any] = {}  # key -> enc output (None unless keep_results)
         self.states: Dict[str, Any] = {}
@@ -102,7 +110,7 @@ class Replay:
                     saved.dead = None
                     saved.attempts = 0
                 return
-            if key in self.done:
+            if self.track_done and key in self.done:
                 return
             saved = Saved(int(p.get("i", 0)), p.get("d"))
             saved.stage = int(p.get("s", 0))
@@ -116,7 +124,9 @@ class Replay:
         elif kind == KIND_DONE:
             key = p["k"]
             self.unfinished.pop(key, None)
-            self.done[key] = p.get("o") if keep_results else None
+            self.done_count += 1
+            if self.track_done:
+                self.done[key] = p.get("o") if keep_results else None
         elif kind == KIND_BATCH:
             keys = p["k"]
             outs = p.get("o")
@@ -125,7 +135,9 @@ class Replay:
                 out = outs[n] if outs is not None else None
                 if last:
                     self.unfinished.pop(key, None)
-                    self.done[key] = out if keep_results else None
+                    self.done_count += 1
+                    if self.track_done:
+                        self.done[key] = out if keep_results else None
                 else:
                     saved = self.unfinished.get(key)
                     if saved is not None:
@@ -171,10 +183,10 @@ def pipeline_prefixes(directory: str) -> List[str]:
         if name.prefix in found:
             continue
         try:
-            scan = jr.scan_journal(path, strict=False)
-        except (OSError, ValueError):
+            header = read_header(path)
+        except OSError:
             continue
-        if is_pipeline_header(scan.header):
+        if is_pipeline_header(header):
             found.append(name.prefix)
     return found
 
@@ -209,27 +221,137 @@ def fold(scans: Sequence[Any], keep_results: bool = True) -> Replay:
     return replay
 
 
-def snapshot_records(replay: Replay) -> List[Tuple[str, str]]:
-    """The records of a snapshot equivalent to ``replay``."""
+class StreamScan:
+    """One journal read record by record: memory O(1) in the journal's size.
+
+    Iterating yields ``(kind, payload)`` of each record after the header.  A bad record
+    with a good one after it is corruption (:class:`JournalCorruptError`, fail closed); a
+    bad record at the end is a torn tail (``problem``, cut by :meth:`cut`); NUL bytes up
+    to the end are a mapped writer's reserved tail.  The same rules as
+    ``scan_journal``, without holding the records.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = jr.parse_journal_name(os.path.basename(path))
+        try:
+            self.locked = bool(_fs.is_flocked(path)) and not self.name.is_snapshot
+        except OSError:
+            self.locked = not self.name.is_snapshot
+        self.header: Dict[str, Any] = read_header(path)
+        self.size = 0
+        self.good_end = 0
+        self.reserved = 0
+        self.problem: Optional[jr.Problem] = None
+
+    def writer_alive(self) -> bool:
+        return self.locked or jr.writer_alive(self.path, self.header, self.name)
+
+    def __iter__(self):
+        self.problem = None
+        expected = 0
+        pos = 0  # file offset of buf[0]
+        buf = b""
+        with open(self.path, "rb") as f:
+            while True:
+                chunk = f.read(self.CHUNK)
+                eof = not chunk
+                buf += chunk
+                start = 0
+                while True:
+                    if start < len(buf) and buf[start] == 0:
+                        rest = buf[start:] + f.read()
+                        if rest.count(b"\0") == len(rest):
+                            self.reserved = len(rest)
+                            self.size = pos + start + len(rest)
+                            return
+                        self._bad(pos + start, "NUL bytes inside the journal", f)
+                        return
+                    nl = buf.find(b"\n", start)
+                    if nl < 0:
+                        break
+                    try:
+                        seq, kind, payload = jr.parse_record(buf[start:nl])
+                        if seq != expected:
+                            raise jr.RecordError(f"sequence number {seq}, expected "
+                                                 f"{expected}")
+                    except jr.RecordError as exc:
+                        self._bad(pos + start, str(exc), f)
+                        return
+                    expected += 1
+                    start = nl + 1
+                    self.good_end = pos + start
+                    if kind != jr.KIND_HEADER:
+                        yield kind, payload
+                pos += start
+                buf = buf[start:]
+                if eof:
+                    self.size = pos + len(buf)
+                    if buf:
+                        self.problem = jr.Problem("torn", self.path, pos, self.size,
+                                                  "incomplete last record")
+                    return
+
+    def _bad(self, offset: int, reason: str, f: Any) -> None:
+        f.seek(offset)
+        rest = f.read()
+        self.size = offset + len(rest)
+        lines = rest.split(b"\n")[1:]
+        if any(jr._valid_line(line) is not None for line in lines if line):
+            raise JournalCorruptError(self.path, offset, reason)
+        self.problem = jr.Problem("torn", self.path, offset, self.size, reason)
+
+    def cut(self, durable: bool) -> None:
+        """Cut a torn or reserved tail once its writer is gone (saved to a side file)."""
+        scan = jr.JournalScan(self.path, self.name, self.header, [], self.size,
+                              self.good_end, [self.problem] if self.problem else [],
+                              self.reserved, self.locked)
+        jr.cut_torn_tail(scan, durable=durable)
+
+
+def read_header(path: str) -> Dict[str, Any]:
+    with open(path, "rb") as f:
+        line = f.readline(1 << 20)
+    try:
+        _seq, kind, payload = jr.parse_record(line.rstrip(b"\n"))
+    except jr.RecordError:
+        return {}
+    return payload if kind == jr.KIND_HEADER and isinstance(payload, dict) else {}
+
+
+def _snapshot_stream(streams: Sequence[StreamScan], replay: Replay, keep_results: bool):
+    """Records of a snapshot: done keys read again from the journals (never all held in
+    memory), then the unfinished items, dead letters and states of ``replay``."""
     dumps = jr.dumps
-    out: List[Tuple[str, str]] = []
-    for key, enc in replay.done.items():
-        out.append((KIND_DONE, dumps({"k": key} if enc is None else {"k": key, "o": enc})))
+    for st in streams:
+        for kind, p in st:
+            if kind == KIND_DONE:
+                if keep_results or "o" not in p:
+                    yield KIND_DONE, dumps(p)
+                else:
+                    yield KIND_DONE, dumps({"k": p["k"]})
+            elif kind == KIND_BATCH and p.get("y"):
+                outs = p.get("o") if keep_results else None
+                for n, key in enumerate(p["k"]):
+                    yield KIND_DONE, dumps({"k": key} if outs is None
+                                           else {"k": key, "o": outs[n]})
     for key, saved in replay.unfinished.items():
-        out.append((KIND_ACCEPT, dumps({"k": key, "i": saved.index, "d": saved.data,
-                                        "s": saved.stage})))
+        yield KIND_ACCEPT, dumps({"k": key, "i": saved.index, "d": saved.data,
+                                  "s": saved.stage})
         if saved.pending:
-            out.append((KIND_PENDING, dumps({"k": key, "s": saved.stage})))
+            yield KIND_PENDING, dumps({"k": key, "s": saved.stage})
         if saved.dead is not None:
-            out.append((KIND_DEAD, dumps({"k": key, "s": saved.stage, "a": saved.attempts,
-                                          "e": saved.dead})))
+            yield KIND_DEAD, dumps({"k": key, "s": saved.stage, "a": saved.attempts,
+                                    "e": saved.dead})
     for n, v in replay.states.items():
-        out.append((KIND_STATE, dumps({"n": n, "v": v})))
-    return out
+        yield KIND_STATE, dumps({"n": n, "v": v})
 
 
-def write_snapshot(directory: str, name: str, run: str, replay: Replay, header: dict,
+def write_snapshot(directory: str, name: str, run: str, records: Any, header: dict,
                    merged: Sequence[str]) -> str:
+    """Publish a snapshot journal holding ``records`` (an iterable, written in chunks)."""
     rand = _fs.random_id(6)
     final_name = jr.format_journal_name(name, run, jr.SNAPSHOT_PID, rand)
     final = os.path.join(directory, final_name)
@@ -239,44 +361,80 @@ def write_snapshot(directory: str, name: str, run: str, replay: Replay, header: 
             "start": start, "created": time.time(), "snapshot": True,
             "merged": [os.path.basename(p) for p in merged]}
     head.update(header)
-    lines = [jr.format_record(0, jr.KIND_HEADER, jr.dumps(head))]
-    lines += [jr.format_record(i + 1, k, p)
-              for i, (k, p) in enumerate(snapshot_records(replay))]
-    # Always synced: the merged journals are deleted next (P1 across power loss).
-    _fs.publish_bytes(tmp, final, b"".join(lines), durable=True)
+    fd = _fs.open_append_exclusive(tmp)
+    try:
+        chunk = [jr.format_record(0, jr.KIND_HEADER, jr.dumps(head))]
+        size = 0
+        for seq, (kind, payload) in enumerate(records, 1):
+            line = jr.format_record(seq, kind, payload)
+            chunk.append(line)
+            size += len(line)
+            if size > (1 << 20):
+                _fs.append(fd, b"".join(chunk), tmp)
+                chunk, size = [], 0
+        _fs.append(fd, b"".join(chunk), tmp)
+        # Always synced: the merged journals are deleted next (P1 across power loss).
+        _fs.fsync_fd(fd, tmp)
+    except BaseException:
+        os.close(fd)
+        _fs.unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    try:
+        _fs.rename_noreplace(tmp, final)  # never clobbers a journal
+    except BaseException:
+        _fs.unlink_quiet(tmp)
+        raise
+    _fs.fsync_dir(directory)
     return final
 
 
 def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
-                 exclude: Sequence[str] = (), durable: bool = True) -> Replay:
-    """Under the directory lock: refuse a live run, cut torn tails, fold every journal,
-    and merge the journals (other than ``exclude``) into one snapshot when there is more
-    than one.  Returns the fold."""
-    counted, superseded = scan_pipeline(directory, name)
+                 exclude: Sequence[str] = (), durable: bool = True,
+                 track_done: bool = True) -> Replay:
+    """Under the directory lock: refuse a live run, cut torn tails, fold every journal
+    (streamed), and merge the journals (other than ``exclude``) into one snapshot when
+    there is more than one.  Returns the fold (``track_done=False``: without the done
+    keys, for a rotation in a long run: memory O(unfinished items))."""
     excl = {os.path.abspath(p) for p in exclude}
-    for scan in counted:
-        if os.path.abspath(scan.path) in excl:
+    paths = [p for p, _n in jr.list_journals(directory, name) if os.path.abspath(p) not in excl]
+    streams = []
+    for path in paths:
+        try:
+            streams.append(StreamScan(path))
+        except FileNotFoundError:
             continue
-        if not scan.name.is_snapshot and scan.writer_alive():
+    merged_names = set()
+    for st in streams:
+        if st.name.is_snapshot:
+            merged_names.update(st.header.get("merged") or ())
+    counted = [st for st in streams if os.path.basename(st.path) not in merged_names]
+    superseded = [st.path for st in streams if os.path.basename(st.path) in merged_names]
+    for st in counted:
+        if not st.name.is_snapshot and st.writer_alive():
             raise PipelineError(
                 f"pipeline {name!r} in {directory}: a run is live (journal "
-                f"{os.path.basename(scan.path)}, pid {scan.header.get('pid')}); one "
+                f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
                 "coordinator per pipeline")
-    for scan in counted:
-        if os.path.abspath(scan.path) not in excl:
-            jr.cut_torn_tail(scan, durable=durable)
-    replay = fold(counted, keep_results)
-    mergeable = [s.path for s in counted if os.path.abspath(s.path) not in excl]
-    if len(mergeable) > 1 or superseded:
-        runs = [s.name.run for s in counted if os.path.abspath(s.path) not in excl]
-        part = fold([s for s in counted if os.path.abspath(s.path) not in excl],
-                    keep_results)
-        snap = write_snapshot(directory, name, min(runs), part, header, mergeable)
-        for path in mergeable + superseded:
+    replay = Replay(track_done=track_done)
+    for st in counted:
+        meta = st.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
+        for kind, payload in st:
+            replay.apply(kind, payload, keep_results)
+        if st.problem is not None or st.reserved:
+            st.cut(durable)
+    if len(counted) > 1 or superseded:
+        runs = [st.name.run for st in counted]
+        snap = write_snapshot(directory, name, min(runs),
+                              _snapshot_stream(counted, replay, keep_results), header,
+                              [st.path for st in counted])
+        for path in [st.path for st in counted] + superseded:
             _fs.unlink_regular(path)  # P1: the snapshot above is durable already
         _fs.fsync_dir(directory)
         log.info("pipeline %s/%s: %d journal(s) compacted into %s", directory, name,
-                 len(mergeable), os.path.basename(snap))
+                 len(counted), os.path.basename(snap))
     return replay
 
 
@@ -307,6 +465,10 @@ class PipelineJournal:
         self._buf: List[Tuple[str, str]] = []
         self._after: List[Any] = []
         self._flush_scheduled = False
+        self._inflight: Any = None
+        self._inflight_after: List[Any] = []
+        self._pool: Any = None
+        self._failed: Optional[BaseException] = None
         self._loop: Any = None
         self._run = None
         self._bytes = 0
@@ -354,6 +516,10 @@ class PipelineJournal:
         with self._lock:
             self._flush_now(writer=self._writer)
             self._close_writer()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._loop = None
 
     def end_run(self, finished: bool) -> None:
         self._loop = None
@@ -363,46 +529,117 @@ class PipelineJournal:
     def _append(self, kind: str, payload: str) -> None:
         if self._writer is None:
             raise PipelineError(f"pipeline {self.name!r}: its journal is closed")
+        if self._failed is not None:
+            raise self._failed
         self._bytes += len(payload) + 24
         if self.fsync:
             self._buf.append((kind, payload))
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop = self._loop
-                if loop is None:
-                    import asyncio
-
-                    try:
-                        loop = self._loop = asyncio.get_running_loop()
-                    except RuntimeError:
-                        loop = None
-                if loop is not None:
-                    loop.call_soon(self.flush)
-                else:
-                    self.flush()
+            self._kick_soon()
         else:
             self._writer.append_one(kind, payload)  # P1: in the page cache on return
-        if self._bytes > self.compact_bytes:
+            if self._bytes > self.compact_bytes:
+                self.rotate()
+
+    # fsync mode: group commit.  Records wait in a buffer; one thread writes and fsyncs
+    # each buffer in order while the loop goes on collecting the next one, and work that
+    # must not happen before the records are durable (a result to the user, a sink's side
+    # effect) waits in after_sync() callbacks for the batch that covers them.
+    def _get_loop(self) -> Any:
+        if self._loop is None:
+            import asyncio
+
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+        return self._loop
+
+    def _kick_soon(self) -> None:
+        if self._flush_scheduled or self._inflight is not None:
+            return
+        loop = self._get_loop()
+        if loop is None:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._flush_scheduled = False
+        if self._inflight is not None or not self._buf or self._writer is None:
+            return
+        buf, self._buf = self._buf, []
+        after, self._after = self._after, []
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"journal-{self.name}")
+        fut = self._loop.run_in_executor(self._pool, self._writer.append, buf)
+        self._inflight = fut
+        self._inflight_after = after
+        fut.add_done_callback(self._batch_synced)
+
+    def _batch_synced(self, fut: Any) -> None:
+        self._inflight = None
+        after, self._inflight_after = self._inflight_after, []
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            # Never retried (a later fsync could lie): nothing that waited for these
+            # records happens; the run fails at its next record.
+            self._failed = exc or PipelineError("journal write cancelled")
+            log.error("pipeline %s: journal write failed: %r", self.name, exc)
+            return
+        for fn in after:
+            fn()
+        if self._buf:
+            self._kick()
+        elif self._bytes > self.compact_bytes:
             self.rotate()
 
+    async def drain(self) -> None:
+        """Wait until every record appended so far is durable and its callbacks ran."""
+        import asyncio
+
+        while self.fsync and (self._inflight is not None or self._buf):
+            if self._failed is not None:
+                return
+            if self._inflight is None:
+                self._kick()
+            fut = self._inflight
+            if fut is None:
+                return
+            await asyncio.wait([fut])
+            await asyncio.sleep(0)  # let _batch_synced run
+
     def flush(self) -> None:
+        """Write (and in fsync mode, sync) the buffered records now, then run their
+        callbacks; blocks."""
         with self._lock:
             self._flush_now(writer=self._writer)
 
     def _flush_now(self, writer: Optional[jr.JournalWriter] = None) -> None:
         writer = writer or self._writer
+        if self._pool is not None and self._inflight is not None:
+            self._pool.shutdown(wait=True)  # the batch in flight is written first
+            self._pool = None
+            self._inflight = None
         buf, self._buf = self._buf, []
         self._flush_scheduled = False
         after, self._after = self._after, []
-        if buf and writer is not None:
-            writer.append(buf)  # P1 across power loss: one fsync for the whole turn
-        for fn in after:
-            fn()
+        if buf and writer is not None and self._failed is None:
+            writer.append(buf)  # P1 across power loss: one fsync for the whole batch
+            for fn in after:
+                fn()
 
     def after_sync(self, fn: Any) -> None:
-        """Run ``fn`` once the records written so far are durable."""
-        if self.fsync and self._buf:
+        """Run ``fn`` once the records appended so far are durable (at once in flush
+        mode: they are in the page cache already)."""
+        if not self.fsync:
+            fn()
+        elif self._buf:
             self._after.append(fn)
+        elif self._inflight is not None:
+            self._inflight_after.append(fn)
         else:
             fn()
 
@@ -418,7 +655,7 @@ class PipelineJournal:
                                                 header=self.header)
                 compact_dead(self.directory, self.name, self.header,
                              keep_results=self.keep_results, exclude=[self._writer.path],
-                             durable=self.fsync)
+                             durable=self.fsync, track_done=False)
             self._bytes = 0
 
     def accept(self, key: str, index: int, data: Any) -> None:
@@ -466,8 +703,6 @@ class PipelineJournal:
         keys = [g.key for g in group]
         self._append(KIND_PENDING, jr.dumps({"k": keys[0] if len(keys) == 1 else keys,
                                              "s": stage}))
-        if self.fsync:
-            self.flush()
 
     def write_state(self, name: str, value: Any) -> None:
         try:

@@ -31,14 +31,19 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Any, Callable, List, Optional, Set
+import weakref
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 from ._invoke import error_tuple, invoke_captured
-from ._model import ItemContext, Stage, WorkerDied
+from ._model import ItemContext, Stage, StageTimeout, WorkerDied
 
 log = logging.getLogger("pympx_queues.pipeline")
 
 PR_SET_PDEATHSIG = 1
+#: The coordinator's ends of every worker pipe in this process (a forked worker closes
+#: its copies of them).
+_PARENT_ENDS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -53,10 +58,13 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int) -> None:
+def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int,
+                 inherited: Sequence[Any] = ()) -> None:
     set_parent_death_signal()
     if os.getppid() != coordinator:  # the coordinator died before the request took effect
         os._exit(0)
+    for other in inherited:  # forked: the coordinator's ends of every pipe, ours included
+        other.close()  # (else our own recv never sees EOF when the coordinator is gone)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. `timeout` signals the whole group
     while True:
@@ -92,43 +100,63 @@ def describe_exit(code: Optional[int]) -> str:
     return f"exited with status {code}"
 
 
+class _Job:
+    __slots__ = ("fut", "data", "ctx", "keys")
+
+    def __init__(self, fut: "asyncio.Future", data: Any, ctx: Any) -> None:
+        self.fut, self.data, self.ctx = fut, data, ctx
+        self.keys = [c.key for c in (ctx if isinstance(ctx, list) else [ctx])]
+
+
 class _Worker:
-    __slots__ = ("proc", "conn", "fut", "group", "fd")
+    __slots__ = ("proc", "conn", "fd", "jobs", "timer")
 
     def __init__(self, proc: Any, conn: Any) -> None:
         self.proc = proc
         self.conn = conn
         self.fd = conn.fileno()
-        self.fut: Optional[asyncio.Future] = None
-        self.group: Optional[List[ItemContext]] = None
+        self.jobs: Deque[_Job] = deque()  # sent, in order; jobs[0] is running
+        self.timer: Any = None
 
 
 class ProcessRunner:
+    """Each worker has up to ``DEPTH`` items in its pipe (the next one is there when the
+    current one ends: no idle round trip).  The item at the head of a worker's pipe is
+    the one running: a death fails that one (``WorkerDied``) and the items queued behind
+    it go to another worker without an attempt counted; its timeout runs from the moment
+    it reached the head."""
+
     remote = True
+    handles_timeout = True
+    DEPTH = 2
 
     def __init__(self, stage: Stage, loop: asyncio.AbstractEventLoop,
                  start_method: Optional[str] = None) -> None:
         self.stage = stage
         self.loop = loop
         self._mp = multiprocessing.get_context(start_method or default_start_method())
-        self._idle: List[_Worker] = []
-        self._all: Set[_Worker] = set()
-        self._by_fut: dict = {}
+        self._all: List[_Worker] = []
+        self._by_fut: Dict[Any, _Worker] = {}
+        self.slots = stage.workers * self.DEPTH
         self.started = 0  # workers started (replacements included)
         self.deaths = 0
         for _ in range(stage.workers):  # start them all now: spawning overlaps
-            self._idle.append(self._start())
+            self._start()
 
     def _start(self) -> _Worker:
         parent, child = self._mp.Pipe(duplex=True)
+        forked = self._mp.get_start_method() == "fork"
+        inherited = [parent] + [c for c in list(_PARENT_ENDS) if not c.closed] \
+            if forked else []
         proc = self._mp.Process(
             target=_worker_main, name=f"pipeline-{self.stage.name}",
-            args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid()),
+            args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid(), inherited),
             daemon=True)
         proc.start()
         child.close()  # only the worker holds its end: its death is an EOF here
         w = _Worker(proc, parent)
-        self._all.add(w)
+        _PARENT_ENDS.add(parent)
+        self._all.append(w)
         self.started += 1
         self.loop.add_reader(w.fd, self._readable, w)
         return w
@@ -137,22 +165,48 @@ class ProcessRunner:
     def pids(self) -> List[int]:
         return [w.proc.pid for w in self._all]
 
-    def submit(self, data: Any, ctx: Any, group: Optional[List[ItemContext]] = None
-               ) -> "asyncio.Future":
-        w = self._idle.pop() if self._idle else self._start()
+    def _pick(self) -> _Worker:
+        best = min(self._all, key=lambda w: len(w.jobs)) if self._all else None
+        if best is None or (len(best.jobs) and len(self._all) < self.stage.workers):
+            best = self._start()
+        return best
+
+    def submit(self, data: Any, ctx: Any) -> "asyncio.Future":
         fut = self.loop.create_future()
-        w.fut, w.group = fut, (ctx if isinstance(ctx, list) else [ctx])
-        self._by_fut[fut] = w
-        try:
-            w.conn.send((data, ctx))
-        except (OSError, EOFError):  # died while idle: the EOF handler reaps it
-            self._reap(w, fail=True)
-        except Exception:  # data that does not pickle: the item fails, the worker is fine
-            w.fut, w.group = None, None
-            del self._by_fut[fut]
-            self._idle.append(w)
-            raise
+        self._send(_Job(fut, data, ctx))
         return fut
+
+    def _send(self, job: _Job) -> None:
+        w = self._pick()
+        try:
+            w.conn.send((job.data, job.ctx))
+        except (OSError, EOFError):  # died meanwhile: its EOF handler reaps it
+            self._reap(w, fail=True)
+            self._send(job)
+            return
+        except Exception:  # data that does not pickle: the item fails, not the worker
+            raise
+        w.jobs.append(job)
+        self._by_fut[job.fut] = w
+        if len(w.jobs) == 1:
+            self._arm(w)
+
+    def _arm(self, w: _Worker) -> None:
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
+        if self.stage.timeout is not None and w.jobs:
+            w.timer = self.loop.call_later(self.stage.timeout, self._timed_out, w)
+
+    def _timed_out(self, w: _Worker) -> None:
+        w.timer = None
+        if not w.jobs or w not in self._all:
+            return
+        head = w.jobs[0]
+        self._reap(w, fail=False, kill=True, head_error=StageTimeout(
+            f"stage {self.stage.name!r}: attempt ran past its timeout of "
+            f"{self.stage.timeout} s (worker process {w.proc.pid} killed)"))
+        _ = head
 
     def _readable(self, w: _Worker) -> None:
         try:
@@ -160,18 +214,23 @@ class ProcessRunner:
         except (EOFError, OSError):
             self._reap(w, fail=True)
             return
-        fut = w.fut
-        w.fut, w.group = None, None
-        if fut is not None:
-            self._by_fut.pop(fut, None)
-            if not fut.done():
-                fut.set_result(reply)
-        self._idle.append(w)
+        if not w.jobs:  # pragma: no cover - a reply nobody waits for
+            return
+        job = w.jobs.popleft()
+        self._by_fut.pop(job.fut, None)
+        self._arm(w)
+        if not job.fut.done():
+            job.fut.set_result(reply)
 
-    def _reap(self, w: _Worker, *, fail: bool, kill: bool = False) -> None:
+    def _reap(self, w: _Worker, *, fail: bool, kill: bool = False,
+              head_error: Optional[BaseException] = None) -> None:
+        """Remove a worker; its running item fails, the ones queued behind it move."""
         if w not in self._all:
             return
-        self._all.discard(w)
+        self._all.remove(w)
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
         try:
             self.loop.remove_reader(w.fd)
         except (ValueError, OSError):  # pragma: no cover
@@ -187,41 +246,54 @@ class ProcessRunner:
             w.conn.close()
         except OSError:  # pragma: no cover
             pass
-        if w in self._idle:
-            self._idle.remove(w)
-        fut = w.fut
-        w.fut = None
-        if fut is not None:
-            self._by_fut.pop(fut, None)
+        jobs = list(w.jobs)
+        w.jobs.clear()
+        for job in jobs:
+            self._by_fut.pop(job.fut, None)
+        head = jobs[0] if jobs else None
         if not kill:
             self.deaths += 1
-            keys = [g.key for g in (w.group or [])]
             log.warning("stage %r: worker process %s %s%s; a new one takes the next item",
                         self.stage.name, w.proc.pid, describe_exit(code),
-                        f" while running key(s) {keys}" if keys else "")
-        if fail and fut is not None and not fut.done():
-            keys = [g.key for g in (w.group or [])]
-            fut.set_exception(WorkerDied(
-                f"worker process {w.proc.pid} of stage {self.stage.name!r} "
-                f"{describe_exit(code)} while running key(s) {keys}"))
+                        f" while running key(s) {head.keys}" if head else "")
+        if head is not None and not head.fut.done():
+            if head_error is not None:
+                head.fut.set_exception(head_error)
+            elif fail:
+                head.fut.set_exception(WorkerDied(
+                    f"worker process {w.proc.pid} of stage {self.stage.name!r} "
+                    f"{describe_exit(code)} while running key(s) {head.keys}"))
+        for job in jobs[1:]:  # never started: sent again, no attempt counted
+            if not job.fut.done():
+                self._send(job)
 
     def abandon(self, fut: "asyncio.Future", group: List[ItemContext], reason: str) -> None:
-        """Kill the worker running ``fut`` (timeout or halt); a new one starts on demand."""
+        """Kill the worker running ``fut`` (a halt); a new one starts on demand."""
         w = self._by_fut.get(fut)
         if w is not None:
-            self._reap(w, fail=False, kill=True)
+            if w.jobs and w.jobs[0].fut is fut:
+                self._reap(w, fail=False, kill=True)
+            else:  # still queued behind another item: just forget it
+                for job in list(w.jobs):
+                    if job.fut is fut:
+                        w.jobs.remove(job)
+                self._by_fut.pop(fut, None)
         if not fut.done():
             fut.cancel()
 
     def close(self, wait: bool = True) -> None:
         for w in list(self._all):
-            if w.fut is None:
+            if not w.jobs:
                 try:
                     w.conn.send(None)
                 except (OSError, EOFError):
                     pass
         for w in list(self._all):
-            if w.fut is not None or not wait:
+            if w.jobs or not wait:
+                for job in w.jobs:
+                    if not job.fut.done():
+                        job.fut.cancel()
+                w.jobs.clear()
                 self._reap(w, fail=False, kill=True)
         for w in list(self._all):
             try:
@@ -233,5 +305,4 @@ class ProcessRunner:
                 os.kill(w.proc.pid, signal.SIGKILL)
                 w.proc.join(2.0)
             w.conn.close()
-            self._all.discard(w)
-        self._idle.clear()
+            self._all.remove(w)
