@@ -18,14 +18,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pympx_queues.pipeline.batch_map import batch_map  # noqa: E402
-from pympx_queues.pipeline.switches import AnyFailed, KillSwitchError  # noqa: E402
+from pympx_queues.pipeline.switches import AnyFailed, KillSwitchError, Rate  # noqa: E402
 
 
 def ident(x):
@@ -91,6 +90,10 @@ def main(argv=None):
         res["batch_map_durable_rerun_s"], out = timed(
             lambda: batch_map(ident, items, size=w, journal_dir=d))
         assert out == base
+        res["batch_map_durable_switch_s"], out = timed(
+            lambda: batch_map(ident, items, size=w, journal_dir=d, run_id="switch",
+                              kill_switch=Rate(100, 0.5)))
+        assert out == base
     finally:
         shutil.rmtree(d, ignore_errors=True)
     pn = max(n // 10, 10)
@@ -107,8 +110,10 @@ def main(argv=None):
     assert out == pbase
     res["ratio_thread"] = res["batch_map_thread_s"] / res["threadpool_s"]
     res["ratio_durable"] = res["batch_map_durable_s"] / res["threadpool_s"]
+    res["ratio_durable_switch"] = res["batch_map_durable_switch_s"] / res["threadpool_s"]
     res["ratio_process"] = res["batch_map_process_s"] / res["processpool_s"]
-    for k in ("threadpool", "batch_map_thread", "batch_map_durable"):
+    for k in ("threadpool", "batch_map_thread", "batch_map_durable",
+              "batch_map_durable_switch"):
         res[k + "_us_per_call"] = res[k + "_s"] / n * 1e6
     for k in ("processpool", "batch_map_process"):
         res[k + "_us_per_call"] = res[k + "_s"] / pn * 1e6
@@ -124,6 +129,8 @@ def main(argv=None):
     rows = [("ThreadPoolExecutor.map", "threadpool", None),
             ("batch_map threads, in memory", "batch_map_thread", "ratio_thread"),
             ("batch_map threads, durable flush", "batch_map_durable", "ratio_durable"),
+            ("  + Rate switch (state journaled)", "batch_map_durable_switch",
+             "ratio_durable_switch"),
             ("ProcessPoolExecutor.map", "processpool", None),
             ("batch_map processes, in memory", "batch_map_process", "ratio_process")]
     for label, k, r in rows:

@@ -256,7 +256,7 @@ class _Run:
         self.journal_dir = journal_dir
         self.pipeline: Any = None
         self.sched: Any = None
-        self.args: Dict[int, str] = {}
+        self.args: Dict[int, Any] = {}  # in-flight rows (bounded by the engine)
         self.completed = 0
         self.failed = 0
         self.counted = 0
@@ -310,15 +310,16 @@ class _Run:
         if res.from_journal:
             return  # counted in the run that computed it (journaled counters)
         idx = res.index
-        args = self.args.pop(idx, "")
+        row = self.args.pop(idx, None)
         if self.trip is not None:  # in flight when it tripped: not counted again
             self.check_soon()
             return
         self.completed += 1
         if res.ok:
-            o = Outcome(idx, True, args=args)
+            o = Outcome(idx, True)
         else:
             e = res.error
+            args = "" if row is None else _summary.repr(tuple(row))[:200]
             o = Outcome(idx, False, e.type, e.message, e.traceback, args)
             self.failed += 1
         ks = self.ks
@@ -329,7 +330,7 @@ class _Run:
             if not o.ok and counted:
                 self.counted += 1
             if not o.ok:
-                self.failures.append({"index": idx, "args": args, "type": o.error_type,
+                self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
                                       "message": o.message, "traceback": o.traceback,
                                       "time": o.time, "counted": counted})
             flip = bool(ks.should_flip_switch(o))
@@ -408,7 +409,7 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
                     _check_same(replay, j, str(i), i, d)
             else:
                 d = None
-            run.args[i] = _summary.repr(tuple(row))[:200]
+            run.args[i] = row  # summarised only if the call fails
             yield [i, d, row]
 
     p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
