@@ -158,3 +158,31 @@ def test_changed_input_under_the_same_run_id_is_refused(tmp_path):
     # another run id is another map
     assert batch_map(lambda a, b: a + b, range(4), range(1, 5), journal_dir=str(tmp_path),
                      run_id="other") == [1, 3, 5, 7]
+
+
+def test_torture_several_kill_rounds_then_a_clean_finish(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    journal, log, out = tmp_path / "j", tmp_path / "log", tmp_path / "out.json"
+    n = 150
+    args = [sys.executable, str(script), str(journal), str(log), str(out), str(n), "0.005"]
+    rounds = 0
+    for target in (25, 60, 100):
+        child = subprocess.Popen(args)
+        deadline = time.monotonic() + 60
+        while len(_lines(str(log), "e")) < target and child.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            rounds += 1
+        child.wait(30)
+    assert rounds >= 1, "no round was killed mid-map"
+    print("kill rounds:", rounds)
+    subprocess.run(args, check=True, timeout=90)
+    with open(out) as f:
+        assert json.load(f) == [{"i": i, "v": 3 * i} for i in range(n)]
+    ends = _lines(str(log), "e")
+    extra = len(ends) - n
+    assert set(ends) == set(range(n))
+    assert extra <= rounds * (4 + 1)  # re-runs only of calls in flight at each kill
