@@ -284,3 +284,15 @@ def test_async_kind_and_a_passed_in_executor():
     assert batch_map(afn, range(5), size=3, kind="async") == [0, -1, -2, -3, -4]
     with ThreadPoolExecutor(2) as ex:
         assert batch_map(add, range(5), range(5), executor=ex, size=2) == [0, 2, 4, 6, 8]
+
+
+def test_each_map_counts_from_zero_even_with_a_reused_switch_object():
+    ks = Count(2)
+
+    def fn(i):
+        if i == 0:
+            raise ValueError("zero")
+        return i
+
+    assert len(batch_map(fn, range(3), kill_switch=ks, errors="return")) == 3
+    assert len(batch_map(fn, range(3), kill_switch=ks, errors="return")) == 3

@@ -416,6 +416,8 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
                  codec=codec, name=run_id, ordered=False, on_complete=run.on_complete,
                  progress=False, keep_results=durable)
     run.pipeline = p
+    if kill_switch is not None and hasattr(kill_switch, "reset"):
+        kill_switch.reset()  # each map counts from zero, or from its journal
     if durable:
         run.load(p.get_state(STATE))
         if run.trip is not None:
