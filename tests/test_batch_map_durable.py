@@ -186,3 +186,12 @@ def test_torture_several_kill_rounds_then_a_clean_finish(tmp_path):
     extra = len(ends) - n
     assert set(ends) == set(range(n))
     assert extra <= rounds * (4 + 1)  # re-runs only of calls in flight at each kill
+
+
+def test_fsync_durability_maps_and_trips(tmp_path):
+    fn, calls = flaky({30})
+    with pytest.raises(KillSwitchError) as ei:
+        batch_map(fn, range(100), size=4, journal_dir=str(tmp_path), durability="fsync",
+                  kill_switch=AnyFailed())
+    assert ei.value.counts["started"] == ei.value.counts["started_at_trip"]
+    assert ei.value.failures[0]["index"] == 30
