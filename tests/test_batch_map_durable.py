@@ -195,3 +195,36 @@ def test_fsync_durability_maps_and_trips(tmp_path):
                   kill_switch=AnyFailed())
     assert ei.value.counts["started"] == ei.value.counts["started_at_trip"]
     assert ei.value.failures[0]["index"] == 30
+
+
+TRIP_CHILD = textwrap.dedent("""
+    import sys
+    from pympx_queues.pipeline.batch_map import batch_map
+    from pympx_queues.pipeline.switches import Count, KillSwitchError
+
+    def fn(i):
+        if i in (3, 4):
+            raise ValueError(f"bad {i}")
+        return i
+
+    try:
+        batch_map(fn, range(10), size=1, kill_switch=Count(2), journal_dir=sys.argv[1])
+    except KillSwitchError as exc:
+        print(exc)
+        sys.exit(3)
+""")
+
+
+def test_a_switch_tripped_in_another_process_is_honoured_here(tmp_path):
+    script = tmp_path / "trip.py"
+    script.write_text(TRIP_CHILD)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "j")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    calls = []
+    with pytest.raises(KillSwitchError) as ei:
+        batch_map(calls.append, range(10), size=1, kill_switch=Count(2),
+                  journal_dir=str(tmp_path / "j"))
+    assert calls == []
+    assert [f["index"] for f in ei.value.failures] == [3, 4]
+    assert str(ei.value) == r.stdout.strip()
