@@ -296,3 +296,19 @@ def test_each_map_counts_from_zero_even_with_a_reused_switch_object():
 
     assert len(batch_map(fn, range(3), kill_switch=ks, errors="return")) == 3
     assert len(batch_map(fn, range(3), kill_switch=ks, errors="return")) == 3
+
+
+def test_a_signal_stops_the_map_with_an_error_never_a_short_result():
+    import os
+    import signal
+
+    from pympx_queues.pipeline.batch_map import MapStopped
+
+    def fn(i):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)
+        return i
+
+    with pytest.raises(MapStopped, match="signal"):
+        batch_map(fn, range(500), size=2)

@@ -32,7 +32,8 @@ from .engine import Pipeline
 from .switches import KillSwitchError, Outcome
 
 __all__ = ["batch_map", "batch_map_iter", "unmapped", "reset_kill_switch", "cancelled",
-           "CallFailed", "BatchMapError", "InputChangedError", "DEFAULT_RUN_ID"]
+           "CallFailed", "BatchMapError", "InputChangedError", "MapStopped",
+           "DEFAULT_RUN_ID"]
 
 DEFAULT_RUN_ID = "batch_map"
 STATE = "batch_map.switch"  # journaled state name
@@ -80,6 +81,10 @@ class BatchMapError(Exception):
                          f"{first.type}: {first.message}")
         self.failures = failures
         self.results = results
+
+
+class MapStopped(PipelineError):
+    """The map was stopped (SIGINT/SIGTERM) before every call ran."""
 
 
 class InputChangedError(PipelineError, ValueError):
@@ -446,9 +451,12 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
         p.close()
     if run.trip is not None:
         raise run.error()
-    if ordered and held:  # pragma: no cover - the source ended early (a refused input)
-        for i in sorted(held):
-            yield i, held.pop(i)
+    state = p.report.state
+    if state != "finished":  # SIGINT/SIGTERM: never a silently short result
+        raise MapStopped(f"batch_map {run_id!r} was {state} (a signal) before every call "
+                         f"ran: {p.report.done + p.report.skipped_done} of the calls ended"
+                         + ("; a rerun with the same journal_dir resumes" if durable
+                            else ""))
     if failures and errors == "raise":
         raise BatchMapError(sorted(failures, key=lambda f: f.index), None)
 
