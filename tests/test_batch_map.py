@@ -312,3 +312,12 @@ def test_a_signal_stops_the_map_with_an_error_never_a_short_result():
 
     with pytest.raises(MapStopped, match="signal"):
         batch_map(fn, range(500), size=2)
+
+
+def scale(x, factor, offset=0):
+    return x * factor + offset
+
+
+def test_process_kind_with_unmapped_arguments():
+    out = batch_map(scale, range(6), unmapped(3), offset=unmapped(1), size=2, kind="process")
+    assert out == [x * 3 + 1 for x in range(6)]
