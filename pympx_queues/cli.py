@@ -774,5 +774,22 @@ def demo(directory: Optional[str], messages: int, consumers: int, queue: str,
         sys.exit(EXIT_PROBLEM)
 
 
+@main.command(name="reset-switch",
+              short_help="Reset a batch_map's tripped kill switch (issue 12).")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--run-id", default=None, help="The map's run id (default: batch_map).")
+@click.option("--keep-failed", is_flag=True,
+              help="Do not re-run the failed calls at the next run.")
+@json_option
+def reset_switch(path: str, run_id: Optional[str], keep_failed: bool, as_json: bool) -> None:
+    """Clear the kill-switch state of a durable batch_map in PATH."""
+    from .pipeline.batch_map import reset_kill_switch
+
+    result = reset_kill_switch(path, run_id, retry_failed=not keep_failed)
+    emit(result, as_json, lambda r: (
+        ("kill switch reset" if r["cleared"] else "no kill-switch state to reset")
+        + (f"; {len(r['retried'])} failed call(s) will re-run" if r["retried"] else "")))
+
+
 if __name__ == "__main__":  # pragma: no cover - ``python -m pympx_queues.cli``
     main(prog_name=PROG)

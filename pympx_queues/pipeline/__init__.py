@@ -7,9 +7,15 @@ from ._model import (EncodeError, ErrorInfo, ItemContext, ItemResult, PipelineEr
                      Refill, Retry, RunReport, Scheduler, Stage, StageSignatureError,
                      StageStats, StageTimeout, WorkerDied)
 from .engine import Pipeline
+from .batch_map import batch_map, batch_map_iter, reset_kill_switch, unmapped
+from .switches import (AnyFailed, AnyOf, Consecutive, Count, KillSwitch, KillSwitchError, Rate,
+                       Windowed)
 
 __all__ = [
     "Pipeline", "Stage", "Retry", "Refill", "ItemContext", "ItemResult", "ErrorInfo",
     "RunReport", "StageStats", "PipelineError", "StageSignatureError", "Scheduler",
     "WorkerDied", "StageTimeout", "EncodeError",
+    "batch_map", "batch_map_iter", "unmapped", "reset_kill_switch",
+    "KillSwitch", "KillSwitchError", "AnyFailed", "Count", "Rate", "Consecutive", "Windowed",
+    "AnyOf",
 ]

@@ -1,0 +1,538 @@
+"""``batch_map``: one function over long inputs, bounded concurrency, kill switches that
+stop at once, and (with ``journal_dir``) a map that survives ``kill -9`` (issue 12).
+
+Built on the pipeline engine: a single-stage :class:`~pympx_queues.pipeline.Pipeline`
+whose keys are input positions (scoped by ``run_id``, the journal's pipeline name).  The
+kill switch is evaluated in the engine's ``on_complete`` hook, in the coordinator, on
+every completion as it happens (the last partial batch included).  When it trips:
+
+* ``halt="now"``: ``stop(drain=False)``: nothing new starts, running calls are abandoned
+  (thread workers see :func:`cancelled` become true, process workers are terminated);
+* ``halt="soon"``: nothing new starts, running calls finish, then the run halts.
+
+Durable maps journal each call's result (``keep_results``) with a digest of its encoded
+arguments; a rerun returns stored results, re-runs only unfinished calls and refuses
+changed input under the same position.  The switch's counters, its failures and its trip
+are journaled state: a restart continues counting, and a tripped switch makes the next
+run raise at once until :func:`reset_kill_switch` (or ``pympx-queues reset-switch DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import reprlib
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from ._model import PipelineError, Scheduler, Stage
+from .engine import Pipeline
+from .switches import KillSwitchError, Outcome
+
+__all__ = ["batch_map", "batch_map_iter", "unmapped", "reset_kill_switch", "cancelled",
+           "CallFailed", "BatchMapError", "InputChangedError", "MapStopped",
+           "DEFAULT_RUN_ID"]
+
+DEFAULT_RUN_ID = "batch_map"
+STATE = "batch_map.switch"  # journaled state name
+MAX_FAILURES = 100  # failures kept in the state and in KillSwitchError
+
+_local = threading.local()
+_summary = reprlib.Repr()
+_summary.maxstring = 60
+_summary.maxother = 60
+_summary.maxlist = _summary.maxtuple = _summary.maxdict = 5
+
+
+class unmapped:
+    """An argument passed whole to every call (prefecto's / Prefect's ``unmapped``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"unmapped({self.value!r})"
+
+
+class CallFailed(Exception):
+    """A failed call, in place of its result (``errors="return"``), or in
+    :class:`BatchMapError`.  ``index``, ``type``, ``message``, ``traceback`` (text)."""
+
+    def __init__(self, index: int, type_: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"call #{index} failed: {type_}: {message}")
+        self.index = index
+        self.type = type_
+        self.message = message
+        self.traceback = traceback
+
+
+class BatchMapError(Exception):
+    """Calls failed (without a switch tripping) and ``errors="raise"``: raised after
+    every call ended.  ``failures`` (list of :class:`CallFailed`), ``results`` (the
+    results, a :class:`CallFailed` in place of each failure)."""
+
+    def __init__(self, failures: List[CallFailed], results: Optional[List[Any]]) -> None:
+        first = failures[0]
+        super().__init__(f"{len(failures)} call(s) failed; first: #{first.index}: "
+                         f"{first.type}: {first.message}")
+        self.failures = failures
+        self.results = results
+
+
+class MapStopped(PipelineError):
+    """The map was stopped (SIGINT/SIGTERM) before every call ran."""
+
+
+class InputChangedError(PipelineError, ValueError):
+    """The input at a position differs from the one journaled for this run id."""
+
+
+def cancelled() -> bool:
+    """True inside a call (thread kind) once the map halted with ``halt="now"``: long
+    calls may check it and return early.  False elsewhere."""
+    ev = getattr(_local, "cancelled", None)
+    return ev is not None and ev.is_set()
+
+
+# --------------------------------------------------------------------------- calling
+class _Call:
+    """The stage handler: rebuilds the call's arguments and calls ``fn`` (module level
+    so process workers can receive it)."""
+
+    def __init__(self, fn: Callable, slots: List[Any], kwslots: Dict[str, Any],
+                 tagged: bool) -> None:
+        self.fn = fn
+        self.slots = slots  # per positional argument: _MAPPED or the unmapped value
+        self.kwslots = kwslots
+        self.tagged = tagged
+
+    def build(self, data: Any) -> Tuple[list, dict]:
+        vals = iter(data[2])
+        args = [next(vals) if s is _MAPPED else s for s in self.slots]
+        kw = {k: (next(vals) if s is _MAPPED else s) for k, s in self.kwslots.items()}
+        return args, kw
+
+    def __call__(self, data: Any, ctx: Any) -> Any:
+        args, kw = self.build(data)
+        prev = getattr(_local, "cancelled", None)
+        _local.cancelled = getattr(ctx, "cancelled", None)
+        try:
+            out = self.fn(*args, **kw)
+        finally:
+            _local.cancelled = prev
+        return [data[1], out] if self.tagged else out
+
+
+class _MappedMarker:
+    def __repr__(self) -> str:
+        return "<mapped>"
+
+    def __reduce__(self) -> str:
+        return "_MAPPED"
+
+
+_MAPPED = _MappedMarker()
+
+
+def _async_call(call: _Call) -> Callable:
+    async def handler(data: Any, ctx: Any) -> Any:
+        args, kw = call.build(data)
+        out = await call.fn(*args, **kw)
+        return [data[1], out] if call.tagged else out
+    return handler
+
+
+class _MapScheduler(Scheduler):
+    """FIFO with a sliding window (the stage's workers bound the calls in flight), or
+    waves (a new batch starts only when the previous one has ended); nothing starts
+    once the switch has tripped."""
+
+    def __init__(self, size: int, waves: bool) -> None:
+        super().__init__(1)
+        self.wave = size
+        self.waves = waves
+        self.running = 0
+        self.started = 0
+        self.tripped = False
+        self.flushed = False
+
+    def take(self, free_workers: int) -> List[List[Any]]:
+        if self.tripped:
+            return []
+        items = self._items
+        if self.waves:
+            if self.running or (len(items) < self.wave and not self.flushed):
+                return []
+        n = min(free_workers, len(items))
+        self.running += n
+        self.started += n
+        return [[items.popleft()] for _ in range(n)]
+
+    def finished(self, group: Any) -> None:
+        self.running -= 1
+
+    def flush(self) -> None:
+        self.flushed = True
+
+
+# --------------------------------------------------------------------------- inputs
+def _check_inputs(iterables: tuple, kwargs: Dict[str, Any]
+                  ) -> Tuple[List[Any], Dict[str, Any], List[Iterator], List[str]]:
+    slots: List[Any] = []
+    kwslots: Dict[str, Any] = {}
+    its: List[Iterator] = []
+    names: List[str] = []
+    lengths: Dict[str, int] = {}
+
+    def add(name: str, value: Any) -> Any:
+        if isinstance(value, unmapped):
+            return value.value
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"batch_map: {name} is a {type(value).__name__}; map over "
+                            f"a list of them, or pass it whole with unmapped(...)")
+        try:
+            it = iter(value)
+        except TypeError:
+            raise TypeError(f"batch_map: {name} is not iterable ({type(value).__name__}); "
+                            "pass it whole with unmapped(...)") from None
+        if hasattr(value, "__len__"):
+            lengths[name] = len(value)
+        its.append(it)
+        names.append(name)
+        return _MAPPED
+
+    for i, v in enumerate(iterables):
+        slots.append(add(f"positional argument {i}", v))
+    for k, v in kwargs.items():
+        kwslots[k] = add(f"argument {k!r}", v)
+    if not its:
+        raise TypeError("batch_map: no mapped argument (every argument is unmapped)")
+    if len(set(lengths.values())) > 1:
+        desc = ", ".join(f"{n}: {n_}" for n, n_ in lengths.items())
+        raise ValueError(f"batch_map: the mapped arguments have unequal lengths ({desc})")
+    return slots, kwslots, its, names
+
+
+def _zip_strict(its: List[Iterator], names: List[str]) -> Iterator[list]:
+    while True:
+        row = []
+        for it in its:
+            try:
+                row.append(next(it))
+            except StopIteration:
+                if row:
+                    raise ValueError(f"batch_map: {names[len(row)]} ended before "
+                                     f"{names[0]} (unequal lengths)") from None
+                for j, other in enumerate(its[1:], 1):
+                    try:
+                        next(other)
+                    except StopIteration:
+                        continue
+                    raise ValueError(f"batch_map: {names[0]} ended before {names[j]} "
+                                     "(unequal lengths)")
+                return
+        yield row
+
+
+def _digest(codec: Any, value: Any) -> str:
+    enc = codec.encode(value)
+    raw = json.dumps(enc, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _fmt_time(t: Optional[float]) -> str:
+    if t is None:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+# --------------------------------------------------------------------------- the map
+class _Run:
+    """One map's bookkeeping, shared by the coordinator (on_complete) and the caller."""
+
+    def __init__(self, ks: Any, halt: str, run_id: str, journal_dir: Optional[str]) -> None:
+        self.ks = ks
+        self.halt = halt
+        self.run_id = run_id
+        self.journal_dir = journal_dir
+        self.pipeline: Any = None
+        self.sched: Any = None
+        self.args: Dict[int, Any] = {}  # in-flight rows (bounded by the engine)
+        self.completed = 0
+        self.failed = 0
+        self.counted = 0
+        self.failures: deque = deque(maxlen=MAX_FAILURES)
+        self.trip: Optional[Dict[str, Any]] = None
+        self.trip_seq: Optional[int] = None  # calls started when it tripped
+
+    def load(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        c = state.get("counts", {})
+        self.completed = c.get("completed", 0)
+        self.failed = c.get("failed", 0)
+        self.counted = c.get("counted", 0)
+        self.failures.extend(state.get("failures", []))
+        self.trip = state.get("tripped")
+        if self.ks is not None and state.get("switch") is not None and \
+                hasattr(self.ks, "from_state"):
+            try:
+                self.ks.from_state(state["switch"])
+            except (ValueError, KeyError, TypeError):  # another switch now: count afresh
+                pass
+
+    def counts(self) -> Dict[str, int]:
+        return {"completed": self.completed, "failed": self.failed,
+                "counted": self.counted}
+
+    def started(self) -> Dict[str, Any]:
+        """Calls started by this run: when the switch tripped, and in all."""
+        return {"started_at_trip": self.trip_seq, "started": self.sched.started}
+
+    def state(self) -> Dict[str, Any]:
+        sw = self.ks.to_state() if self.ks is not None and hasattr(self.ks, "to_state") \
+            else None
+        return {"switch": sw, "counts": self.counts(), "failures": list(self.failures),
+                "tripped": self.trip}
+
+    def error(self) -> KillSwitchError:
+        t = self.trip or {}
+        reason = t.get("reason", "kill switch tripped")
+        return KillSwitchError(
+            f"kill switch tripped at {_fmt_time(t.get('at'))} (call #{t.get('index')}): "
+            f"{reason}; {self.failed} of {self.completed} calls failed"
+            + (f"; last failure: {self.failures[-1]['type']}: "
+               f"{self.failures[-1]['message']}" if self.failures else ""),
+            self.ks, counts=dict(self.counts(), **self.started()), failures=list(self.failures),
+            tripped_at=t.get("at"), reason=reason, run_id=self.run_id)
+
+    # in the coordinator, on every completion
+    def on_complete(self, res: Any) -> None:
+        if res.from_journal:
+            return  # counted in the run that computed it (journaled counters)
+        idx = res.index
+        row = self.args.pop(idx, None)
+        if self.trip is not None:  # in flight when it tripped: not counted again
+            self.check_soon()
+            return
+        self.completed += 1
+        if res.ok:
+            o = Outcome(idx, True)
+        else:
+            e = res.error
+            args = "" if row is None else _summary.repr(tuple(row))[:200]
+            o = Outcome(idx, False, e.type, e.message, e.traceback, args)
+            self.failed += 1
+        ks = self.ks
+        flip = False
+        if ks is not None:
+            counted = (ks.counts_as_failure(o) if hasattr(ks, "counts_as_failure")
+                       else not o.ok)
+            if not o.ok and counted:
+                self.counted += 1
+            if not o.ok:
+                self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
+                                      "message": o.message, "traceback": o.traceback,
+                                      "time": o.time, "counted": counted})
+            flip = bool(ks.should_flip_switch(o))
+        if flip:
+            reason = ks.describe() if hasattr(ks, "describe") else \
+                f"{type(ks).__name__} tripped"
+            self.trip = {"at": getattr(ks, "tripped_at", None) or time.time(),
+                         "index": idx, "reason": reason,
+                         "switch": type(ks).__name__}
+            self.trip_seq = self.sched.started
+            self.sched.tripped = True
+        p = self.pipeline
+        if p.journal_dir is not None and (ks is not None or not o.ok):
+            p.set_state(STATE, self.state())
+        if flip:
+            p.stop(drain=self.halt == "soon")
+        if self.trip is not None and self.halt == "soon" and self.sched.running == 0:
+            p.stop(drain=False)
+
+    def check_soon(self) -> None:
+        if self.trip is not None and self.halt == "soon" and self.sched.running == 0:
+            self.pipeline.stop(drain=False)
+
+
+def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
+                   halt: str = "now", kind: str = "thread", executor: Any = None,
+                   journal_dir: Optional[str] = None, durability: str = "flush",
+                   run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
+                   errors: str = "raise", codec: Any = None,
+                   **kwargs: Any) -> Iterator[Tuple[int, Any]]:
+    """:func:`batch_map` as a stream of ``(index, result)`` pairs: in input order
+    (``ordered=True``; results that finish early are held until their turn) or as calls
+    complete (``ordered=False``: memory stays bounded whatever the input's length).  A
+    failed call yields a :class:`CallFailed` in place of its result with
+    ``errors="return"``; with ``errors="raise"`` (the default) the stream ends by
+    raising :class:`BatchMapError`.  A tripped switch raises :class:`KillSwitchError`."""
+    if not callable(fn):
+        raise TypeError(f"batch_map: fn must be callable, not {fn!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"batch_map: size must be an int >= 1, not {size!r}")
+    if halt not in ("now", "soon"):
+        raise ValueError(f"batch_map: halt must be 'now' or 'soon', not {halt!r}")
+    if errors not in ("raise", "return"):
+        raise ValueError(f"batch_map: errors must be 'raise' or 'return', not {errors!r}")
+    if kill_switch is not None and not hasattr(kill_switch, "should_flip_switch"):
+        raise TypeError("batch_map: kill_switch needs a should_flip_switch(outcome) method "
+                        f"(see pympx_queues.pipeline.switches), got {kill_switch!r}")
+    if executor is not None:
+        kind = "executor"
+    run_id = DEFAULT_RUN_ID if run_id is None else str(run_id)
+    if not run_id or any(c in run_id for c in "/\\\0") or run_id.startswith("."):
+        raise ValueError(f"batch_map: run_id must be a plain name, not {run_id!r}")
+    slots, kwslots, its, names = _check_inputs(iterables, kwargs)
+    durable = journal_dir is not None
+    call = _Call(fn, slots, kwslots, tagged=durable)
+    handler: Any = _async_call(call) if kind == "async" else call
+
+    run = _Run(kill_switch, halt, run_id, journal_dir)
+    sched = _MapScheduler(size, waves)
+    run.sched = sched
+    stage = Stage("call", handler, kind=kind, workers=size, queue_size=size,
+                  executor=executor, scheduler=sched)
+    from .journal import JsonCodec
+
+    codec_ = codec if codec is not None else JsonCodec()
+
+    def source() -> Iterator[list]:
+        replay = None
+        j = p._journal
+        if j is not None:
+            replay = j.replay
+        for i, row in enumerate(_zip_strict(its, names)):
+            if durable:
+                d = _digest(codec_, row)
+                if replay is not None:
+                    _check_same(replay, j, str(i), i, d)
+            else:
+                d = None
+            run.args[i] = row  # summarised only if the call fails
+            yield [i, d, row]
+
+    p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
+                 codec=codec, name=run_id, ordered=False, on_complete=run.on_complete,
+                 progress=False, keep_results=durable)
+    run.pipeline = p
+    if kill_switch is not None and hasattr(kill_switch, "reset"):
+        kill_switch.reset()  # each map counts from zero, or from its journal
+    if durable:
+        run.load(p.get_state(STATE))
+        if run.trip is not None:
+            p.close()
+            raise run.error()
+
+    failures: List[CallFailed] = []
+    held: Dict[int, Any] = {}
+    nxt = 0
+    try:
+        for res in p.run():
+            if res.ok:
+                value = res.value[1] if durable else res.value
+            else:
+                e = res.error
+                value = CallFailed(res.index, e.type, e.message, e.traceback)
+                failures.append(value)
+            if not ordered:
+                yield res.index, value
+                continue
+            held[res.index] = value
+            while nxt in held:
+                yield nxt, held.pop(nxt)
+                nxt += 1
+    finally:
+        p.close()
+    if run.trip is not None:
+        raise run.error()
+    state = p.report.state
+    if state != "finished":  # SIGINT/SIGTERM: never a silently short result
+        raise MapStopped(f"batch_map {run_id!r} was {state} (a signal) before every call "
+                         f"ran: {p.report.done + p.report.skipped_done} of the calls ended"
+                         + ("; a rerun with the same journal_dir resumes" if durable
+                            else ""))
+    if failures and errors == "raise":
+        raise BatchMapError(sorted(failures, key=lambda f: f.index), None)
+
+
+def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str) -> None:
+    old = None
+    if key in replay.done:
+        v = replay.done[key]
+        if v is not None:
+            v = journal.decode(v)
+            old = v[0] if isinstance(v, (list, tuple)) and len(v) == 2 else None
+    elif key in replay.unfinished:
+        data = journal.decode(replay.unfinished[key].data)
+        old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
+    else:
+        return
+    if old is not None and old != digest:
+        raise InputChangedError(
+            f"batch_map: the input at position {index} differs from the one journaled "
+            f"for run id {journal.name!r} in {journal.directory}: use another run_id= "
+            "for different input, or delete the journal to start over")
+
+
+def batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
+              halt: str = "now", kind: str = "thread", executor: Any = None,
+              journal_dir: Optional[str] = None, durability: str = "flush",
+              run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
+              errors: str = "raise", codec: Any = None, **kwargs: Any) -> Any:
+    """Call ``fn`` on the zipped mapped arguments, at most ``size`` calls in flight.
+
+    ``fn(*iterables[i]..., **kwargs[i]...)`` for each position ``i``; an argument
+    wrapped in :class:`unmapped` is passed whole to every call.  Returns the list of
+    results in input order (``ordered=False``: an iterator of ``(index, result)`` pairs
+    in completion order, see :func:`batch_map_iter`).
+
+    ``kill_switch``: a switch from :mod:`pympx_queues.pipeline.switches` (or any object
+    with ``should_flip_switch(outcome)``), evaluated on every completion; when it trips
+    nothing new starts, ``halt="now"`` abandons running calls, ``"soon"`` lets them
+    finish, and the map raises :class:`KillSwitchError`.  ``waves=True``: a batch of
+    ``size`` calls starts only when the previous batch has ended (prefecto's barrier).
+    ``kind``: "thread" | "process" | "async", or ``executor=`` any
+    ``concurrent.futures.Executor``.  ``journal_dir``: durable (see the module doc).
+    """
+    it = batch_map_iter(fn, *iterables, size=size, kill_switch=kill_switch, halt=halt,
+                        kind=kind, executor=executor, journal_dir=journal_dir,
+                        durability=durability, run_id=run_id, waves=waves,
+                        ordered=ordered, errors=errors, codec=codec, **kwargs)
+    if not ordered:
+        return it
+    return [v for _i, v in it]
+
+
+def reset_kill_switch(journal_dir: str, run_id: Optional[str] = None, *,
+                      retry_failed: bool = True) -> Dict[str, Any]:
+    """Clear the journaled kill-switch state (counters, failures, trip) of ``run_id``
+    in ``journal_dir``; with ``retry_failed`` (the default) the calls that failed are
+    re-run by the next run too (else their failures are returned again from the
+    journal).  Refused while a run of that journal is live.  Returns ``{"cleared":
+    bool, "retried": [positions]}``."""
+    from .journal import pipeline_prefixes, redrive_dead
+
+    run_id = DEFAULT_RUN_ID if run_id is None else str(run_id)
+    if run_id not in pipeline_prefixes(journal_dir):
+        raise FileNotFoundError(f"{journal_dir}: no batch_map journal for run id "
+                                f"{run_id!r} (found: {pipeline_prefixes(journal_dir)})")
+    p = Pipeline([], [Stage("call", _noop)], journal_dir=journal_dir, name=run_id,
+                 progress=False, keep_results=True)
+    try:
+        had = p.get_state(STATE) is not None
+        if had:
+            p.clear_state(STATE)
+    finally:
+        p.close()
+    retried = redrive_dead(journal_dir, run_id) if retry_failed else []
+    return {"cleared": had, "retried": sorted(int(k) for k in retried)}
+
+
+def _noop(data: Any) -> Any:
+    return data
