@@ -614,6 +614,10 @@ def status(path: str, **options: Any) -> Dict[str, Any]:
     ``producers`` (open, closed or failed); pickup dirs add ``runs`` (requested,
     completed, outstanding per run) and ``journal_errors`` (torn or corrupt records).
     """
+    from .pipeline import admin as pipeline_admin  # a pipeline's journal dir (issue 11)
+
+    if pipeline_admin.is_pipeline_dir(path):
+        return pipeline_admin.status(path)
     path, backend, o = _backend(path, options)
     return backend.status(path, o)
 
@@ -680,6 +684,10 @@ def requeue(path: str, *, include_live: bool = False, dry_run: bool = False,
 def retry(path: str, *, pattern: Optional[str] = None, dry_run: bool = False,
           progress: Optional[Progress] = None, **options: Any) -> Dict[str, Any]:
     """Move dead letters (all, or those whose name matches the glob ``pattern``) to ready."""
+    from .pipeline import admin as pipeline_admin  # a pipeline's dead letters (issue 11)
+
+    if pipeline_admin.is_pipeline_dir(path):
+        return pipeline_admin.retry(path, pattern=pattern, dry_run=dry_run)
     path, backend, o = _backend(path, options)
     return backend.retry(path, pattern, dry_run, o, progress)
 

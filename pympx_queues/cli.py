@@ -448,7 +448,12 @@ def _opts() -> Dict[str, Any]:
 def status(path: str, as_json: bool, check: bool) -> None:
     """Kind of queue, counts per state, claims, producers, journal runs and problems."""
     report = admin.status(path, **_opts())
-    emit(report, as_json, render_status)
+    if report.get("kind") == "pipeline":  # a pipeline's journal dir (issue 11)
+        from .pipeline.admin import render_status as render_pipeline
+
+        emit(report, as_json, render_pipeline)
+    else:
+        emit(report, as_json, render_status)
     if check and report.get("problems"):
         sys.exit(EXIT_PROBLEM)
 

@@ -1,0 +1,742 @@
+"""A pipeline's journal: the existing journal format with the pipeline's record kinds.
+
+The only module of the pipeline layer that imports the journal module.  One coordinator
+writes one journal file per run (``{name}.{run}.{pid}.{rand}.journal`` in
+``journal_dir``); workers never write.  Records (payload keys in brackets; ``enc`` is the
+codec's JSON form of a value, never pickle)::
+
+    H  header       {"pipeline": {"stages": [...], "keep_results": bool}, ...}
+    A  accepted     {"k": key, "i": index, "d": enc[, "s": stage]}   (snapshot: at stage s)
+                    {"k": key, "r": 1}          dead letter re-driven (pympx-queues retry)
+    S  stage done   {"k": key, "s": stage, "o": enc}    (input of stage s + 1)
+    B  batch done   {"s": stage, "k": [keys], "o": [enc...]?, "y": 1?}  (y: last stage)
+    Y  item done    {"k": key[, "o": enc]}      (o with keep_results)
+    E  attempt failed {"k", "s", "a": attempt, "e": {"type", "message"}}
+    L  dead letter  {"k", "s", "a", "e": {"type", "message", "traceback", ...}}
+    R  sink pending {"k": key or [keys], "s": stage}   (before the sink's side effect)
+    W  state        {"n": name, "v": json}      Q  state reset {"n": name}
+
+Replay (at the start of every run, under the directory lock): torn tails of dead runs are
+cut (and saved), every journal is read in order and folded into :class:`Replay`, and the
+journals of earlier runs are compacted into one snapshot holding only what is needed
+(unfinished items at their stage, done keys, dead letters, states): the directory stays
+bounded over many runs.  A long run rotates its journal when it grows past
+``compact_bytes`` and compacts the closed part the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .. import _fs
+from .. import journal as jr
+from ..errors import JournalCorruptError
+from ._model import EncodeError, PipelineError
+
+log = logging.getLogger("pympx_queues.pipeline")
+
+KIND_ACCEPT = "A"
+KIND_STAGE = "S"
+KIND_BATCH = "B"
+KIND_DONE = "Y"
+KIND_ERROR = "E"
+KIND_DEAD = "L"
+KIND_PENDING = "R"
+KIND_STATE = "W"
+KIND_RESET = "Q"
+assert set("ASBYELRWQ") <= jr.PIPELINE_KINDS
+
+#: Header field that marks a pipeline journal (``pympx-queues status`` looks for it).
+HEADER_FIELD = "pipeline"
+#: A run rotates and compacts its journal past this many bytes (P4 on disk).
+COMPACT_BYTES = 64 * 1024 * 1024
+
+
+def check_durability(durability: str) -> str:
+    return _fs.check_durability(durability)
+
+
+class JsonCodec:
+    """The journal's codec: JSON plus tuples, bytes, sets and non-str dict keys."""
+
+    encode = staticmethod(jr.encode_value)
+    decode = staticmethod(jr.decode_value)
+
+
+class Saved:
+    """What the journal knows about an item that is not done."""
+
+    __slots__ = ("index", "stage", "data", "pending", "dead", "attempts")
+
+    def __init__(self, index: int, data: Any) -> None:
+        self.index = index
+        self.stage = 0  # the stage it has to run next
+        self.data = data  # enc of that stage's input
+        self.pending = False
+        self.dead: Optional[Dict[str, Any]] = None
+        self.attempts = 0
+
+
+class Replay:
+    """The fold of a pipeline's journals."""
+
+    def __init__(self, track_done: bool = True) -> None:
+        self.track_done = track_done
+        self.done_count = 0
+        self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
+        self.done: Dict[str, Any] = {}  # key -> enc output (None unless keep_results)
+        self.states: Dict[str, Any] = {}
+        self.stages: List[str] = []
+        self.failed_attempts: Dict[int, int] = {}
+        self.records = 0
+
+    def apply(self, kind: str, p: Dict[str, Any], keep_results: bool = True) -> None:
+        self.records += 1
+        if kind == KIND_ACCEPT:
+            key = p["k"]
+            if p.get("r"):
+                saved = self.unfinished.get(key)
+                if saved is not None:
+                    saved.dead = None
+                    saved.attempts = 0
+                return
+            if self.track_done and key in self.done:
+                return
+            saved = Saved(int(p.get("i", 0)), p.get("d"))
+            saved.stage = int(p.get("s", 0))
+            self.unfinished[key] = saved
+        elif kind == KIND_STAGE:
+            saved = self.unfinished.get(p["k"])
+            if saved is not None:
+                saved.stage = int(p["s"]) + 1
+                saved.data = p.get("o")
+                saved.pending = False
+        elif kind == KIND_DONE:
+            key = p["k"]
+            self.unfinished.pop(key, None)
+            self.done_count += 1
+            if self.track_done:
+                self.done[key] = p.get("o") if keep_results else None
+        elif kind == KIND_BATCH:
+            keys = p["k"]
+            outs = p.get("o")
+            last = bool(p.get("y"))
+            for n, key in enumerate(keys):
+                out = outs[n] if outs is not None else None
+                if last:
+                    self.unfinished.pop(key, None)
+                    self.done_count += 1
+                    if self.track_done:
+                        self.done[key] = out if keep_results else None
+                else:
+                    saved = self.unfinished.get(key)
+                    if saved is not None:
+                        saved.stage = int(p["s"]) + 1
+                        saved.data = out
+                        saved.pending = False
+        elif kind == KIND_ERROR:
+            saved = self.unfinished.get(p["k"])
+            if saved is not None:
+                saved.attempts += 1
+            s = int(p.get("s", 0))
+            self.failed_attempts[s] = self.failed_attempts.get(s, 0) + 1
+        elif kind == KIND_DEAD:
+            saved = self.unfinished.get(p["k"])
+            if saved is not None:
+                saved.dead = p.get("e") or {}
+                saved.stage = int(p.get("s", saved.stage))
+        elif kind == KIND_PENDING:
+            keys = p["k"] if isinstance(p["k"], list) else [p["k"]]
+            for key in keys:
+                saved = self.unfinished.get(key)
+                if saved is not None:
+                    saved.pending = True
+        elif kind == KIND_STATE:
+            self.states[p["n"]] = p.get("v")
+        elif kind == KIND_RESET:
+            self.states.pop(p["n"], None)
+
+    @property
+    def dead(self) -> Dict[str, Saved]:
+        return {k: s for k, s in self.unfinished.items() if s.dead is not None}
+
+
+# --------------------------------------------------------------------------- reading
+def is_pipeline_header(header: Dict[str, Any]) -> bool:
+    return isinstance(header.get(HEADER_FIELD), dict)
+
+
+def pipeline_prefixes(directory: str) -> List[str]:
+    """Prefixes (pipeline names) of the pipeline journals in ``directory``."""
+    found = []
+    for path, name in jr.list_journals(directory):
+        if name.prefix in found:
+            continue
+        try:
+            scan = jr.scan_journal(path, strict=False)
+        except (OSError, ValueError):
+            continue
+        if is_pipeline_header(scan.header):
+            found.append(name.prefix)
+    return found
+
+
+def scan_pipeline(directory: str, name: str, *, strict: bool = True
+                  ) -> Tuple[List[Any], List[str]]:
+    """(scans that count, in order; paths superseded by a snapshot)."""
+    scans = []
+    for path, _jn in jr.list_journals(directory, name):
+        try:
+            scans.append(jr.scan_journal(path, strict=strict))
+        except FileNotFoundError:
+            continue
+    merged = set()
+    for scan in scans:
+        if scan.name.is_snapshot:
+            merged.update(scan.header.get("merged") or ())
+    counted = [s for s in scans if os.path.basename(s.path) not in merged]
+    superseded = [s.path for s in scans if os.path.basename(s.path) in merged]
+    return counted, superseded
+
+
+def fold(scans: Sequence[Any], keep_results: bool = True) -> Replay:
+    replay = Replay()
+    for scan in scans:
+        meta = scan.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
+        for _seq, kind, payload in scan.records:
+            if kind in jr.PIPELINE_KINDS and kind != jr.KIND_HEADER:
+                replay.apply(kind, payload, keep_results)
+    return replay
+
+
+class StreamScan:
+    """One journal read record by record: memory O(1) in the journal's size.
+
+    Iterating yields ``(kind, payload)`` of each record after the header.  A bad record
+    with a good one after it is corruption (:class:`JournalCorruptError`, fail closed); a
+    bad record at the end is a torn tail (``problem``, cut by :meth:`cut`); NUL bytes up
+    to the end are a mapped writer's reserved tail.  The same rules as
+    ``scan_journal``, without holding the records.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = jr.parse_journal_name(os.path.basename(path))
+        try:
+            self.locked = bool(_fs.is_flocked(path)) and not self.name.is_snapshot
+        except OSError:
+            self.locked = not self.name.is_snapshot
+        self.header: Dict[str, Any] = read_header(path)
+        self.size = 0
+        self.good_end = 0
+        self.reserved = 0
+        self.problem: Optional[jr.Problem] = None
+
+    def writer_alive(self) -> bool:
+        return self.locked or jr.writer_alive(self.path, self.header, self.name)
+
+    def __iter__(self):
+        self.problem = None
+        expected = 0
+        pos = 0  # file offset of buf[0]
+        buf = b""
+        with open(self.path, "rb") as f:
+            while True:
+                chunk = f.read(self.CHUNK)
+                eof = not chunk
+                buf += chunk
+                start = 0
+                while True:
+                    if start < len(buf) and buf[start] == 0:
+                        rest = buf[start:] + f.read()
+                        if rest.count(b"\0") == len(rest):
+                            self.reserved = len(rest)
+                            self.size = pos + start + len(rest)
+                            return
+                        self._bad(pos + start, "NUL bytes inside the journal", f)
+                        return
+                    nl = buf.find(b"\n", start)
+                    if nl < 0:
+                        break
+                    try:
+                        seq, kind, payload = jr.parse_record(buf[start:nl])
+                        if seq != expected:
+                            raise jr.RecordError(f"sequence number {seq}, expected "
+                                                 f"{expected}")
+                    except jr.RecordError as exc:
+                        self._bad(pos + start, str(exc), f)
+                        return
+                    expected += 1
+                    start = nl + 1
+                    self.good_end = pos + start
+                    if kind != jr.KIND_HEADER:
+                        yield kind, payload
+                pos += start
+                buf = buf[start:]
+                if eof:
+                    self.size = pos + len(buf)
+                    if buf:
+                        self.problem = jr.Problem("torn", self.path, pos, self.size,
+                                                  "incomplete last record")
+                    return
+
+    def _bad(self, offset: int, reason: str, f: Any) -> None:
+        f.seek(offset)
+        rest = f.read()
+        self.size = offset + len(rest)
+        lines = rest.split(b"\n")[1:]
+        if any(jr._valid_line(line) is not None for line in lines if line):
+            raise JournalCorruptError(self.path, offset, reason)
+        self.problem = jr.Problem("torn", self.path, offset, self.size, reason)
+
+    def cut(self, durable: bool) -> None:
+        """Cut a torn or reserved tail once its writer is gone (saved to a side file)."""
+        scan = jr.JournalScan(self.path, self.name, self.header, [], self.size,
+                              self.good_end, [self.problem] if self.problem else [],
+                              self.reserved, self.locked)
+        jr.cut_torn_tail(scan, durable=durable)
+
+
+def read_header(path: str) -> Dict[str, Any]:
+    with open(path, "rb") as f:
+        line = f.readline(1 << 20)
+    try:
+        _seq, kind, payload = jr.parse_record(line.rstrip(b"\n"))
+    except jr.RecordError:
+        return {}
+    return payload if kind == jr.KIND_HEADER and isinstance(payload, dict) else {}
+
+
+def _snapshot_stream(streams: Sequence[StreamScan], replay: Replay, keep_results: bool):
+    """Records of a snapshot: done keys read again from the journals (never all held in
+    memory), then the unfinished items, dead letters and states of ``replay``."""
+    dumps = jr.dumps
+    for st in streams:
+        for kind, p in st:
+            if kind == KIND_DONE:
+                if keep_results or "o" not in p:
+                    yield KIND_DONE, dumps(p)
+                else:
+                    yield KIND_DONE, dumps({"k": p["k"]})
+            elif kind == KIND_BATCH and p.get("y"):
+                outs = p.get("o") if keep_results else None
+                for n, key in enumerate(p["k"]):
+                    yield KIND_DONE, dumps({"k": key} if outs is None
+                                           else {"k": key, "o": outs[n]})
+    for key, saved in replay.unfinished.items():
+        yield KIND_ACCEPT, dumps({"k": key, "i": saved.index, "d": saved.data,
+                                  "s": saved.stage})
+        if saved.pending:
+            yield KIND_PENDING, dumps({"k": key, "s": saved.stage})
+        if saved.dead is not None:
+            yield KIND_DEAD, dumps({"k": key, "s": saved.stage, "a": saved.attempts,
+                                    "e": saved.dead})
+    for n, v in replay.states.items():
+        yield KIND_STATE, dumps({"n": n, "v": v})
+
+
+def write_snapshot(directory: str, name: str, run: str, records: Any, header: dict,
+                   merged: Sequence[str]) -> str:
+    """Publish a snapshot journal holding ``records`` (an iterable, written in chunks)."""
+    rand = _fs.random_id(6)
+    final_name = jr.format_journal_name(name, run, jr.SNAPSHOT_PID, rand)
+    final = os.path.join(directory, final_name)
+    tmp = os.path.join(directory, jr.TEMP_NAME_FORMAT.format(name=final_name))
+    host, pid, start = _fs.owner_tag()
+    head = {"v": jr.FORMAT_VERSION, "prefix": name, "run": run, "host": host, "pid": pid,
+            "start": start, "created": time.time(), "snapshot": True,
+            "merged": [os.path.basename(p) for p in merged]}
+    head.update(header)
+    fd = _fs.open_append_exclusive(tmp)
+    try:
+        chunk = [jr.format_record(0, jr.KIND_HEADER, jr.dumps(head))]
+        size = 0
+        for seq, (kind, payload) in enumerate(records, 1):
+            line = jr.format_record(seq, kind, payload)
+            chunk.append(line)
+            size += len(line)
+            if size > (1 << 20):
+                _fs.append(fd, b"".join(chunk), tmp)
+                chunk, size = [], 0
+        _fs.append(fd, b"".join(chunk), tmp)
+        # Always synced: the merged journals are deleted next (P1 across power loss).
+        _fs.fsync_fd(fd, tmp)
+    except BaseException:
+        os.close(fd)
+        _fs.unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    try:
+        _fs.rename_noreplace(tmp, final)  # never clobbers a journal
+    except BaseException:
+        _fs.unlink_quiet(tmp)
+        raise
+    _fs.fsync_dir(directory)
+    return final
+
+
+def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
+                 exclude: Sequence[str] = (), durable: bool = True,
+                 track_done: bool = True) -> Replay:
+    """Under the directory lock: refuse a live run, cut torn tails, fold every journal
+    (streamed), and merge the journals (other than ``exclude``) into one snapshot when
+    there is more than one.  Returns the fold (``track_done=False``: without the done
+    keys, for a rotation in a long run: memory O(unfinished items))."""
+    excl = {os.path.abspath(p) for p in exclude}
+    paths = [p for p, _n in jr.list_journals(directory, name) if os.path.abspath(p) not in excl]
+    streams = []
+    for path in paths:
+        try:
+            streams.append(StreamScan(path))
+        except FileNotFoundError:
+            continue
+    merged_names = set()
+    for st in streams:
+        if st.name.is_snapshot:
+            merged_names.update(st.header.get("merged") or ())
+    counted = [st for st in streams if os.path.basename(st.path) not in merged_names]
+    superseded = [st.path for st in streams if os.path.basename(st.path) in merged_names]
+    for st in counted:
+        if not st.name.is_snapshot and st.writer_alive():
+            raise PipelineError(
+                f"pipeline {name!r} in {directory}: a run is live (journal "
+                f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
+                "coordinator per pipeline")
+    replay = Replay(track_done=track_done)
+    for st in counted:
+        meta = st.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
+        for kind, payload in st:
+            replay.apply(kind, payload, keep_results)
+        if st.problem is not None or st.reserved:
+            st.cut(durable)
+    if len(counted) > 1 or superseded:
+        runs = [st.name.run for st in counted]
+        snap = write_snapshot(directory, name, min(runs),
+                              _snapshot_stream(counted, replay, keep_results), header,
+                              [st.path for st in counted])
+        for path in [st.path for st in counted] + superseded:
+            _fs.unlink_regular(path)  # P1: the snapshot above is durable already
+        _fs.fsync_dir(directory)
+        log.info("pipeline %s/%s: %d journal(s) compacted into %s", directory, name,
+                 len(counted), os.path.basename(snap))
+    return replay
+
+
+# --------------------------------------------------------------------------- writing
+class PipelineJournal:
+    """The coordinator's side: replay at open, then one record per step.
+
+    ``flush`` durability: each record is in the page cache when the call returns
+    (survives kill -9).  ``fsync``: records of one event-loop turn share one fsync (group
+    commit); results are released to the user only after it (:meth:`after_sync`).
+    """
+
+    def __init__(self, directory: str, name: str, *, durability: str = "flush",
+                 codec: Any = None, stages: Sequence[str] = (),
+                 keep_results: bool = False, compact_bytes: int = COMPACT_BYTES) -> None:
+        jr.check_prefix(name)
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.name = name
+        self.durability = check_durability(durability)
+        self.fsync = self.durability == _fs.FSYNC
+        self.codec = codec if codec is not None else JsonCodec
+        self.stages = list(stages)
+        self.keep_results = keep_results
+        self.compact_bytes = compact_bytes
+        self.replay = Replay()
+        self._writer: Optional[jr.JournalWriter] = None
+        self._lock = threading.Lock()
+        self._buf: List[Tuple[str, str]] = []
+        self._after: List[Any] = []
+        self._flush_scheduled = False
+        self._inflight: Any = None
+        self._inflight_after: List[Any] = []
+        self._pool: Any = None
+        self._failed: Optional[BaseException] = None
+        self._loop: Any = None
+        self._run = None
+        self._bytes = 0
+
+    # -- values
+    def encode(self, value: Any, what: str) -> str:
+        try:
+            return jr.dumps(self.codec.encode(value))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"{what}: cannot be journaled: {exc}") from None
+
+    def decode(self, enc: Any) -> Any:
+        return self.codec.decode(enc)
+
+    # -- lifecycle
+    @property
+    def header(self) -> Dict[str, Any]:
+        return {HEADER_FIELD: {"stages": self.stages, "keep_results": self.keep_results}}
+
+    def open(self, fresh: bool = False) -> None:
+        """Replay and compact the journals, then open this run's journal (idempotent
+        unless ``fresh``: a new run replays again, its previous journal included)."""
+        with self._lock:
+            if self._writer is not None and not fresh:
+                return
+            self._close_writer()
+            _fs.makedirs(self.directory)
+            with jr.directory_lock(self.directory, self.name):
+                self.replay = compact_dead(self.directory, self.name, self.header,
+                                           keep_results=self.keep_results,
+                                           durable=self.fsync)
+                self._run = jr.new_run_id()
+                self._writer = jr.JournalWriter(self.directory, self.name, self._run,
+                                                durability=self.durability,
+                                                header=self.header)
+            self._bytes = 0
+
+    def _close_writer(self) -> None:
+        w, self._writer = self._writer, None
+        if w is not None:
+            self._flush_now()
+            w.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_now(writer=self._writer)
+            self._close_writer()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._loop = None
+
+    def end_run(self, finished: bool) -> None:
+        self._loop = None
+        self.close()
+
+    # -- appends
+    def _append(self, kind: str, payload: str) -> None:
+        if self._writer is None:
+            raise PipelineError(f"pipeline {self.name!r}: its journal is closed")
+        if self._failed is not None:
+            raise self._failed
+        self._bytes += len(payload) + 24
+        if self.fsync:
+            self._buf.append((kind, payload))
+            self._kick_soon()
+        else:
+            self._writer.append_one(kind, payload)  # P1: in the page cache on return
+            if self._bytes > self.compact_bytes:
+                self.rotate()
+
+    # fsync mode: group commit.  Records wait in a buffer; one thread writes and fsyncs
+    # each buffer in order while the loop goes on collecting the next one, and work that
+    # must not happen before the records are durable (a result to the user, a sink's side
+    # effect) waits in after_sync() callbacks for the batch that covers them.
+    def _get_loop(self) -> Any:
+        if self._loop is None:
+            import asyncio
+
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+        return self._loop
+
+    def _kick_soon(self) -> None:
+        if self._flush_scheduled or self._inflight is not None:
+            return
+        loop = self._get_loop()
+        if loop is None:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._flush_scheduled = False
+        if self._inflight is not None or not self._buf or self._writer is None:
+            return
+        buf, self._buf = self._buf, []
+        after, self._after = self._after, []
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"journal-{self.name}")
+        fut = self._loop.run_in_executor(self._pool, self._writer.append, buf)
+        self._inflight = fut
+        self._inflight_after = after
+        fut.add_done_callback(self._batch_synced)
+
+    def _batch_synced(self, fut: Any) -> None:
+        self._inflight = None
+        after, self._inflight_after = self._inflight_after, []
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            # Never retried (a later fsync could lie): nothing that waited for these
+            # records happens; the run fails at its next record.
+            self._failed = exc or PipelineError("journal write cancelled")
+            log.error("pipeline %s: journal write failed: %r", self.name, exc)
+            return
+        for fn in after:
+            fn()
+        if self._buf:
+            self._kick()
+        elif self._bytes > self.compact_bytes:
+            self.rotate()
+
+    async def drain(self) -> None:
+        """Wait until every record appended so far is durable and its callbacks ran."""
+        import asyncio
+
+        while self.fsync and (self._inflight is not None or self._buf):
+            if self._failed is not None:
+                return
+            if self._inflight is None:
+                self._kick()
+            fut = self._inflight
+            if fut is None:
+                return
+            await asyncio.wait([fut])
+            await asyncio.sleep(0)  # let _batch_synced run
+
+    def flush(self) -> None:
+        """Write (and in fsync mode, sync) the buffered records now, then run their
+        callbacks; blocks."""
+        with self._lock:
+            self._flush_now(writer=self._writer)
+
+    def _flush_now(self, writer: Optional[jr.JournalWriter] = None) -> None:
+        writer = writer or self._writer
+        if self._pool is not None and self._inflight is not None:
+            self._pool.shutdown(wait=True)  # the batch in flight is written first
+            self._pool = None
+            self._inflight = None
+        buf, self._buf = self._buf, []
+        self._flush_scheduled = False
+        after, self._after = self._after, []
+        if buf and writer is not None and self._failed is None:
+            writer.append(buf)  # P1 across power loss: one fsync for the whole batch
+            for fn in after:
+                fn()
+
+    def after_sync(self, fn: Any) -> None:
+        """Run ``fn`` once the records appended so far are durable (at once in flush
+        mode: they are in the page cache already)."""
+        if not self.fsync:
+            fn()
+        elif self._buf:
+            self._after.append(fn)
+        elif self._inflight is not None:
+            self._inflight_after.append(fn)
+        else:
+            fn()
+
+    def rotate(self) -> None:
+        """Start a new journal file and compact the closed ones (a long run's journal
+        stays bounded)."""
+        with self._lock:
+            self._close_writer()
+            with jr.directory_lock(self.directory, self.name):
+                self._run = jr.new_run_id()
+                self._writer = jr.JournalWriter(self.directory, self.name, self._run,
+                                                durability=self.durability,
+                                                header=self.header)
+                compact_dead(self.directory, self.name, self.header,
+                             keep_results=self.keep_results, exclude=[self._writer.path],
+                             durable=self.fsync, track_done=False)
+            self._bytes = 0
+
+    def accept(self, key: str, index: int, data: Any) -> None:
+        enc = self.encode(data, f"the source item with key {key!r}")
+        self._append(KIND_ACCEPT, '{"k":%s,"i":%d,"d":%s}' % (jr.dumps(key), index, enc))
+
+    def stage_done(self, key: str, stage: int, output: Any) -> None:
+        enc = self.encode(output, f"the output of stage {self.stages[stage]!r} for key "
+                          f"{key!r}")
+        self._append(KIND_STAGE, '{"k":%s,"s":%d,"o":%s}' % (jr.dumps(key), stage, enc))
+
+    def done(self, key: str, output: Any) -> None:
+        if self.keep_results:
+            enc = self.encode(output, f"the output of stage {self.stages[-1]!r} for key "
+                              f"{key!r}")
+            self._append(KIND_DONE, '{"k":%s,"o":%s}' % (jr.dumps(key), enc))
+        else:
+            self._append(KIND_DONE, '{"k":%s}' % jr.dumps(key))
+
+    def batch_done(self, group: Sequence[Any], stage: int, outputs: Sequence[Any],
+                   last: bool) -> None:
+        keys = [g.key for g in group]
+        if not last or self.keep_results:
+            encs = [self.encode(o, f"the output of stage {self.stages[stage]!r} for key "
+                                f"{g.key!r}") for g, o in zip(group, outputs)]
+            text = "[" + ",".join(encs) + "]"
+        else:
+            text = None
+        body = '{"s":%d,"k":%s%s%s}' % (stage, jr.dumps(keys),
+                                        ',"o":' + text if text is not None else "",
+                                        ',"y":1' if last else "")
+        self._append(KIND_BATCH, body)
+
+    def attempt_failed(self, key: str, stage: int, attempt: int, err: Any) -> None:
+        self._append(KIND_ERROR, jr.dumps({"k": key, "s": stage, "a": attempt,
+                                           "e": {"type": err.type,
+                                                 "message": err.message[:2000]}}))
+
+    def dead(self, key: str, stage: int, err: Any) -> None:
+        self._append(KIND_DEAD, jr.dumps({"k": key, "s": stage, "a": err.attempt,
+                                          "e": err.to_json()}))
+
+    def pending(self, group: Sequence[Any], stage: int) -> None:
+        """The sink pattern: R is durable before the side effect starts."""
+        keys = [g.key for g in group]
+        self._append(KIND_PENDING, jr.dumps({"k": keys[0] if len(keys) == 1 else keys,
+                                             "s": stage}))
+
+    def write_state(self, name: str, value: Any) -> None:
+        try:
+            text = jr.dumps({"n": name, "v": value})
+        except (TypeError, ValueError) as exc:
+            raise EncodeError(f"state {name!r}: not JSON data: {exc}") from None
+        self.open()
+        with self._lock:
+            self._writer.append([(KIND_STATE, text)])  # durable on return
+        self.replay.states[name] = value
+
+    def clear_state(self, name: str) -> None:
+        self.open()
+        with self._lock:
+            self._writer.append([(KIND_RESET, jr.dumps({"n": name}))])
+        self.replay.states.pop(name, None)
+
+
+def redrive_dead(directory: str, name: str, keys: Optional[Sequence[str]] = None,
+                 durability: str = "fsync") -> List[str]:
+    """Mark dead letters for a re-run at the next run (an ``A`` record with ``r``),
+    journaled by a short-lived writer; refuses while a run is live.  Returns the keys."""
+    directory = os.path.abspath(directory)
+    with jr.directory_lock(directory, name):
+        counted, _sup = scan_pipeline(directory, name)
+        header = next((s.header for s in counted if is_pipeline_header(s.header)), {})
+        meta = {HEADER_FIELD: header.get(HEADER_FIELD) or {"stages": []}}
+        replay = compact_dead(directory, name, meta, keep_results=True,
+                              durable=durability == _fs.FSYNC)
+        dead = [k for k, s in replay.unfinished.items() if s.dead is not None]
+        if keys is not None:
+            wanted = set(keys)
+            dead = [k for k in dead if k in wanted]
+        if not dead:
+            return []
+        w = jr.JournalWriter(directory, name, jr.new_run_id(), durability=durability,
+                             header=meta)
+        try:
+            w.append([(KIND_ACCEPT, jr.dumps({"k": k, "r": 1})) for k in dead])
+        finally:
+            w.close()
+    return dead
