@@ -122,7 +122,7 @@ class ClaimScheduler(Scheduler):
         claims_of = self.grid.claims
         now = time.monotonic()
         self._tick(now)
-        for n, cell in candidates:
+        for _n, cell in candidates:
             claims = claims_of(cell)
             if any(c in busy for c in claims):
                 continue
