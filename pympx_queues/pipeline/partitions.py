@@ -47,9 +47,11 @@ class ClaimScheduler(Scheduler):
     ``batch_size``: rows per bucket-batch at most.  ``max_buffered``: the stated maximum of
     rows held back waiting for their cell to fill (default ``batch_size * table_size**2``,
     one full batch per cell); when it is reached the fullest cells whose claims are free
-    go out early, partly filled (the early-flush policy).  ``near_full``: once a full cell
-    goes out, free cells at least this full join it (keeps workers busy without tiny
-    batches).  Leftovers go out when the source ends (:meth:`flush`).
+    go out early, partly filled (the early-flush policy).  Free workers take full and
+    near-full cells (``near_full`` of a batch) first, largest first, then cells at least
+    ``min_fill`` rows full, so a worker idles only while every waiting cell is nearly
+    empty or conflicts with a running batch.  Leftovers go out when the source ends
+    (:meth:`flush`).
 
     Called from the engine's coordinator loop only (no locking).
     """
@@ -57,7 +59,7 @@ class ClaimScheduler(Scheduler):
     batch = True
 
     def __init__(self, grid: Grid, batch_size: int, *, max_buffered: Optional[int] = None,
-                 near_full: float = 0.85) -> None:
+                 near_full: float = 0.85, min_fill: Optional[int] = None) -> None:
         super().__init__(batch_size)
         if type(batch_size) is not int or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -70,6 +72,9 @@ class ClaimScheduler(Scheduler):
         if self.max_buffered < 1:
             raise ValueError(f"max_buffered must be positive, got {max_buffered!r}")
         self.near_full = near_full
+        #: a worker with nothing better to do takes a cell this full (default a quarter
+        #: of a batch): fewer, fuller batches versus idle workers
+        self.min_fill = max(1, batch_size // 4) if min_fill is None else max(1, min_fill)
         self._cells: Dict[Cell, Deque[Any]] = {}
         self._count = 0
         self._busy: Set[Hashable] = set()
@@ -105,39 +110,38 @@ class ClaimScheduler(Scheduler):
             return []
         size = self.batch_size
         cells = self._cells
-        full = [(len(q), cell) for cell, q in cells.items() if len(q) >= size]
-        if full:
-            threshold = max(1, int(size * self.near_full))
-        elif self._flushing:
-            threshold = 1
-        elif self._count >= self.max_buffered:
-            threshold = 1  # early flush: the buffer is at its stated maximum
-            self.early_flushes += 1
+        if self._flushing or self._count >= self.max_buffered:
+            if not self._flushing:
+                self.early_flushes += 1  # the buffer is at its stated maximum
+            floors = [1]
         else:
-            return []
-        candidates = [(len(q), cell) for cell, q in cells.items() if len(q) >= threshold]
-        candidates.sort(key=lambda t: (-t[0], t[1]))
+            # Full and near-full cells first; then, so that no worker idles while rows
+            # wait, cells at least ``min_fill`` full (work-conserving).
+            floors = [max(1, int(size * self.near_full)), self.min_fill]
         groups: List[List[Any]] = []
         busy = self._busy
         claims_of = self.grid.claims
         now = time.monotonic()
         self._tick(now)
-        for _n, cell in candidates:
-            claims = claims_of(cell)
-            if any(c in busy for c in claims):
-                continue
-            q = cells[cell]
-            group = [q.popleft() for _ in range(min(size, len(q)))]
-            if not q:
-                del cells[cell]
-            self._count -= len(group)
-            busy.update(claims)
-            self._running[id(group)] = (cell, claims, now, self._count)
-            self.histogram[cell] = self.histogram.get(cell, 0) + len(group)
-            self.batches_started += 1
-            groups.append(group)
-            if len(groups) >= free_workers:
-                break
+        for floor in floors:
+            candidates = [(len(q), cell) for cell, q in cells.items() if len(q) >= floor]
+            candidates.sort(key=lambda t: (-t[0], t[1]))
+            for _n, cell in candidates:
+                claims = claims_of(cell)
+                if any(c in busy for c in claims):
+                    continue
+                q = cells[cell]
+                group = [q.popleft() for _ in range(min(size, len(q)))]
+                if not q:
+                    del cells[cell]
+                self._count -= len(group)
+                busy.update(claims)
+                self._running[id(group)] = (cell, claims, now, self._count)
+                self.histogram[cell] = self.histogram.get(cell, 0) + len(group)
+                self.batches_started += 1
+                groups.append(group)
+                if len(groups) >= free_workers:
+                    return groups
         return groups
 
     def finished(self, group: List[Any]) -> None:
