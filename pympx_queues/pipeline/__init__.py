@@ -8,6 +8,7 @@ from ._model import (EncodeError, ErrorInfo, ItemContext, ItemResult, PipelineEr
                      StageStats, StageTimeout, WorkerDied)
 from .engine import Pipeline
 from .batch_map import batch_map, batch_map_iter, reset_kill_switch, unmapped
+from .partitions import ClaimScheduler, PartitionError, PartitionReport, run_partitioned
 from .switches import (AnyFailed, AnyOf, Consecutive, Count, KillSwitch, KillSwitchError, Rate,
                        Windowed)
 
@@ -17,5 +18,5 @@ __all__ = [
     "WorkerDied", "StageTimeout", "EncodeError",
     "batch_map", "batch_map_iter", "unmapped", "reset_kill_switch",
     "KillSwitch", "KillSwitchError", "AnyFailed", "Count", "Rate", "Consecutive", "Windowed",
-    "AnyOf",
+    "AnyOf", "run_partitioned", "ClaimScheduler", "PartitionReport", "PartitionError",
 ]

@@ -473,6 +473,12 @@ class Pipeline:
         if not drain:
             self._halted = True
             self._report.state = "halted"
+        else:
+            # Draining finishes what was admitted: a scheduler holding items back for a
+            # fuller group (partitions) must release them now, or the drain never ends.
+            for sr in self._runs:
+                sr.sched.flush()
+            self._pump()
         self._wake_idle()
 
     # ------------------------------------------------------------------ admission
