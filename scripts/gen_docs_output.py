@@ -249,7 +249,7 @@ def folder_crash(tmp: str, norm: Normaliser) -> Dict[str, str]:
 
 def pickup_crash(tmp: str, norm: Normaliser) -> Dict[str, str]:
     """A PersistentQueue run put 12 orders, finished 5 and was SIGKILLed."""
-    from pympx_queues import admin
+    from pympx_queues import NotAQueueError, admin
 
     pickup = os.path.join(tmp, "pickup")
     paths = {"/tmp/pickup": pickup}
@@ -263,8 +263,8 @@ def pickup_crash(tmp: str, norm: Normaliser) -> Dict[str, str]:
             raise RuntimeError(f"job.py ended early: {job.stderr.read()}")
         try:
             return admin.status(pickup)["counts"].get("completed") == 5
-        except (OSError, ValueError, KeyError):
-            return False
+        except (OSError, ValueError, KeyError, NotAQueueError):
+            return False  # not started yet: no journal in the pickup dir
 
     try:
         wait_for(five_done, "job.py to finish 5 orders")

@@ -103,7 +103,7 @@ def test_consumers_killed_at_random_lose_nothing_duplicates_only_in_flight(tmp_p
         nonlocal serial
         log = str(tmp_path / f"c{serial}.log")
         serial += 1
-        p = SPAWN.Process(target=consumer, args=(r, log, 0.002))
+        p = SPAWN.Process(target=consumer, args=(r, log, 0.005))
         p.start()
         procs[p] = log
 
