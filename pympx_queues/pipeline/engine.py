@@ -542,6 +542,11 @@ class Pipeline:
                         break
                     self._offer_source(item, index)
                     index += 1
+                    if not index & 63:
+                        # A stage with a deep buffer (partitions) would otherwise take the
+                        # whole source before the loop hears of a finished group: let
+                        # completions in now and then, so workers never idle meanwhile.
+                        await asyncio.sleep(0)
         finally:
             if not self._source_done:
                 self._source_done = True
