@@ -96,12 +96,20 @@ def test_journal_dir_makes_the_map_durable(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("prefect") is None,
-                    reason="Prefect is not installed (optional)")
-def test_a_prefect_task_runs_its_function():  # pragma: no cover - needs prefect
-    from prefect import task
+                    reason="Prefect is not installed (optional extra: pip install -e '.[prefect]')")
+def test_a_prefect_task_maps_through_prefect_in_more_than_one_batch():  # pragma: no cover
+    import prefect
 
-    @task
+    @prefect.task
     def double(x):
+        if x == 7:
+            raise ValueError("seven")
         return 2 * x
 
-    assert [f.result() for f in BatchTask(double, 2).map([1, 2, 3])] == [2, 4, 6]
+    @prefect.flow
+    def flow(n, switch):
+        return [f.result() for f in BatchTask(double, 3, kill_switch=switch).map(range(n))]
+
+    assert flow(6, None) == [0, 2, 4, 6, 8, 10]  # prefecto: AttributeError on Prefect 3
+    with pytest.raises(KillSwitchError):
+        flow(9, AnyFailedSwitch())

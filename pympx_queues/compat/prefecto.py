@@ -22,6 +22,8 @@ fixes; docs/moving-from-prefecto.md lists them with examples):
 
 from __future__ import annotations
 
+import contextvars
+
 import logging
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional
@@ -48,6 +50,25 @@ class RateSwitch(Rate):
     least ``max_fail_rate``."""
 
 
+def _is_prefect_task(task: Any) -> bool:
+    try:
+        from prefect import Task
+    except ImportError:
+        return False
+    return isinstance(task, Task)
+
+
+class _InFlow:
+    """Calls a Prefect task inside the flow context it was mapped from (threads)."""
+
+    def __init__(self, task: Any, context: contextvars.Context) -> None:
+        self.task = task
+        self.context = context
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.context.copy().run(self.task, *args, **kwargs)
+
+
 class CallError(Exception):
     """The exception set on a failed call's future when the original exception could
     not travel (a process worker); ``type``, ``message``, ``traceback`` (text)."""
@@ -69,9 +90,11 @@ class BatchTask:
             raise TypeError("Expected 'kill_switch' to be a subclass of 'KillSwitch', got "
                             f"{type(kill_switch)}.")
         fn: Callable = task
-        if hasattr(task, "fn") and hasattr(task, "map") and callable(task.fn):
-            log.warning("BatchTask: %r is a Prefect task: its function runs outside "
-                        "Prefect's orchestration (no task runs are recorded)",
+        self._prefect = _is_prefect_task(task)
+        if not self._prefect and hasattr(task, "fn") and hasattr(task, "map") \
+                and callable(task.fn):
+            log.warning("BatchTask: %r looks like a Prefect task but Prefect 3 is not "
+                        "importable: its function runs outside Prefect's orchestration",
                         getattr(task, "name", task))
             fn = task.fn
         if not callable(fn):
@@ -87,8 +110,13 @@ class BatchTask:
         """Call the task on the zipped arguments (``unmapped(x)`` passes ``x`` whole);
         one finished ``Future`` per element, in input order.  Raises
         :class:`KillSwitchError` when the switch trips."""
+        fn = self.fn
+        if self._prefect:
+            # A Prefect 3 task is called as a task run of the calling flow: each worker
+            # thread runs it in a copy of the caller's context (where the flow run is).
+            fn = _InFlow(self.task, contextvars.copy_context())
         futures: List[Future] = []
-        for _i, value in batch_map_iter(self.fn, *args, size=self.size,
+        for _i, value in batch_map_iter(fn, *args, size=self.size,
                                         kill_switch=self._kill_switch, errors="return",
                                         ordered=True, **self._opts, **kwargs):
             f: Future = Future()
