@@ -108,3 +108,20 @@ def test_link_fallback_racing_claimers_leave_exactly_one_copy(tmp_path, monkeypa
     monkeypatch.setattr(os, "unlink", real_unlink)
     assert not (tmp_path / "w3").exists()  # the loser's stray link is gone
     assert (tmp_path / "w2").read_text() == "y" and os.stat(tmp_path / "w2").st_nlink == 1
+
+
+def test_network_fs_kind_local_disk_is_none(tmp_path):
+    assert _fs.network_fs_kind(tmp_path) is None
+
+
+def test_network_fs_kind_override_forces_either_way(tmp_path, monkeypatch):
+    assert _fs.network_fs_kind(tmp_path, override="network") == "network"
+    monkeypatch.setenv(_fs.NETWORK_FS_ENV, "network")
+    assert _fs.network_fs_kind(tmp_path) == "network"
+    assert _fs.network_fs_kind(tmp_path, override="local") is None
+
+
+def test_network_fs_kind_knows_fuse_and_nfs_by_statfs_type():
+    assert _fs.NETWORK_FS_TYPES[0x6969] == "nfs"
+    assert _fs.NETWORK_FS_TYPES[0x65735546] == "fuse"
+    assert _fs.statfs_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC: the call reads f_type
