@@ -1118,3 +1118,85 @@ def trim_fd(fd: int, length: int) -> None:
     because a traced writer never maps (see :func:`tracing`).
     """
     os.ftruncate(fd, length)
+
+
+# ------------------------------------------------------------- network file systems
+# statfs(2) ``f_type`` values of file systems shared between hosts (linux/magic.h and
+# the file systems' own headers).  FUSE is counted as network: sshfs, s3fs, gcsfuse and
+# most other FUSE file systems cache listings and attributes and deliver no inotify
+# events for other clients' changes, which is what matters to the folder queue.
+NETWORK_FS_TYPES = {
+    0x6969: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x00C36400: "ceph",
+    0x5346414F: "afs",
+    0x6B414653: "afs",
+    0x73757245: "coda",
+    0x564C: "ncp",
+    0x01021997: "9p",
+    0x01161970: "gfs2",
+    0x7461636F: "ocfs2",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+}
+
+#: Environment override of the detection: ``local`` or ``network`` (any other value, or
+#: unset, means detect by statfs type).
+NETWORK_FS_ENV = "PYMPX_QUEUES_FS"
+
+_fs_kind_cache: dict = {}
+_fs_kind_lock = threading.Lock()
+
+
+def statfs_type(path: PathLike) -> Optional[int]:
+    """The ``f_type`` of ``statfs(path)`` (Linux), or None where it cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = libc_with("statfs")
+    if not libc:
+        return None
+    # struct statfs starts with ``__fsword_t f_type`` (a C long on every Linux ABI this
+    # runs on); the rest is not needed, so a generous buffer holds the whole struct.
+    buf = ctypes.create_string_buffer(256)
+    if libc.statfs(_encode(os.fspath(path)), buf) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def network_fs_kind(path: PathLike, override: Optional[str] = None) -> Optional[str]:
+    """The kind of network file system ``path`` lives on (``"nfs"``, ``"fuse"``, ...),
+    or None for a local one.
+
+    ``override`` (or the ``PYMPX_QUEUES_FS`` environment variable): ``"local"`` forces
+    None, ``"network"`` forces ``"network"``.  The answer is cached per device and logged
+    once per device, so a queue folder can choose polling wake-ups and the link publish by
+    itself (DESIGN.md section 4: network file systems drop inotify events and lack
+    ``RENAME_NOREPLACE``).
+    """
+    choice = (override or os.environ.get(NETWORK_FS_ENV) or "auto").strip().lower()
+    if choice == "local":
+        return None
+    if choice == "network":
+        return "network"
+    path = os.fspath(path)
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        dev = None
+    with _fs_kind_lock:
+        if dev is not None and dev in _fs_kind_cache:
+            return _fs_kind_cache[dev]
+    ftype = statfs_type(path)
+    kind = NETWORK_FS_TYPES.get(ftype) if ftype is not None else None
+    if dev is not None:
+        with _fs_kind_lock:
+            if dev not in _fs_kind_cache:
+                _fs_kind_cache[dev] = kind
+                if kind:
+                    log.info("%s is on a network file system (%s, statfs type %#x): "
+                             "polling wake-ups and link publish; set %s=local to override",
+                             path, kind, ftype, NETWORK_FS_ENV)
+    return kind

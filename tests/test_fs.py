@@ -108,3 +108,63 @@ def test_link_fallback_racing_claimers_leave_exactly_one_copy(tmp_path, monkeypa
     monkeypatch.setattr(os, "unlink", real_unlink)
     assert not (tmp_path / "w3").exists()  # the loser's stray link is gone
     assert (tmp_path / "w2").read_text() == "y" and os.stat(tmp_path / "w2").st_nlink == 1
+
+
+def test_network_fs_kind_local_disk_is_none(tmp_path):
+    assert _fs.network_fs_kind(tmp_path) is None
+
+
+def test_network_fs_kind_override_forces_either_way(tmp_path, monkeypatch):
+    assert _fs.network_fs_kind(tmp_path, override="network") == "network"
+    monkeypatch.setenv(_fs.NETWORK_FS_ENV, "network")
+    assert _fs.network_fs_kind(tmp_path) == "network"
+    assert _fs.network_fs_kind(tmp_path, override="local") is None
+
+
+def test_network_fs_kind_knows_fuse_and_nfs_by_statfs_type():
+    assert _fs.NETWORK_FS_TYPES[0x6969] == "nfs"
+    assert _fs.NETWORK_FS_TYPES[0x65735546] == "fuse"
+    assert _fs.statfs_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC: the call reads f_type
+
+
+_SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+_SFTP_WRAPPER = """
+import socket, subprocess, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0)); s.listen(4)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    subprocess.Popen([sys.argv[1]], stdin=c.fileno(), stdout=c.fileno())
+    c.close()
+"""
+
+
+def test_network_fs_kind_sees_an_sshfs_mount_as_fuse(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("sshfs") and shutil.which("fusermount") and os.path.exists(_SFTP_SERVER)):
+        pytest.skip("sshfs / openssh-sftp-server not installed (apt-get install sshfs openssh-sftp-server)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        pytest.skip("FUSE not permitted here (/dev/fuse not usable)")
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    server = subprocess.Popen([sys.executable, "-c", _SFTP_WRAPPER, _SFTP_SERVER],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        mounted = subprocess.run(["sshfs", "-o", f"directport={port}", f"127.0.0.1:{src}", str(mnt)],
+                                 capture_output=True, text=True, timeout=30)
+        if mounted.returncode != 0:
+            pytest.skip(f"sshfs mount not permitted here: {mounted.stderr.strip()}")
+        try:
+            assert _fs.network_fs_kind(mnt) == "fuse"
+            assert _fs.network_fs_kind(mnt, override="local") is None
+        finally:
+            subprocess.run(["fusermount", "-u", str(mnt)], timeout=30)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
