@@ -1118,3 +1118,52 @@ def trim_fd(fd: int, length: int) -> None:
     because a traced writer never maps (see :func:`tracing`).
     """
     os.ftruncate(fd, length)
+
+
+# --------------------------------------------------------------------------- network FS
+#: statfs ``f_type`` magic numbers of network file systems (linux/magic.h and friends).
+NETWORK_FS_TYPES = {
+    0x6969: "nfs",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x517B: "smb",
+    0x65735546: "fuse",  # sshfs, rclone, s3fs, ... (any FUSE: treated as remote)
+    0x01021997: "9p",
+    0x564C: "ncp",
+    0x73757245: "coda",
+    0x6B414653: "afs",
+    0x5346414F: "afs",
+    0x47504653: "gpfs",
+    0x0BD00BD0: "lustre",
+    0x00C36400: "ceph",
+    0x013111A8: "ibrix",
+    0x1161970: "gfs2",
+    0x7461636F: "ocfs2",
+}
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs on Linux (64-bit and 32-bit with long-sized fields): f_type first.
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
+                ("_rest", ctypes.c_byte * 128)]
+
+
+def fs_type(path: PathLike) -> Optional[int]:
+    """The statfs ``f_type`` of the file system holding ``path``; None where unknown
+    (not Linux, no libc ``statfs``, or the call failed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = libc_with("statfs")
+    if not libc:
+        return None
+    buf = _Statfs()
+    if libc.statfs(_encode(os.fspath(path)), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def network_fs(path: PathLike) -> Optional[str]:
+    """The name of the network file system holding ``path`` (``"nfs"``, ``"cifs"``,
+    ``"fuse"``, ...), or None for a local one (or where it cannot be told)."""
+    t = fs_type(path)
+    return None if t is None else NETWORK_FS_TYPES.get(t)
