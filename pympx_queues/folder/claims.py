@@ -143,6 +143,13 @@ class _Claims(_Leases):
     #: strict order, several stop colliding on every name.
     CONTENTION_WINDOW = 16
 
+    #: How a contended consumer picks its next name. ``"spread"`` (default): after a lost
+    #: race the consumer moves to a random point of the rest of its listing and works on
+    #: in order from there (wrapping round), so consumers settle in separate stretches
+    #: and stop meeting on the same names.  ``"window"``: the earlier policy (a random one of
+    #: the next CONTENTION_WINDOW names).  Uncontended, both keep strict order.
+    claim_policy = "spread"
+
     def _claim_next(self) -> Optional[str]:
         listing = self._listing
         hints = self._hints
@@ -153,7 +160,7 @@ class _Claims(_Leases):
             if hints and (c >= n or hints[0] < listing[c]):
                 name = heapq.heappop(hints)[1]
             elif c < n:
-                if self._contention > 0 and n - c > 1:
+                if self._contention > 0 and n - c > 1 and self.claim_policy != "spread":
                     j = c + _random.randrange(min(self.CONTENTION_WINDOW, n - c))
                     listing[c], listing[j] = listing[j], listing[c]
                 name = listing[c][1]
@@ -172,6 +179,16 @@ class _Claims(_Leases):
             fails += 1
             self._lost_races += 1
             self._contention = 256
+            if self.claim_policy == "spread" and fails == 1:
+                # Move to our own share of the rest of the listing: rotate it so that it
+                # starts at a random point and wraps round.  The names before that point
+                # come last, none is skipped; the others work elsewhere.  Repeated losses
+                # in one call (a drained listing) jump ahead as the window policy does.
+                c = self._cursor
+                k = int(_random.random() * (n - c))
+                if k:
+                    listing[c:] = listing[c + k:] + listing[c:c + k]
+                continue
             c = self._cursor
             jump = _random.randrange(min(n - c, 1 << min(fails + 3, 10)) + 1)
             if jump:

@@ -22,9 +22,27 @@ from ..sentinels import DONE, FAILED
 from . import layout as L
 from .base import DEFAULT_LEASE_TIMEOUT, DEFAULT_MAX_RETRIES, Message, PathLike
 from .recovery import _Recovery
-from .watch import EVENTS, Wakeups, check_mode
+from .watch import EVENTS, POLL, Wakeups, check_mode
 
 log = logging.getLogger("pympx_queues.folder")
+
+
+_NETWORK_LOGGED: set = set()
+
+
+def _auto_wakeups(path: str) -> str:
+    """Wake-ups when the caller chose none: polling on a network file system (inotify
+    there sees no other host's changes), events elsewhere.  Logged once per folder.  The
+    publish needs no choice: ``renameat2(RENAME_NOREPLACE)`` fails with EINVAL on such
+    file systems and ``_fs`` falls back to ``link()`` by itself."""
+    kind = _fs.network_fs_kind(path)
+    if kind is None:
+        return EVENTS
+    if path not in _NETWORK_LOGGED:
+        _NETWORK_LOGGED.add(path)
+        log.info("%s is on a network file system (%s): polling for new messages "
+                 "(pass wakeups='events' to override)", path, kind)
+    return POLL
 
 
 class ReadableFolderQueue(_Recovery):
@@ -49,7 +67,9 @@ class ReadableFolderQueue(_Recovery):
         heartbeat counts as abandoned (same-host claims are judged by process liveness).
     :param heartbeat_interval: if set, a background thread renews this object's claims
         every that many seconds (for tasks longer than ``lease_timeout``).
-    :param wakeups: ``"events"`` (default: inotify on Linux, else a watchdog observer,
+    :param wakeups: None (default: ``"poll"`` where ``_fs.network_fs_kind`` finds a network
+        file system by its statfs type, logged once, else ``"events"``), ``"events"``
+        (inotify on Linux, else a watchdog observer,
         wakes a blocked ``get`` at once), ``"watchdog"`` (always the watchdog observer) or
         ``"poll"`` (NFS/SMB: no events, rescan every ``poll_interval`` seconds).
     :param poll_interval: seconds between rescans while the queue looks empty.
@@ -85,7 +105,7 @@ class ReadableFolderQueue(_Recovery):
         max_retries: Optional[int] = DEFAULT_MAX_RETRIES,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         heartbeat_interval: Optional[float] = None,
-        wakeups: str = EVENTS,
+        wakeups: Optional[str] = None,
         poll_interval: float = 1.0,
         rescan_interval: float = 30.0,
         recover_interval: float = 10.0,
@@ -116,6 +136,8 @@ class ReadableFolderQueue(_Recovery):
         self.poll_interval = _fs.check_timeout(poll_interval) or 0.001
         self.rescan_interval = _fs.check_timeout(rescan_interval) or 0.0
         self.recover_interval = _fs.check_timeout(recover_interval) or 0.0
+        if wakeups is None:
+            wakeups = _auto_wakeups(self.path)
         self._wakeups = Wakeups(self.path, self._control, self.message_extension,
                                 check_mode(wakeups), side_dir=self._retries)
         self._claims: Dict[str, str] = {}  # wip path -> original message name
