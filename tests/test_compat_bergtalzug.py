@@ -312,7 +312,8 @@ def test_stop_then_run_finishes_the_items_in_flight_and_returns_their_results():
 
 @readme_promise
 def test_duplicate_job_ids_from_the_refill_do_not_break_the_run():
-    ids = [str(i) for i in range(10)] + ["3", "4"] + [str(i) for i in range(10, 15)]
+    # "1" and "3" twice in one refill batch: both copies are in flight at once
+    ids = ["0", "1", "1", "2", "3", "3"] + [str(i) for i in range(4, 15)]
     p = MyPipeline(simple_config(ExecutionType.ASYNC, ExecutionType.THREAD),
                    items_to_process=len(ids), job_ids=ids)
     p.register_stage_handler("s0", fetch_data)
