@@ -362,7 +362,7 @@ class ETLPipeline:
 
     async def start(self) -> None:
         """Start in the background and return; ``await run()`` waits for the end."""
-        if self._running:
+        if self._task is not None:
             self.logger.warning("Pipeline is already running. Use stop() method to stop the "
                                 "pipeline before starting again.")
             return
@@ -378,7 +378,7 @@ class ETLPipeline:
     async def run(self) -> List[WorkItemResult]:
         """Start if needed and wait until the source ended and every item ended (or until
         a ``stop()`` drained); returns the results (see ``collect_results``)."""
-        if not self._running:
+        if self._task is None:
             await self.start()
         task = self._task
         assert task is not None
@@ -387,6 +387,7 @@ class ETLPipeline:
         finally:
             self._running = False
             self._task = None
+            self._pipeline = None
         results, self._results = self._results, []
         return results
 
@@ -562,6 +563,7 @@ class ETLPipeline:
                     except Exception as exc:  # as bergtalzug: a bad callback is logged
                         self.logger.error("Callback error: %s", exc)
         finally:
+            self._running = False  # the README's `while is_running()` loop ends here
             if stats_task is not None:
                 stats_task.cancel()
         report = pipeline.report
