@@ -196,11 +196,26 @@ def run_memory(n, workdir=None):
     return _run_pipeline(n, three_stages())
 
 
+RECORDS = {}  # durability mode -> journal records per item of its last run
+
+
+def _journal_records(jdir):
+    """Records in a journal directory (one line each; the run's header not counted)."""
+    n = 0
+    for name in os.listdir(jdir):
+        if name.endswith(".journal"):
+            with open(os.path.join(jdir, name), "rb") as f:
+                n += sum(1 for _ in f) - 1
+    return n
+
+
 def _durable(mode):
     def run(n, workdir):
         jdir = tempfile.mkdtemp(prefix=f"journal-{mode}-", dir=workdir)
         try:
-            return _run_pipeline(n, three_stages(), journal_dir=jdir, durability=mode)
+            dt = _run_pipeline(n, three_stages(), journal_dir=jdir, durability=mode)
+            RECORDS[mode] = _journal_records(jdir) / n
+            return dt
         finally:
             shutil.rmtree(jdir, ignore_errors=True)
     return run
@@ -300,6 +315,9 @@ def main(argv=None):
     ap.add_argument("--py314", default=os.environ.get("BERGTALZUG_PYTHON", DEFAULT_PY314),
                     help="Python 3.14 with bergtalzug 0.2.0 (default %(default)s)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--compat-check", action="store_true",
+                    help="also run tests/test_compat_bergtalzug.py against real bergtalzug "
+                         "0.2.0 in the Python 3.14 prefix and print which tests it fails")
     ap.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     n = args.size
@@ -317,6 +335,7 @@ def main(argv=None):
         for case in ("fsync", "naive-fsync"):
             secs[case] = best(case, nf, args.repeat, workdir)
         py314 = py314_figures(args.py314, n, args.repeat, workdir)
+        compat = compat_check(args.py314) if args.compat_check else None
     finally:
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -327,6 +346,10 @@ def main(argv=None):
         "flush_rate_vs_memory": per["memory"] / per["flush"],
         "fsync_items_vs_naive_records": per["naive-fsync"] / per["fsync"],
     }
+    if RECORDS.get("fsync"):
+        # the target as worded: journal records/s with group commit vs one fsync per record
+        ratios["fsync_records_vs_naive_records"] = (per["naive-fsync"] * RECORDS["fsync"]
+                                                    / per["fsync"])
     if "error" not in py314:
         p314 = {c: s / n for c, s in py314.items()}
         ratios["bergtalzug_vs_memory_py314"] = p314["bergtalzug"] / p314["memory"]
@@ -337,6 +360,7 @@ def main(argv=None):
         "process_vs_pool_map": ("<=", 1.5),
         "flush_rate_vs_memory": (">=", 0.5),
         "fsync_items_vs_naive_records": (">=", 10.0),
+        "fsync_records_vs_naive_records": (">=", 10.0),
     }
     print(f"pipeline per-item cost, size={n} (fsync cases {nf}), best of {args.repeat}, "
           f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
@@ -344,7 +368,8 @@ def main(argv=None):
           f"each; process stage {PROC_WORKERS} workers")
     for case, s in per.items():
         unit = "s/record" if case == "naive-fsync" else "s/item"
-        print(f"  {case:<14} {s * 1e6:10.2f} u{unit}   {1 / s:12,.0f} /s")
+        extra = f"   ({RECORDS[case]:.1f} journal records/item)" if case in RECORDS else ""
+        print(f"  {case:<14} {s * 1e6:10.2f} u{unit}   {1 / s:12,.0f} /s{extra}")
     if "error" in py314:
         print(f"  Python 3.14 rows (bergtalzug 0.2.0): not measured: {py314['error']}")
     else:
@@ -360,13 +385,40 @@ def main(argv=None):
         ok = value <= goal if op == "<=" else value >= goal
         verdicts[key] = ok
         print(f"  {key:<32} {value:6.2f}x ({op} {goal}) {'met' if ok else 'MISSED'}")
+    if compat is not None:
+        if "error" in compat:
+            print(f"compat check against bergtalzug 0.2.0: not run: {compat['error']}")
+        else:
+            print(f"compat check: tests/test_compat_bergtalzug.py against bergtalzug 0.2.0 "
+                  f"(Python 3.14): {compat['summary']}")
+            for name in compat["failed"]:
+                print(f"  fails there: {name}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": n, "fsync_size": nf, "repeat": args.repeat,
                        "python": sys.version.split()[0], "seconds_per_item": per,
                        "py314": py314 if "error" in py314 else p314, "ratios": ratios,
-                       "met": verdicts}, f, indent=2)
+                       "records_per_item": RECORDS, "met": verdicts,
+                       "compat_check": compat}, f, indent=2)
     return 0
+
+
+def compat_check(python):
+    """tests/test_compat_bergtalzug.py run against real bergtalzug 0.2.0 (Python 3.14):
+    the pytest summary line and the failed test names, or {"error": why}."""
+    if not os.path.exists(python):
+        return {"error": f"no Python 3.14 at {python}"}
+    env = dict(os.environ, BERGTALZUG_MODULE="bergtalzug", PYTHONPATH="")
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "60",
+           "-o", "addopts=", os.path.join("tests", "test_compat_bergtalzug.py")]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900,
+                             cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    lines = out.stdout.strip().splitlines()
+    failed = [ln.split("::", 1)[1].split(" ")[0] for ln in lines if ln.startswith("FAILED")]
+    return {"summary": lines[-1] if lines else out.stderr[-300:], "failed": failed}
 
 
 if __name__ == "__main__":

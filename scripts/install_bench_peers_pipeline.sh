@@ -6,7 +6,9 @@
 # built against (glibc, OpenSSL, ...) into a prefix with dpkg -x -- nothing is installed
 # into the system, the system python is not touched -- points the interpreter binary at
 # the prefix's dynamic loader and libraries (patchelf from the stable archive, unpacked
-# the same way), makes a venv and pip-installs bergtalzug==0.2.0 into it.
+# the same way), makes a venv and pip-installs bergtalzug==0.2.0 into it (and pytest, to
+# run tests/test_compat_bergtalzug.py against the real library: bench_pipeline.py
+# --compat-check).
 #
 #   bash scripts/install_bench_peers_pipeline.sh          # prefix /opt/py314
 #   PY314_PREFIX=/somewhere/else bash scripts/install_bench_peers_pipeline.sh
@@ -20,7 +22,7 @@ ROOT="$PREFIX/root"
 VENV="$PREFIX/venv"
 ARCH="x86_64-linux-gnu"
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import bergtalzug' 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import bergtalzug, pytest, pytest_timeout' 2>/dev/null; then
     echo "$VENV/bin/python"
     exit 0
 fi
@@ -64,6 +66,6 @@ rm -rf "$VENV"
 "$ROOT/usr/bin/python3.14" -m venv --without-pip "$VENV"
 PIP_WHEEL="$(ls "$ROOT"/usr/share/python-wheels/pip-*.whl | head -n 1)"
 "$VENV/bin/python" "$PIP_WHEEL/pip" install -q --no-index "$PIP_WHEEL"
-"$VENV/bin/python" -m pip install -q "bergtalzug==0.2.0"
+"$VENV/bin/python" -m pip install -q "bergtalzug==0.2.0" pytest pytest-timeout
 "$VENV/bin/python" -c 'import bergtalzug, concurrent.futures; concurrent.futures.InterpreterPoolExecutor'
 echo "$VENV/bin/python"
