@@ -442,9 +442,10 @@ class ETLPipeline:
             stages.append(Stage(stage.name, fn, kind=kind, workers=stage.workers,
                                 queue_size=stage.queue_size, retry=stage.retry,
                                 timeout=stage.timeout))
-        first = self._stages[0]
-        source = Refill(self._refill, count=max(1, int(first.queue_size * 0.9)),
-                        idle=cfg.queue_refresh_rate)
+        # refill_queue(count) is asked whenever the stages have room, for that much
+        # (bergtalzug: every queue_refresh_rate seconds, for 90% of the first queue);
+        # queue_refresh_rate is the pause after a "nothing now" answer.
+        source = Refill(self._refill, idle=cfg.queue_refresh_rate)
         kwargs: Dict[str, Any] = {}
         if cfg.journal_dir is not None:
             kwargs.update(journal_dir=cfg.journal_dir, durability=cfg.durability,
