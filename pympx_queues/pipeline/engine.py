@@ -1,0 +1,946 @@
+"""The coordinator: one event loop that admits items, dispatches them to the stages'
+executors, journals their progress and streams their results (DESIGN.md section 7).
+
+Everything here runs on the coordinator's event loop, single-threaded, except the public
+thread-safe calls (:meth:`Pipeline.stop`, :meth:`Pipeline.stats`, the state calls),
+which hand over to the loop.  Workers never write the journal; only this loop does.
+
+Flow of an item: the source yields it; it gets a key; a done key is skipped (P3); it is
+journaled as accepted (``A``) and offered to stage 0's scheduler.  A stage starts groups
+while it has free workers; a finished group's outputs are journaled (``S``, or ``B`` for
+a batch group, ``Y`` after the last stage) and move to the next stage's buffer when it has
+room, else they wait (holding a worker slot of their stage: backpressure, P4).  A failed
+attempt is journaled (``E``), retried after its backoff, then dead-lettered (``L``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue as _queue
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional
+
+from ._model import (EncodeError, ErrorInfo, FifoScheduler, ItemContext, ItemResult,
+                     PipelineError, Refill, RunReport, Stage, StageStats, StageTimeout,
+                     _is_async_iterable)
+
+log = logging.getLogger("pympx_queues.pipeline")
+
+_DONE = object()  # end of the result stream (run() / arun())
+
+
+class _Halt(Exception):
+    pass
+
+
+class _StageRun:
+    """A stage's live state during a run (O(workers + queue_size) items)."""
+
+    __slots__ = ("stage", "index", "sched", "runner", "running", "blocked", "stats",
+                 "retrying", "last", "futs")
+
+    def __init__(self, stage: Stage, index: int, last: bool) -> None:
+        self.stage = stage
+        self.index = index
+        self.sched = stage.scheduler if stage.scheduler is not None else \
+            FifoScheduler(stage.batch_size)
+        self.runner: Any = None
+        self.running = 0  # groups holding a worker
+        self.blocked: Deque[ItemContext] = deque()  # done here, waiting for room next
+        self.retrying = 0
+        self.stats = StageStats()
+        self.last = last
+        self.futs: Dict[Any, Any] = {}  # running future -> (group, timer, started)
+
+
+class Pipeline:
+    """A source and stages, run by one coordinator; durable with ``journal_dir``.
+
+    See ``docs/pipelines.md`` and ``docs/dev/pipeline-api.md`` for the full contract.
+    """
+
+    def __init__(self, source: Any, stages: List[Stage], *, key: Optional[Callable] = None,
+                 journal_dir: Optional[str] = None, durability: str = "flush",
+                 codec: Any = None, name: str = "pipeline", ordered: bool = False,
+                 on_complete: Optional[Callable[[ItemResult], Any]] = None,
+                 on_stage_complete: Optional[Callable[[str, str, float, bool], Any]] = None,
+                 progress: Optional[bool] = None, keep_results: bool = False,
+                 stop_signals: bool = True, prefetch: int = 0) -> None:
+        if isinstance(stages, Stage):
+            stages = [stages]
+        stages = list(stages)
+        if not stages:
+            raise PipelineError("a pipeline needs at least one stage")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"stage names must be unique: {names}")
+        for s in stages:
+            if not isinstance(s, Stage):
+                raise PipelineError(f"stages must be Stage objects, not {s!r}")
+            s.check()
+        if not (isinstance(source, Refill) or _is_async_iterable(source)
+                or hasattr(source, "__iter__")):
+            raise PipelineError("source must be an iterable, an async iterable or a Refill")
+        if key is not None and not callable(key):
+            raise PipelineError("key must be a callable item -> str")
+        if codec is not None and not (hasattr(codec, "encode") and hasattr(codec, "decode")):
+            raise PipelineError("codec needs encode(value) and decode(json) methods")
+        self.source = source
+        self.stages = stages
+        self.key = key
+        self.name = name
+        self.ordered = bool(ordered)
+        self.on_complete = on_complete
+        self.on_stage_complete = on_stage_complete
+        self.progress = progress
+        self.keep_results = bool(keep_results)
+        self.stop_signals = stop_signals
+        self.prefetch = int(prefetch)
+        self.journal_dir = journal_dir
+        self.durability = durability
+        self.codec = codec
+        self._journal: Any = None
+        if journal_dir is not None:
+            from .journal import PipelineJournal
+
+            self._journal = PipelineJournal(journal_dir, name, durability=durability,
+                                            codec=codec, stages=names,
+                                            keep_results=self.keep_results)
+        else:
+            from .journal import check_durability
+
+            check_durability(durability)
+        self._state: Dict[str, Any] = {}
+        self._state_loaded = False
+        self._lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._running = False
+        self._stop_request: Optional[bool] = None  # None, or drain flag
+        self._report = RunReport(stages={s.name: StageStats() for s in stages})
+        self._runs: List[_StageRun] = []
+        self._error: Optional[BaseException] = None
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def report(self) -> RunReport:
+        """The report of the current or last run (see :meth:`stats` for a copy)."""
+        return self._report
+
+    def stats(self) -> RunReport:
+        """A snapshot of the counters; thread-safe, callable from any thread."""
+        r = self._report
+        out = RunReport(stages={}, accepted=r.accepted, done=r.done, dead=r.dead,
+                        skipped_done=r.skipped_done, duplicate_keys=r.duplicate_keys,
+                        resumed=r.resumed, in_flight=r.in_flight, state=r.state,
+                        elapsed=(time.monotonic() - self._t0) if self._running
+                        else r.elapsed)
+        for sr in list(self._runs) or []:
+            st = StageStats(**sr.stats.__dict__)
+            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values()))
+            st.queued = sr.sched.buffered() + len(sr.blocked) + sr.retrying
+            st.rate = st.done / out.elapsed if out.elapsed > 0 else 0.0
+            out.stages[sr.stage.name] = st
+        if not out.stages:
+            out.stages = {n: StageStats(**s.__dict__) for n, s in r.stages.items()}
+        return out
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop taking new items; ``drain`` finishes the admitted ones, else they are
+        abandoned (threads see ``ctx.cancelled``, process workers are killed).  The
+        journal is closed cleanly; the next run resumes.  Thread-safe; callable from
+        callbacks and handlers."""
+        with self._lock:
+            if self._stop_request is None or (self._stop_request and not drain):
+                self._stop_request = bool(drain)
+            loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._on_stop)
+            except RuntimeError:  # loop closed: the run is over
+                pass
+
+    def set_state(self, name: str, value: Any) -> None:
+        """Store a JSON value under ``name`` (journaled: kept across runs and crashes)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("state name must be a non-empty str")
+        self._load_state()
+        if self._journal is not None:
+            self._journal.write_state(name, value)
+        self._state[name] = value
+
+    def get_state(self, name: str) -> Any:
+        self._load_state()
+        return self._state.get(name)
+
+    def clear_state(self, name: str) -> None:
+        self._load_state()
+        if self._journal is not None:
+            self._journal.clear_state(name)
+        self._state.pop(name, None)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Abandon a run in progress and close the journal."""
+        if self._running:
+            self.stop(drain=False)
+            t = getattr(self, "_thread", None)
+            if t is not None and t is not threading.current_thread():
+                t.join(30)
+        if self._journal is not None:
+            self._journal.close()
+
+    def run(self) -> Iterator[ItemResult]:
+        """Run in a coordinator thread; yield each item's result as it ends.  Leaving the
+        loop early abandons the run (``stop(drain=False)``)."""
+        results: "_queue.SimpleQueue" = _queue.SimpleQueue()
+        self._start_thread(results.put)
+        restore = self._install_signals()
+        try:
+            while True:
+                try:
+                    r = results.get(timeout=0.5)
+                except _queue.Empty:
+                    continue
+                if r is _DONE:
+                    break
+                self._released()
+                yield r
+        finally:
+            if self._running:
+                self.stop(drain=False)
+            self._thread.join()
+            restore()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def run_all(self) -> RunReport:
+        """Run to the end; results go to the callbacks only.  Returns the report."""
+        self._start_thread(None)
+        restore = self._install_signals()
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        finally:
+            restore()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._report
+
+    async def arun(self) -> AsyncIterator[ItemResult]:
+        """:meth:`run` on the caller's event loop."""
+        q: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._main(q.put_nowait, detach=True))
+        try:
+            while True:
+                r = await q.get()
+                if r is _DONE:
+                    break
+                self._released()
+                yield r
+        finally:
+            if not task.done():
+                self.stop(drain=False)
+            await task
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    async def arun_all(self) -> RunReport:
+        await self._main(None, detach=True)
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._report
+
+    # ------------------------------------------------------------------ plumbing
+    def _start_thread(self, emit: Optional[Callable]) -> None:
+        if self._running:
+            raise PipelineError(f"pipeline {self.name!r} is already running")
+        self._running = True  # set before the thread starts (stop() sees it)
+
+        def target() -> None:
+            try:
+                asyncio.run(self._main(emit))
+            except BaseException as exc:  # pragma: no cover - reported to the caller
+                self._error = exc
+                self._running = False
+                if emit is not None:
+                    emit(_DONE)
+
+        self._thread = threading.Thread(target=target, name=f"pipeline-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _install_signals(self) -> Callable[[], None]:
+        if not self.stop_signals or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        saved = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            drain = self._stop_request is None  # a second signal abandons
+            log.warning("pipeline %r: %s: %s", self.name, signal.Signals(signum).name,
+                        "stopping after the items in flight" if drain else
+                        "abandoning the items in flight")
+            self.stop(drain=drain)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                saved[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+
+        def restore() -> None:
+            for sig, old in saved.items():
+                signal.signal(sig, old)
+        return restore
+
+    def _released(self) -> None:
+        """A streamed result was taken by the consumer: room for one more item."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._release_one)
+            except RuntimeError:
+                pass
+
+    def _release_one(self) -> None:
+        self._live -= 1
+        self._wake_feeder()
+
+    def _load_state(self) -> None:
+        if self._state_loaded:
+            return
+        if self._journal is not None:
+            self._journal.open()
+            self._state = dict(self._journal.replay.states)
+        self._state_loaded = True
+
+    # ------------------------------------------------------------------ the run
+    async def _main(self, emit: Optional[Callable], detach: bool = False) -> None:
+        if detach:
+            if self._running:
+                raise PipelineError(f"pipeline {self.name!r} is already running")
+            self._running = True
+        loop = asyncio.get_running_loop()
+        self._t0 = time.monotonic()
+        self._emit_fn = emit
+        self._live = 0
+        self._cap = sum(s.queue_size + s.workers for s in self.stages) + self.prefetch
+        self._seq = 0
+        self._next_out = 0
+        self._held: Dict[int, ItemResult] = {}
+        self._feeder_wait: Optional[asyncio.Future] = None
+        self._idle_wait: Optional[asyncio.Future] = None
+        self._source_done = False
+        self._halted = False
+        self._seen: Optional[set] = set() if self.key is not None else None
+        self._report = rep = RunReport(stages={s.name: StageStats() for s in self.stages},
+                                       state="running")
+        self._runs = [_StageRun(s, i, i == len(self.stages) - 1)
+                      for i, s in enumerate(self.stages)]
+        for sr in self._runs:
+            rep.stages[sr.stage.name] = sr.stats
+        progress = None
+        try:
+            journal = self._journal
+            self._replay = None
+            if journal is not None:
+                journal.open(fresh=True)
+                self._replay = journal.replay
+                self._state = dict(journal.replay.states)
+                self._state_loaded = True
+            with self._lock:
+                self._loop = loop
+                if self._stop_request is not None:  # stop() before the loop existed
+                    loop.call_soon(self._on_stop)
+            for sr in self._runs:
+                sr.runner = _make_runner(sr.stage, loop)
+            from .progress import start_progress
+
+            progress = start_progress(self, self.progress)
+            resumed = self._resumed_items()
+            feeder = loop.create_task(self._feed(resumed))
+            try:
+                await self._until_idle(feeder)
+            finally:
+                if not feeder.done():
+                    feeder.cancel()
+                    try:
+                        await feeder
+                    except (asyncio.CancelledError, Exception):
+                        pass
+            if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+                raise feeder.exception()  # type: ignore[misc]
+        except BaseException as exc:
+            if not isinstance(exc, _Halt):
+                self._error = exc
+                rep.state = "failed"
+        finally:
+            self._abandon_all()
+            for sr in self._runs:
+                if sr.runner is not None:
+                    try:
+                        sr.runner.close(wait=not self._halted)
+                    except Exception:  # pragma: no cover
+                        log.exception("closing stage %r", sr.stage.name)
+            if progress is not None:
+                progress.close()
+            if self._journal is not None:
+                self._journal.end_run(finished=rep.state == "running" and
+                                      self._source_done and self._stop_request is None)
+            if rep.state == "running":
+                rep.state = ("finished" if self._stop_request is None else
+                             "stopped" if self._stop_request else "halted")
+            rep.elapsed = time.monotonic() - self._t0
+            rep.in_flight = 0
+            for sr in self._runs:
+                sr.stats.in_flight = 0
+                sr.stats.queued = sr.sched.buffered() + len(sr.blocked)
+                sr.stats.rate = sr.stats.done / rep.elapsed if rep.elapsed > 0 else 0.0
+            with self._lock:
+                self._loop = None
+                self._stop_request = None
+            self._running = False
+            if emit is not None:
+                emit(_DONE)
+
+    async def _until_idle(self, feeder: "asyncio.Task") -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if feeder.done() and feeder.exception() is not None:
+                return
+            if self._halted:
+                return
+            if self._source_done and self._nothing_in_flight():
+                return
+            self._idle_wait = loop.create_future()
+            await self._idle_wait
+
+    def _nothing_in_flight(self) -> bool:
+        return self._report.in_flight == 0
+
+    def _wake_idle(self) -> None:
+        w = self._idle_wait
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_feeder(self) -> None:
+        w = self._feeder_wait
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _on_stop(self) -> None:
+        drain = self._stop_request
+        if drain is None:
+            return
+        self._source_done = True  # admit nothing more
+        self._wake_feeder()
+        if not drain:
+            self._halted = True
+            self._report.state = "halted"
+        self._wake_idle()
+
+    # ------------------------------------------------------------------ admission
+    def _resumed_items(self) -> List[ItemContext]:
+        replay = self._replay
+        if replay is None:
+            return []
+        items = []
+        for key, saved in replay.unfinished.items():
+            if saved.dead is not None:
+                continue
+            ctx = ItemContext(key, saved.index, self._journal.decode(saved.data))
+            ctx.stage_index = saved.stage
+            ctx.pending = saved.pending
+            items.append(ctx)
+        self._report.resumed = len(items)
+        return items
+
+    def _room(self) -> bool:
+        if self._live >= self._cap:
+            return False
+        s0 = self._runs[0]
+        return s0.sched.buffered() + s0.retrying < s0.stage.queue_size
+
+    async def _wait_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._room() and not self._source_done:
+            self._feeder_wait = loop.create_future()
+            await self._feeder_wait
+
+    async def _feed(self, resumed: List[ItemContext]) -> None:
+        for ctx in resumed:
+            await self._wait_room()
+            if self._source_done:
+                return
+            if self._seen is not None:
+                self._seen.add(ctx.key)
+            self._admit(ctx, journal=False)
+        source = self.source
+        index = 0
+        try:
+            if isinstance(source, Refill):
+                await self._feed_refill(source)
+            elif _is_async_iterable(source):
+                async for item in source:
+                    await self._wait_room()
+                    if self._source_done:
+                        return
+                    self._offer_source(item, index)
+                    index += 1
+            else:
+                it = iter(source)
+                while True:
+                    if not self._room():
+                        await self._wait_room()
+                    if self._source_done:
+                        return
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        break
+                    self._offer_source(item, index)
+                    index += 1
+        finally:
+            if not self._source_done:
+                self._source_done = True
+                for sr in self._runs:
+                    sr.sched.flush()
+                self._pump()
+            self._wake_idle()
+
+    async def _feed_refill(self, source: Refill) -> None:
+        loop = asyncio.get_running_loop()
+        index = 0
+        while not self._source_done:
+            await self._wait_room()
+            if self._source_done:
+                return
+            want = source.count or max(self._cap - self._live, 1)
+            try:
+                if source.is_async:
+                    batch = await source.callback(want)
+                else:
+                    batch = await loop.run_in_executor(None, source.callback, want)
+            except (StopIteration, StopAsyncIteration):
+                return
+            if batch is Refill.END:
+                return
+            got = 0
+            for item in (batch or ()):
+                if item is Refill.END:
+                    return
+                # a Refill may return more than asked: the bound holds by waiting here
+                await self._wait_room()
+                if self._source_done:
+                    return
+                self._offer_source(item, index)
+                index += 1
+                got += 1
+            if not got:
+                await asyncio.sleep(source.idle)  # "nothing now" is not the end (P6)
+
+    def _offer_source(self, item: Any, index: int) -> None:
+        if self.key is None:
+            key = str(index)
+        else:
+            key = self.key(item)
+            if not isinstance(key, str):
+                key = str(key)
+        seen = self._seen
+        if seen is not None:
+            if key in seen:
+                self._report.duplicate_keys += 1
+                log.warning("pipeline %r: duplicate key %r from the source skipped",
+                            self.name, key)
+                return
+            seen.add(key)
+        replay = self._replay
+        if replay is not None:
+            if key in replay.unfinished:
+                saved = replay.unfinished[key]
+                if saved.dead is not None:
+                    self._skip_journaled(key, index, None, saved.dead)
+                return  # resumed from the journal already (P1)
+            if key in replay.done:
+                self._skip_journaled(key, index, replay.done[key], None)
+                return
+        ctx = ItemContext(key, index, item)
+        self._admit(ctx, journal=replay is not None)
+
+    def _skip_journaled(self, key: str, index: int, value: Any, error: Any) -> None:
+        """A key that ended in an earlier run (P3): skipped, or its result replayed."""
+        rep = self._report
+        rep.skipped_done += 1
+        if not self.keep_results:
+            return
+        if error is None:
+            value = self._journal.decode(value) if value is not None else None
+        res = ItemResult(key, index, value, error is None,
+                         ErrorInfo.from_json(error) if error is not None else None,
+                         from_journal=True)
+        self._live += 1
+        seq = self._seq
+        self._seq += 1
+        self._emit(res, seq)
+
+    def _admit(self, ctx: ItemContext, journal: bool) -> None:
+        rep = self._report
+        ctx._handle = self._seq  # admission order (ordered results)
+        self._seq += 1
+        self._live += 1
+        rep.accepted += 1
+        rep.in_flight += 1
+        if not journal and ctx.stage_index < len(self._runs):
+            self._runs[ctx.stage_index].stats.rerun += 1  # resumed where it was (P2)
+        if journal:
+            try:
+                self._journal.accept(ctx.key, ctx.index, ctx.data)
+            except EncodeError as exc:
+                self._dead(ctx, self._runs[0], ErrorInfo(
+                    "EncodeError", str(exc), "", self._runs[0].stage.name, 0),
+                    journal_ok=False)
+                return
+        sr = self._runs[ctx.stage_index] if ctx.stage_index < len(self._runs) else None
+        if sr is None:  # resumed after its last stage (a crash before its Y record)
+            self._finish(ctx, ctx.data, self._runs[-1])
+            return
+        ctx.stage = sr.stage.name
+        sr.sched.offer(ctx)
+        self._pump()
+
+    # ------------------------------------------------------------------ dispatch
+    def _pump(self) -> None:
+        if self._halted:
+            return
+        runs = self._runs
+        for sr in reversed(runs):
+            # pull finished items of the previous stage into this stage's buffer
+            if sr.index > 0:
+                prev = runs[sr.index - 1]
+                q = sr.stage.queue_size
+                while prev.blocked and sr.sched.buffered() + sr.retrying < q:
+                    item = prev.blocked.popleft()
+                    self._enter(sr, item)
+            free = sr.stage.workers - sr.running - len(sr.blocked)
+            if free > 0 and sr.sched.buffered():
+                groups = sr.sched.take(free)
+                if not groups and sr.running == 0 and \
+                        sr.sched.buffered() + sr.retrying >= sr.stage.queue_size:
+                    # A scheduler waiting for more items than its queue holds would wait
+                    # forever (its bound stops the source): let it release leftovers.
+                    sr.sched.flush()
+                    groups = sr.sched.take(free)
+                for group in groups:
+                    if group:
+                        self._start(sr, group)
+        if self._room():
+            self._wake_feeder()
+
+    def _enter(self, sr: _StageRun, item: ItemContext) -> None:
+        item.stage = sr.stage.name
+        item.stage_index = sr.index
+        item.attempt = 1
+        sr.sched.offer(item)
+
+    def _start(self, sr: _StageRun, group: List[ItemContext]) -> None:
+        stage = sr.stage
+        runner = sr.runner
+        now = time.monotonic()
+        for item in group:
+            item.stage = stage.name
+            item.stage_index = sr.index
+            item.started = now
+            if item.cancelled.is_set():
+                item.cancelled.clear()
+        sr.running += 1
+        remote = runner.remote
+        if stage.batch:
+            data = [g.data for g in group]
+            ctx: Any = [g.for_worker() for g in group] if remote else list(group)
+        else:
+            data = group[0].data
+            ctx = group[0].for_worker() if remote else group[0]
+        if stage.sink and self._journal is not None:
+            self._journal.pending(group, sr.index)
+        try:
+            fut = runner.submit(data, ctx)
+        except Exception as exc:
+            sr.running -= 1
+            for item in group:
+                self._failed(sr, item, exc, ErrorInfo(type(exc).__name__, str(exc),
+                             traceback.format_exc(), stage.name, item.attempt))
+            sr.sched.finished(group)
+            return
+        timer = None
+        if stage.timeout is not None:
+            timer = self._loop.call_later(stage.timeout, self._timed_out, sr, fut)
+        sr.futs[fut] = (group, timer, now)
+        fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
+
+    def _timed_out(self, sr: _StageRun, fut: Any) -> None:
+        entry = sr.futs.pop(fut, None)
+        if entry is None:
+            return
+        group, _timer, started = entry
+        sr.runner.abandon(fut, group, "timeout")
+        sr.running -= 1
+        sr.sched.finished(group)
+        err = StageTimeout(f"stage {sr.stage.name!r}: attempt ran past its timeout of "
+                           f"{sr.stage.timeout} s")
+        for item in group:
+            item.cancelled.set()
+            self._failed(sr, item, err, ErrorInfo("StageTimeout", str(err), "",
+                                                 sr.stage.name, item.attempt),
+                         seconds=time.monotonic() - started)
+        self._pump()
+        self._wake_idle()
+
+    def _group_done(self, sr: _StageRun, fut: Any) -> None:
+        entry = sr.futs.pop(fut, None)
+        if entry is None:  # timed out or abandoned already
+            if not fut.cancelled():
+                fut.exception()  # retrieved: no "never retrieved" warning
+            return
+        group, timer, started = entry
+        if timer is not None:
+            timer.cancel()
+        sr.running -= 1
+        seconds = time.monotonic() - started
+        sr.stats.busy_seconds += seconds
+        stage = sr.stage
+        if fut.cancelled():
+            outcome: Any = ("exc", PipelineError("cancelled"))
+        elif fut.exception() is not None:
+            outcome = ("exc", fut.exception())
+        else:
+            outcome = ("ok", fut.result())
+        sr.sched.finished(group)
+        if stage.batch:
+            self._batch_done(sr, group, outcome, seconds)
+        else:
+            item = group[0]
+            self._one_done(sr, item, outcome, seconds)
+        self._pump()
+        self._wake_idle()
+
+    def _unpack(self, sr: _StageRun, outcome: Any, item_attempt: int) -> Any:
+        """(ok, value_or_exc, ErrorInfo|None) from a runner's outcome."""
+        kind, value = outcome
+        if kind == "exc":
+            exc = value
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            return False, exc, ErrorInfo(type(exc).__name__, str(exc), tb,
+                                         sr.stage.name, item_attempt)
+        if sr.runner.remote:
+            if value[0] == "ok":
+                return True, value[1], None
+            _tag, exc, tname, msg, tb = value
+            return False, exc, ErrorInfo(tname, msg, tb, sr.stage.name, item_attempt)
+        return True, value, None
+
+    def _one_done(self, sr: _StageRun, item: ItemContext, outcome: Any, seconds: float) -> None:
+        ok, value, err = self._unpack(sr, outcome, item.attempt)
+        if ok:
+            self._succeeded(sr, item, value, seconds)
+        else:
+            self._failed(sr, item, value, err, seconds=seconds)
+
+    def _batch_done(self, sr: _StageRun, group: List[ItemContext], outcome: Any,
+                    seconds: float) -> None:
+        ok, value, err = self._unpack(sr, outcome, group[0].attempt)
+        if ok and (not isinstance(value, (list, tuple)) or len(value) != len(group)):
+            exc = PipelineError(f"stage {sr.stage.name!r}: a batch handler must return a "
+                                f"list of {len(group)} outputs, got {type(value).__name__}"
+                                f"{'' if not hasattr(value, '__len__') else ' of ' + str(len(value))}")
+            ok, value, err = False, exc, ErrorInfo("PipelineError", str(exc), "",
+                                                  sr.stage.name, group[0].attempt)
+        if not ok:
+            for item in group:
+                e = ErrorInfo(err.type, err.message, err.traceback, err.stage, item.attempt)
+                self._failed(sr, item, value, e, seconds=seconds)
+            return
+        outputs = list(value)
+        if self._journal is not None:
+            try:
+                self._journal.batch_done(group, sr.index, outputs, sr.last)
+            except EncodeError as exc:
+                for item in group:
+                    self._failed(sr, item, exc, ErrorInfo("EncodeError", str(exc), "",
+                                                         sr.stage.name, item.attempt),
+                                 seconds=seconds)
+                return
+        for item, out in zip(group, outputs):
+            self._succeeded(sr, item, out, seconds, journaled=True)
+
+    def _succeeded(self, sr: _StageRun, item: ItemContext, output: Any, seconds: float,
+                   journaled: bool = False) -> None:
+        stage = sr.stage
+        if self._journal is not None and not journaled:
+            try:
+                if sr.last:
+                    self._journal.done(item.key, output)
+                else:
+                    self._journal.stage_done(item.key, sr.index, output)
+            except EncodeError as exc:
+                self._failed(sr, item, exc, ErrorInfo("EncodeError", str(exc), "",
+                                                     stage.name, item.attempt),
+                             seconds=seconds)
+                return
+        sr.stats.done += 1
+        item.stage_timings[stage.name] = seconds
+        item.pending = False
+        if self.on_stage_complete is not None:
+            self._callback(self.on_stage_complete, item.key, stage.name, seconds, True)
+        if sr.last:
+            self._finish(item, output, sr, journaled=True)
+            return
+        item.data = output
+        nxt = self._runs[sr.index + 1]
+        if nxt.sched.buffered() + nxt.retrying < nxt.stage.queue_size and not sr.blocked:
+            self._enter(nxt, item)
+        else:
+            sr.blocked.append(item)
+
+    def _failed(self, sr: _StageRun, item: ItemContext, exc: Any, err: ErrorInfo,
+                seconds: float = 0.0) -> None:
+        stage = sr.stage
+        sr.stats.failed_attempts += 1
+        if self.on_stage_complete is not None:
+            self._callback(self.on_stage_complete, item.key, stage.name, seconds, False)
+        retry = stage.retry
+        etype = type(exc) if isinstance(exc, BaseException) else None
+        if isinstance(exc, EncodeError):
+            retryable = False
+        else:
+            retryable = retry.retryable(etype, err.type)
+        if self._journal is not None:
+            self._journal.attempt_failed(item.key, sr.index, item.attempt, err)
+        if self._halted:
+            return
+        if retryable and item.attempt < retry.max_attempts:
+            sr.stats.retried += 1
+            item.attempt += 1
+            sr.retrying += 1
+            delay = retry.delay(item.attempt - 1)
+            self._loop.call_later(delay, self._retry_now, sr, item)
+            return
+        self._dead(item, sr, err)
+
+    def _retry_now(self, sr: _StageRun, item: ItemContext) -> None:
+        sr.retrying -= 1
+        if self._halted:
+            return
+        sr.sched.offer(item)
+        self._pump()
+
+    def _dead(self, item: ItemContext, sr: _StageRun, err: ErrorInfo,
+              journal_ok: bool = True) -> None:
+        sr.stats.dead += 1
+        rep = self._report
+        rep.dead += 1
+        rep.in_flight -= 1
+        if self._journal is not None:
+            self._journal.dead(item.key, sr.index, err)
+        log.warning("pipeline %r: key %r dead at stage %r after %d attempt(s): %s: %s",
+                    self.name, item.key, sr.stage.name, item.attempt, err.type, err.message)
+        res = ItemResult(item.key, item.index, None, False, err, dict(item.stage_timings),
+                         metadata=item.metadata)
+        self._emit(res, item._handle)
+
+    def _finish(self, item: ItemContext, output: Any, sr: _StageRun,
+                journaled: bool = False) -> None:
+        rep = self._report
+        if not journaled and self._journal is not None:
+            self._journal.done(item.key, output)
+        rep.done += 1
+        rep.in_flight -= 1
+        res = ItemResult(item.key, item.index, output, True, None, item.stage_timings,
+                         metadata=item.metadata)
+        self._emit(res, item._handle)
+
+    def _emit(self, res: ItemResult, seq: int) -> None:
+        if self.ordered:
+            self._held[seq] = res
+            while self._next_out in self._held:
+                r = self._held.pop(self._next_out)
+                self._next_out += 1
+                self._deliver(r)
+        else:
+            self._deliver(res)
+
+    def _deliver(self, res: ItemResult) -> None:
+        j = self._journal
+        if j is not None and j.fsync:
+            j.after_sync(lambda: self._deliver_now(res))  # results only once durable
+        else:
+            self._deliver_now(res)
+
+    def _deliver_now(self, res: ItemResult) -> None:
+        if self.on_complete is not None:
+            self._callback(self.on_complete, res)
+        if self._emit_fn is not None:
+            self._emit_fn(res)  # _live drops when the consumer takes it
+        else:
+            self._live -= 1
+        self._wake_idle()
+
+    def _callback(self, fn: Callable, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.error("pipeline %r: callback %r raised; halting the run\n%s", self.name,
+                      getattr(fn, "__qualname__", fn), traceback.format_exc())
+            if self._error is None:
+                self._error = exc
+            self.stop(drain=False)
+
+    def _abandon_all(self) -> None:
+        for sr in self._runs:
+            for fut, (group, timer, _started) in list(sr.futs.items()):
+                if timer is not None:
+                    timer.cancel()
+                for item in group:
+                    item.cancelled.set()
+                try:
+                    sr.runner.abandon(fut, group, "halt")
+                except Exception:  # pragma: no cover
+                    log.exception("abandoning a group of stage %r", sr.stage.name)
+            sr.futs.clear()
+
+
+def _make_runner(stage: Stage, loop: asyncio.AbstractEventLoop) -> Any:
+    kind = stage.kind
+    if kind == "async":
+        from .kind_async import AsyncRunner
+
+        return AsyncRunner(stage, loop)
+    if kind == "thread":
+        from .kind_thread import ThreadRunner
+
+        return ThreadRunner(stage, loop)
+    if kind == "process":
+        from .kind_process import ProcessRunner
+
+        return ProcessRunner(stage, loop, getattr(stage, "start_method", None))
+    if kind == "interpreter":
+        from .kind_executor import interpreter_runner
+
+        return interpreter_runner(stage, loop)
+    from .kind_executor import ExecutorRunner
+
+    return ExecutorRunner(stage, loop)
+
