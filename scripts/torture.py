@@ -27,10 +27,13 @@ One script, five modes, each run by real tools that really produce the failure::
   lost or reordered; ``fsync(file)`` and ``fsync(dir)`` are the only barriers; a rename is
   atomic); ``flush`` mode against a process crash after every single operation.
 
-* ``pipeline``: a durable 3-stage pipeline (thread -> process -> thread sink) whose
-  coordinator is killed with SIGKILL at random moments, ``--size`` kills over campaigns
-  of up to 5 on fresh journals, each campaign rerun to the end and then verified by a
-  run that must find every key done (DESIGN.md P1..P3; see the section comment).
+* ``pipeline``: a durable 3-stage pipeline (thread -> process -> async sink) whose
+  coordinator is killed with SIGKILL ``--size`` times at random points of its work, then
+  run to the end on the same journal (DESIGN.md P1..P3); the rounds and checks are the
+  engine's ``pympx_queues.pipeline._torture.kill_rounds``: lost (not done in the
+  journal), not_stored (never reached the sink), finished_stage_rerun, done_rerun,
+  sink_dup (figure) and sink_dup_beyond_inflight (beyond the sink's workers per kill),
+  orphan_workers (worker processes alive after their coordinator was killed).
 
 Every run ends with one summary line per queue kind::
 
@@ -42,7 +45,7 @@ when the mode cannot run here (not root, no loop devices, mount refused).
 
 Counts that must be zero: lost, corrupt, redelivered_done, dup_beyond_inflight,
 unrecoverable, not_idempotent, half_written_visible, failed_after_free, errors,
-worker_errors, and for pipelines finished_stage_rerun, done_rerun,
+worker_errors, and for pipelines not_stored, finished_stage_rerun, done_rerun,
 sink_dup_beyond_inflight, orphan_workers.  Figures: acked, delivered, acked_done, iterations, states,
 recovery_states, processes_killed, puts_refused, acks_during_cut, and in flush mode after
 a power cut lost_unsynced / redelivered_unsynced / dup_unsynced (allowed: flush mode does
@@ -61,7 +64,6 @@ import collections
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import pickle
 import random
@@ -97,7 +99,7 @@ VIOLATION_KEYS = (
     "lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
     "not_idempotent", "put_error_silent", "half_written_visible", "errors", "worker_errors",
     "failed_after_free", "finished_stage_rerun", "done_rerun", "sink_dup_beyond_inflight",
-    "orphan_workers",
+    "orphan_workers", "not_stored",
 )
 
 
@@ -1872,249 +1874,49 @@ def get_adapter(name: str) -> Adapter:
 
 
 # =========================================================================== pipeline
-# A durable pipeline's coordinator killed with SIGKILL at random moments (DESIGN.md P1..P3,
-# issue 11).  One campaign: a fresh journal, the same source of PL_ITEMS keys; the
-# coordinator is started, killed at a random moment, started again ... until a run ends on
-# its own; then one more run must find every key done and run nothing.  Handlers log one
-# line when they start and one when they end (after their side effect), with the round;
-# the coordinator logs "done" from on_complete.  Checks, per key and stage:
-#   lost                  a key neither reported done by the verification run nor loaded
-#   finished_stage_rerun  stage s started again in a later round after stage s+1 had
-#                         started for that key (s's output had been handed on: journaled)
-#   done_rerun            any stage started in a later round for a key reported done
-#   sink_dup_beyond_inflight  loads of a key already loaded, beyond the sink's workers
-#                         per kill (the in-flight bound of an at-least-once sink)
-#   orphan_workers        process-stage workers of a killed coordinator still alive
-#   errors                dead items, unexpected exit codes, a verification run that ran
-PL_STAGES = ("extract", "transform", "load")
-PL_WORKERS = 2
-PL_ITEMS = 150
-
-
-def _pl_note(event: str, stage: str, key: str) -> None:
-    line = f"{event} {stage} {key} {os.getpid()} {os.environ.get('TORTURE_PL_ROUND', '0')}\n"
-    fd = os.open(os.environ["TORTURE_PL_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line.encode())  # one O_APPEND write per line: lines never interleave
-    finally:
-        os.close(fd)
-
-
-def _pl_work(data: Any, stage: str, key: str) -> Any:
-    _pl_note("start", stage, key)
-    time.sleep(random.random() * 0.006)
-    out = {"n": data["n"] if isinstance(data, dict) else int(data), "by": stage}
-    _pl_note("end", stage, key)
-    return out
-
-
-def pl_extract(data: Any, ctx: Any) -> Any:
-    return _pl_work(data, "extract", ctx.key)
-
-
-def pl_transform(data: Any, ctx: Any) -> Any:   # runs in the process workers
-    return _pl_work(data, "transform", ctx.key)
-
-
-def pl_load(data: Any, ctx: Any) -> Any:
-    return _pl_work(data, "load", ctx.key)
-
-
-def _pipeline_child(journal: str, items: int, durability: str) -> int:
-    """The coordinator process: run the durable pipeline to the end, print its report."""
-    import json as _json
-
-    from pympx_queues.pipeline import Pipeline, Stage
-
-    _quiet_library_logs()
-    stages = [Stage("extract", pl_extract, kind="thread", workers=PL_WORKERS),
-              Stage("transform", pl_transform, kind="process", workers=PL_WORKERS),
-              Stage("load", pl_load, kind="thread", workers=PL_WORKERS, sink=True)]
-    p = Pipeline(({"n": i} for i in range(items)), stages, key=lambda d: f"k{d['n']}",
-                 journal_dir=journal, durability=durability, progress=False,
-                 on_complete=lambda r: _pl_note("done" if r.ok else "dead", "-", r.key))
-    report = p.run_all()
-    print(_json.dumps(report.to_dict()), flush=True)
-    return 0
-
-
-def _pl_events(log: str) -> List[Tuple[str, str, str, int, int]]:
-    out = []
-    if os.path.exists(log):
-        with open(log) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 5:
-                    out.append((parts[0], parts[1], parts[2], int(parts[3]), int(parts[4])))
-    return out
-
-
-def _pl_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def pipeline_kill_campaign(base: str, durability: str, kills: int, rng: random.Random,
-                           items: int = PL_ITEMS, window: Tuple[float, float] = (0.05, 1.5),
-                           verbose: bool = False) -> Summary:
-    """One journal: start the coordinator, SIGKILL it after a random delay in ``window``
-    seconds, again, until a run ends on its own (at most ``kills`` kills, then runs to the
-    end); then a verification run.  Returns the counts (see the section comment)."""
-    os.makedirs(base, exist_ok=True)
-    journal = os.path.join(base, "journal")
-    log = os.path.join(base, "events.log")
-    s = new_summary("pipeline", "pipeline", durability=durability, items=items)
-    for key in ("rounds", "kills", "lost", "finished_stage_rerun", "done_rerun", "sink_dup",
-                "sink_dup_beyond_inflight", "orphan_workers", "errors"):
-        s[key] = 0
-    cmd = [sys.executable, os.path.abspath(__file__), "--pipeline-child", journal,
-           str(items), durability]
-
-    def start(round_no: int) -> "subprocess.Popen[str]":
-        env = dict(os.environ, TORTURE_PL_LOG=log, TORTURE_PL_ROUND=str(round_no))
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-    round_no, finished = 0, False
-    while not finished:
-        round_no += 1
-        proc = start(round_no)
-        if s["kills"] < kills:
-            try:
-                proc.wait(timeout=rng.uniform(*window))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-        try:
-            out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            s.add("errors")
-            if verbose:
-                print(f"round {round_no}: coordinator hung", file=sys.stderr)
-        if proc.returncode == -signal.SIGKILL:
-            s.add("kills")
-            pids = {e[3] for e in _pl_events(log) if e[4] == round_no and e[1] == "transform"}
-            deadline = time.monotonic() + 10
-            while any(_pl_alive(p) for p in pids) and time.monotonic() < deadline:
-                time.sleep(0.02)  # a dying worker needs a moment; bounded by the deadline
-            s.add("orphan_workers", sum(_pl_alive(p) for p in pids))
-            for p in pids:  # never leave one behind, whatever the count says
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGKILL)
-        elif proc.returncode == 0:
-            finished = True
-        else:
-            s.add("errors")
-            if verbose:
-                print(f"round {round_no}: exit {proc.returncode}: {err[-800:]}", file=sys.stderr)
-            if round_no > kills + 5:
-                break
-    s["rounds"] = round_no
-    # Verification: a run on the finished journal must find every key done, run nothing.
-    verify = start(round_no + 1)
-    out, err = verify.communicate(timeout=120)
-    report: Dict[str, Any] = {}
-    if verify.returncode != 0 or not out.strip():
-        s.add("errors")
-    else:
-        report = json.loads(out.strip().splitlines()[-1])
-    for k, v in check_pipeline_events(_pl_events(log), items, report, round_no + 1).items():
-        s.add(k, v)
-    return s
-
-
-def check_pipeline_events(events: List[Tuple[str, str, str, int, int]], items: int,
-                          verify_report: Dict[str, Any], verify_round: int,
-                          sink_workers: int = PL_WORKERS) -> Dict[str, int]:
-    """The counts of one campaign from its event log (``(event, stage, key, pid, round)``)
-    and the verification run's report (see the section comment)."""
-    c = collections.Counter()  # type: collections.Counter[str]
-    c["errors"] += sum(1 for e in events if e[4] == verify_round)  # it must run nothing
-    c["errors"] += int(verify_report.get("dead", 0)) + sum(1 for e in events if e[0] == "dead")
-    skipped = int(verify_report.get("skipped_done", 0))
-    loaded = {e[2] for e in events if e[0] == "end" and e[1] == "load"}
-    keys = {f"k{i}" for i in range(items)}
-    c["lost"] += max(items - skipped, len(keys - loaded))
-    order = {name: i for i, name in enumerate(PL_STAGES)}
-    first_start: Dict[Tuple[str, int], int] = {}
-    done_round: Dict[str, int] = {}
-    for ev, stage, key, _pid, rnd in events:
-        if ev == "start":
-            k = (key, order[stage])
-            first_start[k] = min(first_start.get(k, rnd), rnd)
-        elif ev == "done":
-            done_round[key] = min(done_round.get(key, rnd), rnd)
-    for ev, stage, key, _pid, rnd in events:
-        if ev != "start":
-            continue
-        later = first_start.get((key, order[stage] + 1))
-        if later is not None and rnd > later:
-            c["finished_stage_rerun"] += 1
-        if key in done_round and rnd > done_round[key]:
-            c["done_rerun"] += 1
-    loads: Dict[str, List[int]] = collections.defaultdict(list)
-    for ev, stage, key, _pid, rnd in events:
-        if ev == "end" and stage == "load":
-            loads[key].append(rnd)
-    dup_by_round = collections.Counter()  # type: collections.Counter[int]
-    for rounds in loads.values():
-        for r in sorted(rounds)[1:]:
-            dup_by_round[r] += 1
-    c["sink_dup"] += sum(dup_by_round.values())
-    c["sink_dup_beyond_inflight"] += sum(max(0, n - sink_workers)
-                                         for n in dup_by_round.values())
-    return dict(c)
-
-
-def _pl_run_seconds(base: str, durability: str, items: int = PL_ITEMS) -> float:
-    """Seconds of one complete coordinator run (start-up included) on a fresh journal."""
-    os.makedirs(base, exist_ok=True)
-    env = dict(os.environ, TORTURE_PL_LOG=os.path.join(base, "events.log"))
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--pipeline-child",
-                    os.path.join(base, "journal"), str(items), durability], env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    return time.monotonic() - t0
-
-
 def run_pipeline_torture(args: argparse.Namespace) -> List[Summary]:
-    """``--size`` kills over campaigns (fresh journals) until that many landed."""
+    """``--size`` SIGKILLs of a durable pipeline's coordinator, then a run to the end, by
+    the engine's own kill-round function (pympx_queues.pipeline._torture.kill_rounds: a
+    thread -> process -> async-sink pipeline, kills at random points of the remaining
+    work, checks against the journal's state before each round and the handlers' logs).
+    """
+    from pympx_queues.pipeline._torture import SINK_WORKERS, kill_rounds
+
     kills = args.size or 20
-    rng = random.Random(args.seed)
     out = []
     for durability in _durabilities(args, "flush"):
         base = tempfile.mkdtemp(prefix="torture-pipeline-", dir=os.getcwd())
+        s = new_summary("pipeline", "pipeline", durability=durability)
         try:
-            # Calibration: one run without a kill; kills land anywhere in [0.05 s, its
-            # length], start-up included.
-            window = (0.05, max(0.2, _pl_run_seconds(os.path.join(base, "calibrate"),
-                                                     durability)))
-            total = new_summary("pipeline", "pipeline", durability=durability, items=0)
-            campaign = 0
-            while total.get("kills", 0) < kills and campaign < 4 * kills:
-                campaign += 1
-                s = pipeline_kill_campaign(os.path.join(base, f"c{campaign}"), durability,
-                                           min(5, kills - total.get("kills", 0)), rng,
-                                           window=window, verbose=args.verbose)
-                for k, v in s.items():
-                    if isinstance(v, int):
-                        total.add(k, v)
-            total["campaigns"] = campaign
-            total["window_s"] = round(window[1], 2)
-            out.append(total)
+            r = kill_rounds(base, size=PL_ITEMS, rounds=kills, seed=args.seed,
+                            durability=durability)
+        except RuntimeError as exc:  # a round hung or the final run failed
+            s["errors"] = 1
+            if args.verbose:
+                print(f"pipeline torture: {exc}", file=sys.stderr)
+            out.append(s)
+            continue
         finally:
             shutil.rmtree(base, ignore_errors=True)
+        s["items"] = r["size"]
+        s["rounds"] = r["rounds"] + 1
+        s["kills"] = r["killed"]
+        s["lost"] = r["lost"]
+        s["not_stored"] = r["not_stored"]
+        s["finished_stage_rerun"] = r["finished_stage_reruns"]
+        s["done_rerun"] = r["done_key_reruns"]
+        s["sink_dup"] = r["sink_duplicates"]
+        s["sink_dup_beyond_inflight"] = max(0, r["sink_duplicates"] - r["killed"] * SINK_WORKERS)
+        s["orphan_workers"] = r["orphans"]
+        s["errors"] = 0
+        s["seconds"] = r["seconds"]
+        if args.verbose and r["lost_keys"]:
+            print(f"pipeline torture: lost keys {r['lost_keys']}", file=sys.stderr)
+        out.append(s)
     return out
+
+
+PL_ITEMS = 300  # items of the pipeline whose coordinator is killed
 
 
 # =========================================================================== crashstates
@@ -2340,9 +2142,6 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--pipeline-child"]:  # the coordinator of --mode pipeline
-        return _pipeline_child(argv[1], int(argv[2]), argv[3])
     args = _parse(argv)
     _quiet_library_logs()
     if args.mode == "pipeline":

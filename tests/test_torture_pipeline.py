@@ -1,12 +1,13 @@
-"""scripts/torture.py --mode pipeline run small, and its checker's teeth.
+"""scripts/torture.py --mode pipeline run small (the long run quoted in
+docs/benchmarks-pipeline.md is the same command with a bigger ``--size``).
 
-The long run quoted in docs/benchmarks-pipeline.md is the same script with a bigger
-``--size``.
+The rounds and their checks are the engine's ``pympx_queues.pipeline._torture``; this
+test checks the script's face: one summary line in the style of the other modes, every
+count that must be zero is zero, exit status 0, nothing left behind.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,19 +16,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "torture.py")
-ZERO = ("lost", "finished_stage_rerun", "done_rerun", "sink_dup_beyond_inflight",
-        "orphan_workers", "errors")
-
-
-def _load_torture():
-    spec = importlib.util.spec_from_file_location("torture", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("torture", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-torture = _load_torture()
+ZERO = ("lost", "not_stored", "finished_stage_rerun", "done_rerun",
+        "sink_dup_beyond_inflight", "orphan_workers", "errors")
 
 
 @pytest.mark.timeout(150)
@@ -39,37 +29,8 @@ def test_pipeline_mode_kills_the_coordinator_and_finds_nothing_lost_or_redone(tm
     assert len(lines) == 1, res.stdout + res.stderr
     summary = dict(kv.split("=", 1) for kv in lines[0].split())
     assert res.returncode == 0, res.stdout + res.stderr
-    assert int(summary["kills"]) == 3 and int(summary["items"]) > 0
+    assert summary["queue"] == "pipeline" and summary["durability"] == "flush"
+    assert summary["rounds"] == "4" and int(summary["kills"]) >= 1
     for key in ZERO:
         assert summary[key] == "0", summary
     assert os.listdir(str(tmp_path)) == []  # its temp dirs are gone
-
-
-def _clean_events(items=3):
-    ev = []
-    for i in range(items):
-        k = f"k{i}"
-        for stage in torture.PL_STAGES:
-            ev += [("start", stage, k, 10, 1), ("end", stage, k, 10, 1)]
-        ev.append(("done", "-", k, 9, 1))
-    return ev
-
-
-def test_pipeline_checker_counts_each_kind_of_violation():
-    check = torture.check_pipeline_events
-    ok = {"skipped_done": 3, "dead": 0}
-    assert not any(check(_clean_events(), 3, ok, 9).values())
-
-    # a key never done: lost
-    assert check(_clean_events(), 4, {"skipped_done": 3}, 9)["lost"] == 1
-    # extract ran again in round 2 although transform had started in round 1
-    ev = _clean_events() + [("start", "extract", "k0", 11, 2)]
-    got = check(ev, 3, ok, 9)
-    assert got["finished_stage_rerun"] == 1 and got["done_rerun"] == 1
-    # three loads of already-loaded keys after one kill, two sink workers: one too many
-    ev = _clean_events() + [("end", "load", k, 11, 2) for k in ("k0", "k1", "k2")]
-    got = check(ev, 3, ok, 9, sink_workers=2)
-    assert got["sink_dup"] == 3 and got["sink_dup_beyond_inflight"] == 1
-    # the verification run ran something, or an item died
-    assert check(_clean_events() + [("start", "load", "k0", 12, 9)], 3, ok, 9)["errors"] == 1
-    assert check(_clean_events(), 3, {"skipped_done": 3, "dead": 1}, 9)["errors"] == 1
