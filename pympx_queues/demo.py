@@ -83,7 +83,7 @@ _HOLDER_FIRST = 3  # files the folder victim acknowledges before it holds claims
 #: The one-line hint printed at the end: what a person runs after a real crash.
 AFTER_A_CRASH = ("after a real crash: `pympx-queues status DIR` shows stale claims and "
                  "outstanding work, `pympx-queues requeue DIR` puts it back "
-                 "(DIR: the queue folder or pickup dir; for a pipeline its journal_dir)")
+                 "(DIR: the queue folder or pickup dir)")
 
 
 class _PartReport:
@@ -634,7 +634,13 @@ def _pl_stages() -> List[Any]:
 
 def _pl_coordinator(pdir: str, n: int, work: float, report_path: str) -> None:
     """A coordinator process: the durable pipeline over the demo's rows, to the end."""
+    import logging
+
     from .pipeline import Pipeline
+
+    # The demo's report says what happened; the engine's per-item warnings (a replayed
+    # source offering keys that were resumed from the journal) would bury it.
+    logging.getLogger("pympx_queues.pipeline").setLevel(logging.ERROR)
 
     os.environ[_PL_LOG] = os.path.join(pdir, "handlers.log")
     os.environ[_PL_STORE] = os.path.join(pdir, "warehouse")
