@@ -14,6 +14,8 @@ Cases (``--size`` items each, best of ``--repeat`` runs; seconds per item):
                   rate a journal reaches without group commit (records/s).
 * ``pool-map``    a bare ``ProcessPoolExecutor(W).map(f, items, chunksize=n // (4 * W))``.
 * ``process``     a one-stage ``Pipeline`` with ``kind="process"``, W workers, same ``f``.
+* ``pool-map-work``, ``process-work``: the same two with a handler that computes for
+                  200 us per item (``--size // 10`` items): the ratio when work dominates.
 * ``bergtalzug``  bergtalzug 0.2.0 with the same three stages, in the private Python 3.14
                   made by ``scripts/install_bench_peers_pipeline.sh`` (a subprocess), and
                   beside it ``handwired`` and ``memory`` run in that same interpreter, so
@@ -72,6 +74,17 @@ async def stage_c(x):
 def cpu(x):
     """The process stage's handler (module level: it is pickled to the workers)."""
     return x * x
+
+
+WORK_US = 200.0
+
+
+def cpu_work(x):
+    """A process-stage handler that computes for about WORK_US microseconds."""
+    end = time.perf_counter() + WORK_US / 1e6
+    while time.perf_counter() < end:
+        x = (x * 31 + 7) % 1000003
+    return x
 
 
 # -- baselines ------------------------------------------------------------------------------
@@ -139,12 +152,12 @@ def run_handwired(n, workdir=None):
     return dt
 
 
-def run_pool_map(n, workdir=None, workers=PROC_WORKERS):
+def run_pool_map(n, workdir=None, workers=PROC_WORKERS, fn=cpu):
     chunk = max(1, n // (4 * workers))
     with ProcessPoolExecutor(workers) as ex:
-        list(ex.map(cpu, range(workers)))          # workers started before the clock
+        list(ex.map(fn, range(workers)))           # workers started before the clock
         t0 = time.perf_counter()
-        out = sum(1 for _ in ex.map(cpu, range(n), chunksize=chunk))
+        out = sum(1 for _ in ex.map(fn, range(n), chunksize=chunk))
         dt = time.perf_counter() - t0
     assert out == n
     return dt
@@ -221,10 +234,10 @@ def _durable(mode):
     return run
 
 
-def run_process(n, workdir=None):
+def run_process(n, workdir=None, fn=cpu):
     from pympx_queues.pipeline import Stage
 
-    return _run_pipeline(n, [Stage("p", cpu, kind="process", workers=PROC_WORKERS,
+    return _run_pipeline(n, [Stage("p", fn, kind="process", workers=PROC_WORKERS,
                                    queue_size=4 * PROC_WORKERS)])
 
 
@@ -282,8 +295,11 @@ CASES = {
     "naive-fsync": run_naive_fsync,
     "pool-map": run_pool_map,
     "process": run_process,
+    "pool-map-work": lambda n, d=None: run_pool_map(n, d, fn=cpu_work),
+    "process-work": lambda n, d=None: run_process(n, d, fn=cpu_work),
     "bergtalzug": run_bergtalzug,
 }
+WORK_CASES = ("pool-map-work", "process-work")
 INNER_314 = ("handwired", "memory", "bergtalzug")   # run again inside Python 3.14
 
 
@@ -322,6 +338,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     n = args.size
     nf = args.fsync_size or max(1, n // 4)
+    nw = max(1, n // 10)
     own_dir = args.dir is None
     workdir = tempfile.mkdtemp(prefix="bench-pipeline-", dir=os.getcwd()) if own_dir else args.dir
     try:
@@ -334,15 +351,20 @@ def main(argv=None):
             secs[case] = best(case, n, args.repeat, workdir)
         for case in ("fsync", "naive-fsync"):
             secs[case] = best(case, nf, args.repeat, workdir)
+        for case in WORK_CASES:
+            secs[case] = best(case, nw, args.repeat, workdir)
         py314 = py314_figures(args.py314, n, args.repeat, workdir)
         compat = compat_check(args.py314) if args.compat_check else None
     finally:
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)
-    per = {c: secs[c] / (nf if c in ("fsync", "naive-fsync") else n) for c in secs}
+    count = dict.fromkeys(secs, n)
+    count.update({"fsync": nf, "naive-fsync": nf, "pool-map-work": nw, "process-work": nw})
+    per = {c: secs[c] / count[c] for c in secs}
     ratios = {
         "memory_vs_handwired": per["memory"] / per["handwired"],
         "process_vs_pool_map": per["process"] / per["pool-map"],
+        "process_vs_pool_map_200us": per["process-work"] / per["pool-map-work"],
         "flush_rate_vs_memory": per["memory"] / per["flush"],
         "fsync_items_vs_naive_records": per["naive-fsync"] / per["fsync"],
     }
@@ -358,14 +380,16 @@ def main(argv=None):
         "memory_vs_handwired": ("<=", 2.0),
         "bergtalzug_vs_memory_py314": (">=", 3.0),
         "process_vs_pool_map": ("<=", 1.5),
+        "process_vs_pool_map_200us": ("<=", 1.5),
         "flush_rate_vs_memory": (">=", 0.5),
         "fsync_items_vs_naive_records": (">=", 10.0),
         "fsync_records_vs_naive_records": (">=", 10.0),
     }
-    print(f"pipeline per-item cost, size={n} (fsync cases {nf}), best of {args.repeat}, "
+    print(f"pipeline per-item cost, size={n} (fsync cases {nf}, *-work {nw}), best of {args.repeat}, "
           f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     print(f"  3 stages async -> thread -> async, {WORKERS} workers and queue {QUEUE_SIZE} "
-          f"each; process stage {PROC_WORKERS} workers")
+          f"each; process stage {PROC_WORKERS} workers (trivial handler; *-work: "
+          f"{WORK_US:.0f} us of CPU per item)")
     for case, s in per.items():
         unit = "s/record" if case == "naive-fsync" else "s/item"
         extra = f"   ({RECORDS[case]:.1f} journal records/item)" if case in RECORDS else ""
@@ -397,6 +421,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"size": n, "fsync_size": nf, "repeat": args.repeat,
                        "python": sys.version.split()[0], "seconds_per_item": per,
+                       "work_size": nw, "work_us": WORK_US,
                        "py314": py314 if "error" in py314 else p314, "ratios": ratios,
                        "records_per_item": RECORDS, "met": verdicts,
                        "compat_check": compat}, f, indent=2)
