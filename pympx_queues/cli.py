@@ -753,13 +753,15 @@ def watch(path: str, interval: float, count: Optional[int], once: bool, as_json:
               help="Messages the producer puts.")
 @click.option("--consumers", type=click.IntRange(min=2), default=3, show_default=True,
               help="Consumer processes (one of them is killed).")
-@click.option("--queue", type=click.Choice(["persistent", "folder", "both"]), default="both",
-              show_default=True, help="Which queue to crash: the journaled PersistentQueue, "
-              "a folder queue, or one after the other.")
+@click.option("--queue", type=click.Choice(["persistent", "folder", "pipeline", "both", "all"]),
+              default="all", show_default=True, help="What to crash: the journaled "
+              "PersistentQueue, a folder queue, a durable pipeline, both queues, or all "
+              "three one after the other.")
 @json_option
 def demo(directory: Optional[str], messages: int, consumers: int, queue: str,
          as_json: bool) -> None:
-    """Crash a consumer with SIGKILL mid-run, recover, prove nothing was lost.
+    """Crash a consumer (and a pipeline's coordinator) with SIGKILL mid-run, recover,
+    prove nothing was lost.
 
     Exit 0 when nothing was lost or done twice, 1 otherwise.
     """

@@ -1,7 +1,8 @@
 """``pympx-queues demo``: a crash and a recovery, end to end, in a few seconds.
 
-The demo runs the same story on both halves of the library, in one temp dir
-(``--queue persistent|folder|both``, default both).
+The demo runs the same story on the queues and on a durable pipeline, in one temp dir
+(``--queue persistent|folder|pipeline|both|all``; ``both`` = the two queues, default
+``all``).
 
 PersistentQueue (``<dir>/pickup``)
     Run 1: a producer process puts ``messages`` keyed messages on a journaled
@@ -31,12 +32,27 @@ Folder queue (``<dir>/folder``)
     there exactly once (``lost`` = 0, ``duplicates`` = 0) and nothing may be left ready or
     claimed.
 
+Durable pipeline (``<dir>/pipeline``)
+    Run 1: a coordinator process runs ``messages`` rows through extract (threads) ->
+    transform (2 worker processes) -> load (a sink that stores one file per key in
+    ``<dir>/pipeline/warehouse``), journaled in ``<dir>/pipeline/journal``.  Once a third
+    of the rows are stored the coordinator is killed with SIGKILL; its worker processes
+    die with it.
+    Run 2: a new coordinator on the same journal and the same source skips the keys that
+    are done, resumes the items that were in flight at the stage they were in, and
+    finishes.  The sink uses the pending mark (``ctx.pending``) to skip a key it stored
+    just before the kill.
+    Check: every row stored (``lost`` = 0), none stored twice (``done twice`` = 0), and
+    the re-runs per stage (at most the items in flight at the kill; a finished stage is
+    never re-run), counted from the handlers' own log.
+
 Everything the report says is read back from disk (journals, ``done/``, the folder
 status), not from the demo's own bookkeeping.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -53,12 +69,15 @@ from .folder import layout as L
 from .persistent import PersistentQueue
 from .sentinels import DONE, is_sentinel
 
-__all__ = ["DemoReport", "PersistentDemoReport", "FolderDemoReport", "QUEUES", "run_demo",
-           "format_report", "AFTER_A_CRASH"]
+__all__ = ["DemoReport", "PersistentDemoReport", "FolderDemoReport", "PipelineDemoReport",
+           "QUEUES", "run_demo", "format_report", "AFTER_A_CRASH"]
 
 PREFIX = "demo"
 FOLDER_EXT = ".tsv"
-QUEUES = ("persistent", "folder", "both")
+QUEUES = ("persistent", "folder", "pipeline", "both", "all")
+_PARTS = {"persistent": ("persistent",), "folder": ("folder",), "pipeline": ("pipeline",),
+          "both": ("persistent", "folder"), "all": ("persistent", "folder", "pipeline")}
+PIPELINE_STAGES = ("extract", "transform", "load")
 _HOLDER_FIRST = 3  # files the folder victim acknowledges before it holds claims
 
 #: The one-line hint printed at the end: what a person runs after a real crash.
@@ -134,19 +153,54 @@ class FolderDemoReport(_PartReport):
 
 
 @dataclass
-class DemoReport:
-    """Both parts; ``ok`` is True when no part that ran lost or redid anything."""
+class PipelineDemoReport:
+    """What the pipeline part did and found; ``ok``: nothing lost, nothing stored twice,
+    and no stage re-ran more items than were in flight at the kill."""
 
-    directory: str
-    queue: str = "both"
-    temporary: bool = False  # the directory was a temp dir, removed afterwards
-    persistent: Optional[PersistentDemoReport] = None
-    folder: Optional[FolderDemoReport] = None
+    directory: str  # <dir>/pipeline (journal/ and warehouse/ inside)
+    messages: int  # rows in the source
+    killed_pid: int = 0
+    stored_run1: int = 0  # files in the warehouse when the coordinator was killed
+    workers_killed: List[int] = field(default_factory=list)  # its transform workers
+    workers_left: int = 0  # of those, still running after the kill
+    skipped_done: int = 0  # run 2: source rows skipped as done (read from its report)
+    resumed: int = 0  # run 2: items resumed from the journal (in flight at the kill)
+    done_run2: int = 0  # run 2: items that ended done
+    dead: int = 0  # items dead-lettered (run 2 report)
+    reruns: Dict[str, int] = field(default_factory=dict)  # per stage: starts beyond one per key
+    in_flight_bound: int = 0  # queue sizes + workers of all stages
+    stored: int = 0  # files in the warehouse at the end
+    lost: int = 0  # rows never stored
+    done_twice: int = 0  # rows the sink stored twice
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        parts = [p for p in (self.persistent, self.folder) if p is not None]
+        return (self.lost == 0 and self.done_twice == 0 and self.dead == 0
+                and self.workers_left == 0 and self.stored == self.messages
+                and sum(self.reruns.values()) <= self.in_flight_bound)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class DemoReport:
+    """All parts; ``ok`` is True when no part that ran lost or redid anything."""
+
+    directory: str
+    queue: str = "all"
+    temporary: bool = False  # the directory was a temp dir, removed afterwards
+    persistent: Optional[PersistentDemoReport] = None
+    folder: Optional[FolderDemoReport] = None
+    pipeline: Optional[PipelineDemoReport] = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        parts = [p for p in (self.persistent, self.folder, self.pipeline) if p is not None]
         return bool(parts) and all(p.ok for p in parts)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -155,6 +209,7 @@ class DemoReport:
             "temporary": self.temporary, "seconds": self.seconds,
             "persistent": None if self.persistent is None else self.persistent.to_dict(),
             "folder": None if self.folder is None else self.folder.to_dict(),
+            "pipeline": None if self.pipeline is None else self.pipeline.to_dict(),
             "after_a_crash": AFTER_A_CRASH,
         }
 
@@ -318,12 +373,13 @@ def _fresh(path: str) -> None:
 
 
 def run_demo(directory: Optional[str] = None, *, messages: int = 200, consumers: int = 3,
-             queue: str = "both", work_seconds: float = 0.003, batch: int = 5,
+             queue: str = "all", work_seconds: float = 0.003, batch: int = 5,
              timeout: float = 50.0, context: Any = None) -> DemoReport:
     """Run the demo in ``directory`` (a new temp dir, removed afterwards, by default).
 
     ``queue`` picks the parts: ``"persistent"`` (``<dir>/pickup``), ``"folder"``
-    (``<dir>/folder``) or ``"both"`` (that order).  Blocks until done (a few seconds; at
+    (``<dir>/folder``), ``"pipeline"`` (``<dir>/pipeline``), ``"both"`` (the two queues)
+    or ``"all"`` (the three, in that order).  Blocks until done (a few seconds; at
     most about ``timeout`` seconds per phase).  Starts processes with ``context`` (default
     ``spawn``).  Raises ``TimeoutError`` if processes stop reporting, ``FileExistsError``
     if a part's folder in ``directory`` is not empty; returns the report otherwise (check
@@ -338,27 +394,38 @@ def run_demo(directory: Optional[str] = None, *, messages: int = 200, consumers:
     base = tempfile.mkdtemp(prefix="pympx-queues-demo-") if own else os.path.abspath(directory)
     pickup = os.path.join(base, "pickup")
     qdir = os.path.join(base, "folder")
-    if queue in ("persistent", "both"):
+    pdir = os.path.join(base, "pipeline")
+    parts = _PARTS[queue]
+    if "persistent" in parts:
         _fresh(pickup)
-    if queue in ("folder", "both"):
+    if "folder" in parts:
         _fresh(qdir)
+    if "pipeline" in parts:
+        _fresh(pdir)
     started = time.monotonic()
     report = DemoReport(base, queue, own)
     try:
-        if queue in ("persistent", "both"):
+        if "persistent" in parts:
             t0 = time.monotonic()
             report.persistent = PersistentDemoReport(pickup, messages, consumers)
             try:
                 _run_persistent(ctx, pickup, report.persistent, work_seconds, batch, timeout)
             finally:
                 report.persistent.seconds = round(time.monotonic() - t0, 2)
-        if queue in ("folder", "both"):
+        if "folder" in parts:
             t0 = time.monotonic()
             report.folder = FolderDemoReport(qdir, messages, consumers)
             try:
                 _run_folder(ctx, qdir, report.folder, work_seconds, batch, timeout)
             finally:
                 report.folder.seconds = round(time.monotonic() - t0, 2)
+        if "pipeline" in parts:
+            t0 = time.monotonic()
+            report.pipeline = PipelineDemoReport(pdir, messages)
+            try:
+                _run_pipeline(ctx, pdir, report.pipeline, work_seconds, timeout)
+            finally:
+                report.pipeline.seconds = round(time.monotonic() - t0, 2)
     finally:
         ctx.kill_leftovers()
         report.seconds = round(time.monotonic() - started, 2)
@@ -516,6 +583,160 @@ def _run_folder(ctx: Any, qdir: str, report: FolderDemoReport, work: float, hold
     report.outstanding_at_end = end.ready + end.wip_live + end.wip_stale
 
 
+# --------------------------------------------------------------------------- pipeline part
+# Module level: the coordinator child and its transform workers (spawn) import them.
+_PL_LOG = "PYMPX_DEMO_PIPELINE_LOG"
+_PL_STORE = "PYMPX_DEMO_PIPELINE_STORE"
+_PL_WORK = "PYMPX_DEMO_PIPELINE_WORK"
+
+
+def _pl_note(what: str, key: str) -> None:
+    line = f"{what} {key} {os.getpid()}\n".encode()
+    fd = os.open(os.environ[_PL_LOG], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)  # one O_APPEND write per line: lines of processes never mix
+    finally:
+        os.close(fd)
+
+
+def _pl_extract(row: Dict[str, Any], ctx: Any) -> Dict[str, Any]:
+    _pl_note("extract", ctx.key)
+    return {"row": row["row"], "file": row["file"], "amount": row["amount"]}
+
+
+def _pl_transform(rec: Dict[str, Any], ctx: Any) -> Dict[str, Any]:
+    _pl_note("transform", ctx.key)
+    time.sleep(float(os.environ.get(_PL_WORK, "0.003")) * 3)  # the CPU-heavy step
+    return dict(rec, amount_cents=int(round(rec["amount"] * 100)))
+
+
+def _pl_load(rec: Dict[str, Any], ctx: Any) -> str:
+    """The sink: one file per key.  ``ctx.pending``: an attempt before a crash may have
+    stored this key already (the journal has its pending mark but no done record)."""
+    _pl_note("load", ctx.key)
+    path = os.path.join(os.environ[_PL_STORE], ctx.key + ".json")
+    if ctx.pending and os.path.exists(path):
+        return path  # stored before the crash: exactly once by key
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(rec))
+    os.replace(tmp, path)
+    _pl_note("stored", ctx.key)
+    return path
+
+
+def _pl_stages() -> List[Any]:
+    from .pipeline import Stage
+
+    return [Stage("extract", _pl_extract, kind="thread", workers=2),
+            Stage("transform", _pl_transform, kind="process", workers=2),
+            Stage("load", _pl_load, kind="thread", workers=2, sink=True)]
+
+
+def _pl_coordinator(pdir: str, n: int, work: float, report_path: str) -> None:
+    """A coordinator process: the durable pipeline over the demo's rows, to the end."""
+    import logging
+
+    from .pipeline import Pipeline
+
+    # The demo's report says what happened; the engine's per-item warnings (a replayed
+    # source offering keys that were resumed from the journal) would bury it.
+    logging.getLogger("pympx_queues.pipeline").setLevel(logging.ERROR)
+
+    os.environ[_PL_LOG] = os.path.join(pdir, "handlers.log")
+    os.environ[_PL_STORE] = os.path.join(pdir, "warehouse")
+    os.environ[_PL_WORK] = str(work)
+    rows = (_item(i) for i in range(n))
+    p = Pipeline(rows, _pl_stages(), key=lambda row: f"row-{row['row']:04d}",
+                 journal_dir=os.path.join(pdir, "journal"), name="demo", progress=False)
+    report = p.run_all()
+    tmp = report_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report.to_dict(), f)
+    os.replace(tmp, report_path)
+
+
+def _pl_log(pdir: str) -> List[List[str]]:
+    path = os.path.join(pdir, "handlers.log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.split() for line in f if line.count(" ") == 2]
+
+
+def _pl_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: gave up waiting for {what} after {timeout}s")
+        time.sleep(0.01)
+
+
+def _run_pipeline(ctx: Any, pdir: str, report: PipelineDemoReport, work: float,
+                  timeout: float) -> None:
+    store = os.path.join(pdir, "warehouse")
+    os.makedirs(store, exist_ok=True)
+    n = report.messages
+
+    def stored() -> int:
+        return sum(1 for name in os.listdir(store) if name.endswith(".json"))
+
+    # Run 1: killed with SIGKILL once a third of the rows are stored.
+    run1 = ctx.Process(target=_pl_coordinator, name="pipeline-run1",
+                       args=(pdir, n, work, os.path.join(pdir, "report-run1.json")))
+    run1.start()
+    _wait(lambda: stored() >= n // 3 or not run1.is_alive(), timeout, "a third of the rows")
+    if not run1.is_alive():
+        raise RuntimeError("demo: the pipeline finished before it could be killed")
+    os.kill(run1.pid, signal.SIGKILL)
+    run1.join(10)
+    report.killed_pid = run1.pid
+    report.stored_run1 = stored()
+    report.workers_killed = sorted({int(pid) for what, _key, pid in _pl_log(pdir)
+                                    if what == "transform"})
+    try:  # its workers die with it (PR_SET_PDEATHSIG); give the kernel a moment
+        _wait(lambda: not any(_pl_alive(p) for p in report.workers_killed), 10,
+              "the killed coordinator's workers to exit")
+    except TimeoutError:
+        pass
+    report.workers_left = sum(_pl_alive(p) for p in report.workers_killed)
+
+    # Run 2: the same source on the same journal, to the end.
+    path2 = os.path.join(pdir, "report-run2.json")
+    run2 = ctx.Process(target=_pl_coordinator, name="pipeline-run2",
+                       args=(pdir, n, work, path2))
+    run2.start()
+    run2.join(timeout)
+    if run2.is_alive() or run2.exitcode != 0 or not os.path.exists(path2):
+        raise RuntimeError(f"demo: the resumed pipeline did not finish "
+                           f"(exit code {run2.exitcode})")
+    with open(path2) as f:
+        r2 = json.load(f)
+    report.skipped_done = int(r2.get("skipped_done", 0))
+    report.resumed = int(r2.get("resumed", 0))
+    report.done_run2 = int(r2.get("done", 0))
+    report.dead = int(r2.get("dead", 0))
+
+    # The check, from the handlers' own log and the warehouse.
+    log = _pl_log(pdir)
+    for stage in PIPELINE_STAGES:
+        keys = [key for what, key, _pid in log if what == stage]
+        report.reruns[stage] = len(keys) - len(set(keys))
+    report.in_flight_bound = sum(s.queue_size + s.workers for s in _pl_stages())
+    stores = [key for what, key, _pid in log if what == "stored"]
+    report.done_twice = len(stores) - len(set(stores))
+    report.stored = stored()
+    report.lost = n - len(set(stores) & {f"row-{i:04d}" for i in range(n)})
+
+
 def _where(path: str, temporary: bool) -> str:
     return path + (" (temp, removed)" if temporary else "")
 
@@ -563,6 +784,26 @@ def _format_folder(report: FolderDemoReport, temporary: bool) -> List[str]:
     ]
 
 
+def _format_pipeline(report: PipelineDemoReport, temporary: bool) -> List[str]:
+    reruns = ", ".join(f"{k} {v}" for k, v in report.reruns.items()) or "-"
+    return [
+        f"pympx-queues demo: durable pipeline extract (threads) -> transform (2 processes) "
+        f"-> load (sink), in {_where(report.directory, temporary)}",
+        f"  run 1  {report.messages} rows; coordinator pid {report.killed_pid} killed with "
+        f"SIGKILL after {report.stored_run1} were stored; its "
+        f"{len(report.workers_killed)} worker process(es) exited with it "
+        f"({report.workers_left} left running)",
+        f"  run 2  same source, same journal: {report.skipped_done} done rows skipped, "
+        f"{report.resumed} resumed at the stage they were in, {report.done_run2} finished",
+        f"  re-runs per stage  {reruns}  (items in flight at the kill, at most "
+        f"{report.in_flight_bound}; finished stages are not re-run)",
+        f"  check  rows {report.messages}, stored {report.stored}, lost {report.lost}, "
+        f"done twice {report.done_twice}, dead {report.dead}  ({report.seconds:.1f}s)",
+        "  OK: nothing lost, nothing finished was done again" if report.ok else
+        "  FAILED: the warehouse and the handlers' log do not add up (see above)",
+    ]
+
+
 def format_report(report: DemoReport) -> str:
     """The human-readable report printed by ``pympx-queues demo``."""
     lines: List[str] = []
@@ -570,5 +811,7 @@ def format_report(report: DemoReport) -> str:
         lines += _format_persistent(report.persistent, report.temporary)
     if report.folder is not None:
         lines += _format_folder(report.folder, report.temporary)
+    if report.pipeline is not None:
+        lines += _format_pipeline(report.pipeline, report.temporary)
     lines.append(AFTER_A_CRASH)
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Torture the queues with the failures they promise to survive (DESIGN.md G1..G6).
 
-One script, four modes, each run by real tools that really produce the failure::
+One script, five modes, each run by real tools that really produce the failure::
 
     python scripts/torture.py --mode kill        --queue both --size 200 --seed 1
     python scripts/torture.py --mode powercut    --queue both --size 20  --seed 1   # root, Linux
@@ -27,6 +27,14 @@ One script, four modes, each run by real tools that really produce the failure::
   lost or reordered; ``fsync(file)`` and ``fsync(dir)`` are the only barriers; a rename is
   atomic); ``flush`` mode against a process crash after every single operation.
 
+* ``pipeline``: a durable 3-stage pipeline (thread -> process -> async sink) whose
+  coordinator is killed with SIGKILL ``--size`` times at random points of its work, then
+  run to the end on the same journal (DESIGN.md P1..P3); the rounds and checks are the
+  engine's ``pympx_queues.pipeline._torture.kill_rounds``: lost (not done in the
+  journal), not_stored (never reached the sink), finished_stage_rerun, done_rerun,
+  sink_dup (figure) and sink_dup_beyond_inflight (beyond the sink's workers per kill),
+  orphan_workers (worker processes alive after their coordinator was killed).
+
 Every run ends with one summary line per queue kind::
 
     mode=kill queue=folder iterations=200 acked=... lost=0 corrupt=0 redelivered_done=0 dup_beyond_inflight=0
@@ -37,7 +45,8 @@ when the mode cannot run here (not root, no loop devices, mount refused).
 
 Counts that must be zero: lost, corrupt, redelivered_done, dup_beyond_inflight,
 unrecoverable, not_idempotent, half_written_visible, failed_after_free, errors,
-worker_errors.  Figures: acked, delivered, acked_done, iterations, states,
+worker_errors, and for pipelines not_stored, finished_stage_rerun, done_rerun,
+sink_dup_beyond_inflight, orphan_workers.  Figures: acked, delivered, acked_done, iterations, states,
 recovery_states, processes_killed, puts_refused, acks_during_cut, and in flush mode after
 a power cut lost_unsynced / redelivered_unsynced / dup_unsynced (allowed: flush mode does
 not promise to survive power loss) and, for folder queues only, corrupt_unsynced (a
@@ -89,7 +98,8 @@ EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 VIOLATION_KEYS = (
     "lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
     "not_idempotent", "put_error_silent", "half_written_visible", "errors", "worker_errors",
-    "failed_after_free",
+    "failed_after_free", "finished_stage_rerun", "done_rerun", "sink_dup_beyond_inflight",
+    "orphan_workers", "not_stored",
 )
 
 
@@ -1863,6 +1873,52 @@ def get_adapter(name: str) -> Adapter:
     return ADAPTERS[name]()
 
 
+# =========================================================================== pipeline
+def run_pipeline_torture(args: argparse.Namespace) -> List[Summary]:
+    """``--size`` SIGKILLs of a durable pipeline's coordinator, then a run to the end, by
+    the engine's own kill-round function (pympx_queues.pipeline._torture.kill_rounds: a
+    thread -> process -> async-sink pipeline, kills at random points of the remaining
+    work, checks against the journal's state before each round and the handlers' logs).
+    """
+    from pympx_queues.pipeline._torture import SINK_WORKERS, kill_rounds
+
+    kills = args.size or 20
+    out = []
+    for durability in _durabilities(args, "flush"):
+        base = tempfile.mkdtemp(prefix="torture-pipeline-", dir=os.getcwd())
+        s = new_summary("pipeline", "pipeline", durability=durability)
+        try:
+            r = kill_rounds(base, size=PL_ITEMS, rounds=kills, seed=args.seed,
+                            durability=durability)
+        except RuntimeError as exc:  # a round hung or the final run failed
+            s["errors"] = 1
+            if args.verbose:
+                print(f"pipeline torture: {exc}", file=sys.stderr)
+            out.append(s)
+            continue
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        s["items"] = r["size"]
+        s["rounds"] = r["rounds"] + 1
+        s["kills"] = r["killed"]
+        s["lost"] = r["lost"]
+        s["not_stored"] = r["not_stored"]
+        s["finished_stage_rerun"] = r["finished_stage_reruns"]
+        s["done_rerun"] = r["done_key_reruns"]
+        s["sink_dup"] = r["sink_duplicates"]
+        s["sink_dup_beyond_inflight"] = max(0, r["sink_duplicates"] - r["killed"] * SINK_WORKERS)
+        s["orphan_workers"] = r["orphans"]
+        s["errors"] = 0
+        s["seconds"] = r["seconds"]
+        if args.verbose and r["lost_keys"]:
+            print(f"pipeline torture: lost keys {r['lost_keys']}", file=sys.stderr)
+        out.append(s)
+    return out
+
+
+PL_ITEMS = 300  # items of the pipeline whose coordinator is killed
+
+
 # =========================================================================== crashstates
 def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: int,
                  phase: int, rec_path: str) -> None:
@@ -2056,11 +2112,12 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", required=True,
-                    choices=["kill", "powercut", "enospc", "crashstates"])
+                    choices=["kill", "powercut", "enospc", "crashstates", "pipeline"])
     ap.add_argument("--queue", default="both",
                     help="persistent | folder | both (also toy, toy-buggy: simulator self-test)")
     ap.add_argument("--size", type=int, default=None,
                     help="kill: SIGKILL rounds (default 20 persistent / 50 folder); "
+                         "pipeline: coordinator SIGKILLs (20); "
                          "powercut: cuts (10); enospc: puts (200); crashstates: messages per "
                          "workload phase (8)")
     ap.add_argument("--seed", type=int, default=1)
@@ -2087,6 +2144,14 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     _quiet_library_logs()
+    if args.mode == "pipeline":
+        _quiet_resource_tracker()
+        worst = EXIT_OK
+        for s in run_pipeline_torture(args):
+            print(s.line(), flush=True)
+            if s.violations():
+                worst = EXIT_VIOLATION
+        return worst
     if args.writeback:
         os.environ["PYMPX_TORTURE_WRITEBACK"] = "1"
     if args.publish == "link":

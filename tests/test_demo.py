@@ -1,4 +1,5 @@
-"""``pympx-queues demo``: a real SIGKILL, a real recovery, nothing lost, on both queues."""
+"""``pympx-queues demo``: a real SIGKILL, a real recovery, nothing lost, on both queues and
+on a durable pipeline."""
 
 from __future__ import annotations
 
@@ -38,33 +39,52 @@ def _check_folder(f, messages):
     assert f["completed"] == messages and f["outstanding_at_end"] == 0
 
 
+def _check_pipeline(p, messages):
+    assert p["ok"] is True, p
+    assert p["messages"] == messages and p["stored"] == messages
+    assert p["lost"] == 0 and p["done_twice"] == 0 and p["dead"] == 0
+    assert p["killed_pid"] > 0 and 0 < p["stored_run1"] < messages
+    assert p["workers_killed"] and p["workers_left"] == 0  # no orphan worker process
+    # run 2 skipped what was done, resumed what was in flight, finished the rest
+    assert p["skipped_done"] >= p["stored_run1"] - 2  # a store may precede its done record
+    assert p["skipped_done"] + p["done_run2"] == messages
+    assert set(p["reruns"]) == {"extract", "transform", "load"}
+    assert sum(p["reruns"].values()) <= p["in_flight_bound"]
+
+
 @pytest.mark.timeout(120)
-def test_demo_kills_a_consumer_of_each_queue_recovers_and_loses_nothing(tmp_path):
+def test_demo_kills_a_consumer_of_each_queue_and_a_pipeline_recovers_and_loses_nothing(
+        tmp_path):
     report = demo_module.run_demo(str(tmp_path), messages=40, consumers=3)
     assert report.ok, report
-    assert report.queue == "both" and not report.temporary
+    assert report.queue == "all" and not report.temporary
     _check_persistent(report.persistent, 40)
     _check_folder(report.folder.to_dict(), 40)
+    _check_pipeline(report.pipeline.to_dict(), 40)
+    stored = os.listdir(os.path.join(str(tmp_path), "pipeline", "warehouse"))
+    assert sorted(stored) == [f"row-{i:04d}.json" for i in range(40)]
     # --dir is kept for a look afterwards: every file put is in done/ exactly once
     done = os.listdir(os.path.join(str(tmp_path), "folder", "done"))
     assert sorted(done) == [f"sales_{i:04d}.tsv" for i in range(40)]
     assert os.listdir(os.path.join(str(tmp_path), "folder", "wip")) == []
     assert os.path.isdir(report.persistent.directory)
     text = demo_module.format_report(report)
-    assert text.count("OK: nothing lost") == 2
+    assert text.count("OK: nothing lost") == 3
     assert "pympx-queues status DIR" in text and "pympx-queues requeue DIR" in text
 
 
 @pytest.mark.timeout(120)
-def test_demo_command_prints_both_parts_and_the_after_a_crash_hint(tmp_path):
+def test_demo_command_prints_all_parts_and_the_after_a_crash_hint(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pympx_queues.cli", "demo", "--messages", "30",
          "--dir", str(tmp_path / "d")],
         capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "PersistentQueue" in text and "folder queue" in text
-    assert text.count("OK: nothing lost") == 2 and "FAILED" not in text
+    assert "PersistentQueue" in text and "folder queue" in text and "durable pipeline" in text
+    assert text.count("OK: nothing lost") == 3 and "FAILED" not in text
+    assert re.search(r"rows 30, stored 30, lost 0, done twice 0, dead 0", text), text
+    assert re.search(r"re-runs per stage  extract \d+, transform \d+, load \d+", text), text
     m = re.search(r"killed\s+with SIGKILL holding (\d+) claim", text)
     assert m, text
     held = int(m.group(1))
@@ -86,6 +106,17 @@ def test_demo_command_json_folder_only(tmp_path):
     _check_folder(data["folder"], 20)
     assert data["seconds"] < 60
     assert not os.path.exists(tmp_path / "pickup")
+
+
+@pytest.mark.timeout(120)
+def test_demo_command_json_pipeline_only(tmp_path):
+    result = CliRunner().invoke(cli.main, ["demo", "--json", "--queue", "pipeline",
+                                           "--messages", "30", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ok"] is True and data["persistent"] is None and data["folder"] is None
+    _check_pipeline(data["pipeline"], 30)
+    assert data["seconds"] < 60
 
 
 @pytest.mark.timeout(120)
