@@ -83,7 +83,9 @@ _HOLDER_FIRST = 3  # files the folder victim acknowledges before it holds claims
 #: The one-line hint printed at the end: what a person runs after a real crash.
 AFTER_A_CRASH = ("after a real crash: `pympx-queues status DIR` shows stale claims and "
                  "outstanding work, `pympx-queues requeue DIR` puts it back "
-                 "(DIR: the queue folder or pickup dir)")
+                 "(DIR: the queue folder or pickup dir); for a pipeline journal dir, "
+                 "`status DIR` shows each stage and its dead letters and rerunning the "
+                 "pipeline resumes it")
 
 
 class _PartReport:

@@ -283,3 +283,34 @@ def test_a_torn_tail_is_cut_and_saved_and_corruption_fails_closed(tmp_path):
     with pytest.raises(JournalCorruptError):
         Pipeline(range(5), [Stage("s", lambda x: x)], journal_dir=str(d),
                  progress=False).run_all()
+
+
+def test_a_replayed_source_offering_resumed_keys_is_not_counted_as_duplicates(tmp_path, caplog):
+    """Keys resumed from the journal come again from a replayed source: that offer is the
+    resumed item itself, never a 'duplicate key' warning."""
+    from pympx_queues.pipeline import Pipeline, Stage
+
+    items = [f"k{i}" for i in range(40)]
+    done = []
+
+    def first(x):
+        return x
+
+    p = Pipeline(items, [Stage("s", first, workers=1, queue_size=40)], key=lambda x: x,
+                 journal_dir=str(tmp_path))
+
+    def halt(res):
+        done.append(res.key)
+        if len(done) == 5:
+            p.stop(drain=False)
+
+    p.on_complete = halt
+    p.run_all()
+    again = Pipeline(items, [Stage("s", first, workers=2)], key=lambda x: x,
+                     journal_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="pympx_queues.pipeline"):
+        report = again.run_all()
+    assert report.resumed > 0
+    assert report.duplicate_keys == 0
+    assert "duplicate key" not in caplog.text
+    assert report.done + report.skipped_done == 40

@@ -260,7 +260,7 @@ class _WorkItemCodec:
 
     def __init__(self, inner: Any = None) -> None:
         if inner is None:
-            from .._journal import decode_value, encode_value
+            from ..journal import decode_value, encode_value
 
             self._enc, self._dec = encode_value, decode_value
         else:

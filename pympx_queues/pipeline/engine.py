@@ -514,8 +514,8 @@ class Pipeline:
             await self._wait_room()
             if self._source_done:
                 return
-            if self._seen is not None:
-                self._seen.add(ctx.key)
+            # Not added to the seen keys: a replayed source offers it once more, and that
+            # offer is the resumed item itself, not a duplicate (_offer_source skips it).
             self._admit(ctx, journal=False)
         source = self.source
         index = 0
