@@ -38,6 +38,8 @@ def error_tuple(exc: BaseException) -> Tuple[Any, ...]:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sendable: Optional[BaseException] = exc
     try:
+        # In-memory round trip of the user's own exception, in the worker: will it cross
+        # the process pipe back to the coordinator?  Never journal data (journals are JSON).
         pickle.loads(pickle.dumps(exc))
     except Exception:
         sendable = None
