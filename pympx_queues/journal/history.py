@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Set, TypeVar
 
 from .format import KIND_CANCEL, KIND_CLOSE, KIND_DONE, KIND_FAIL, KIND_KEY, KIND_PUT
 from .names import list_journals
@@ -156,8 +156,26 @@ def _live_scans(directory: str, prefix: str, exclude_run: Optional[str], strict:
     snapshot, and a survivor's put must not come back without the ack that was in a
     journal already gone (G4).
     """
-    scans = _scan_directory(directory, prefix, exclude_run, strict)
-    merged = set()
+    return split_superseded(_scan_directory(directory, prefix, exclude_run, strict))
+
+
+class _ScanLike(Protocol):  # what split_superseded reads (JournalScan, the pipeline's StreamScan)
+    path: str
+    header: Dict[str, Any]
+    name: Any
+
+
+_S = TypeVar("_S", bound=_ScanLike)
+
+
+def split_superseded(scans: Sequence[_S]) -> "tuple[List[_S], List[_S]]":
+    """(scans that count, scans a snapshot merged): the one rule, for every kind of scan.
+
+    A scan is anything with ``.path``, ``.header`` and ``.name.is_snapshot`` (a
+    :class:`JournalScan` or a streamed scan).  A snapshot's header lists the journals it
+    merged; those journals no longer count, whether or not their unlink survived.
+    """
+    merged: Set[str] = set()
     for scan in scans:
         if scan.name.is_snapshot:
             merged.update(scan.header.get("merged") or ())

@@ -6,6 +6,7 @@ and importable without side effects.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import traceback
 from typing import Any, Callable, List, Optional, Tuple
@@ -38,9 +39,13 @@ def error_tuple(exc: BaseException) -> Tuple[Any, ...]:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sendable: Optional[BaseException] = exc
     try:
-        # In-memory round trip of the user's own exception, in the worker: will it cross
-        # the process pipe back to the coordinator?  Never journal data (journals are JSON).
-        pickle.loads(pickle.dumps(exc))
+        # Will the user's own exception cross the process pipe back to the coordinator?
+        # dumps() finds unpicklable attributes; copy.copy() rebuilds it the way the other
+        # side would (``type(exc)(*exc.args)``: a custom __init__ with other arguments
+        # fails here, in the worker, not in the coordinator's reader).  Nothing is ever
+        # unpickled here, and nothing of this reaches a journal (journals are JSON).
+        pickle.dumps(exc)
+        copy.copy(exc)
     except Exception:
         sendable = None
     return ("err", sendable, type(exc).__name__, str(exc), text)

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import _fs
 from .. import journal as jr
 from ..errors import JournalCorruptError
+from ..journal.history import split_superseded
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -200,13 +201,8 @@ def scan_pipeline(directory: str, name: str, *, strict: bool = True
             scans.append(jr.scan_journal(path, strict=strict))
         except FileNotFoundError:
             continue
-    merged = set()
-    for scan in scans:
-        if scan.name.is_snapshot:
-            merged.update(scan.header.get("merged") or ())
-    counted = [s for s in scans if os.path.basename(s.path) not in merged]
-    superseded = [s.path for s in scans if os.path.basename(s.path) in merged]
-    return counted, superseded
+    counted, superseded = split_superseded(scans)
+    return counted, [s.path for s in superseded]
 
 
 def fold(scans: Sequence[Any], keep_results: bool = True) -> Replay:
@@ -404,12 +400,8 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
             streams.append(StreamScan(path))
         except FileNotFoundError:
             continue
-    merged_names = set()
-    for st in streams:
-        if st.name.is_snapshot:
-            merged_names.update(st.header.get("merged") or ())
-    counted = [st for st in streams if os.path.basename(st.path) not in merged_names]
-    superseded = [st.path for st in streams if os.path.basename(st.path) in merged_names]
+    counted, superseded_scans = split_superseded(streams)
+    superseded = [st.path for st in superseded_scans]
     for st in counted:
         if not st.name.is_snapshot and st.writer_alive():
             raise PipelineError(
