@@ -24,6 +24,7 @@ import json
 import reprlib
 import threading
 import time
+import traceback
 from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -109,9 +110,15 @@ class _Call:
         self.slots = slots  # per positional argument: _MAPPED or the unmapped value
         self.kwslots = kwslots
         self.tagged = tagged
+        self.plain = not kwslots and all(s is _MAPPED for s in slots)
 
     def build(self, data: Any) -> Tuple[list, dict]:
-        vals = iter(data[2])
+        return self.build_row(data[2])
+
+    def build_row(self, row: List[Any]) -> Tuple[list, dict]:
+        if self.plain:  # every argument mapped and positional: the row is the arguments
+            return row, _NO_KW
+        vals = iter(row)
         args = [next(vals) if s is _MAPPED else s for s in self.slots]
         kw = {k: (next(vals) if s is _MAPPED else s) for k, s in self.kwslots.items()}
         return args, kw
@@ -136,6 +143,7 @@ class _MappedMarker:
 
 
 _MAPPED = _MappedMarker()
+_NO_KW: Dict[str, Any] = {}
 
 
 def _async_call(call: _Call) -> Callable:
@@ -252,7 +260,12 @@ def _fmt_time(t: Optional[float]) -> str:
 
 # --------------------------------------------------------------------------- the map
 class _Run:
-    """One map's bookkeeping, shared by the coordinator (on_complete) and the caller."""
+    """One map's bookkeeping, shared by the coordinator (on_complete) and the caller.
+
+    :meth:`observe` counts one finished call and asks the switch; it runs in the
+    coordinator (engine path) or, for in-memory thread maps, in the worker that ran the
+    call, under :attr:`_Feed.lock` (the same lock that hands out the next call).
+    """
 
     def __init__(self, ks: Any, halt: str, run_id: str, journal_dir: Optional[str]) -> None:
         self.ks = ks
@@ -261,6 +274,7 @@ class _Run:
         self.journal_dir = journal_dir
         self.pipeline: Any = None
         self.sched: Any = None
+        self.feed: Any = None  # the in-memory thread path's _Feed
         self.args: Dict[int, Any] = {}  # in-flight rows (bounded by the engine)
         self.completed = 0
         self.failed = 0
@@ -268,6 +282,8 @@ class _Run:
         self.failures: deque = deque(maxlen=MAX_FAILURES)
         self.trip: Optional[Dict[str, Any]] = None
         self.trip_seq: Optional[int] = None  # calls started when it tripped
+        self._classify = getattr(ks, "counts_as_failure", None)
+        self._describe = getattr(ks, "describe", None)
 
     def load(self, state: Optional[Dict[str, Any]]) -> None:
         if not state:
@@ -289,9 +305,12 @@ class _Run:
         return {"completed": self.completed, "failed": self.failed,
                 "counted": self.counted}
 
+    def n_started(self) -> int:
+        return self.feed.n if self.feed is not None else self.sched.started
+
     def started(self) -> Dict[str, Any]:
         """Calls started by this run: when the switch tripped, and in all."""
-        return {"started_at_trip": self.trip_seq, "started": self.sched.started}
+        return {"started_at_trip": self.trip_seq, "started": self.n_started()}
 
     def state(self) -> Dict[str, Any]:
         sw = self.ks.to_state() if self.ks is not None and hasattr(self.ks, "to_state") \
@@ -310,54 +329,176 @@ class _Run:
             self.ks, counts=dict(self.counts(), **self.started()), failures=list(self.failures),
             tripped_at=t.get("at"), reason=reason, run_id=self.run_id)
 
-    # in the coordinator, on every completion
+    def observe(self, idx: int, ok: bool, etype: Optional[str] = None, message: str = "",
+                tb: str = "", row: Any = None) -> bool:
+        """One finished call: count it, record a failure, ask the switch.  True when
+        the switch trips now (nothing starts after this returns)."""
+        if self.trip is not None:  # in flight when it tripped: not counted again
+            return False
+        self.completed += 1
+        if ok:
+            o = Outcome(idx, True)
+        else:
+            args = "" if row is None else _summary.repr(tuple(row))[:200]
+            o = Outcome(idx, False, etype, message, tb, args)
+            self.failed += 1
+        ks = self.ks
+        if ks is None:
+            return False
+        counted = self._classify(o) if self._classify is not None else not o.ok
+        if not o.ok:
+            if counted:
+                self.counted += 1
+            self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
+                                  "message": o.message, "traceback": o.traceback,
+                                  "time": o.time, "counted": counted})
+        if not ks.should_flip_switch(o):
+            return False
+        reason = self._describe() if self._describe is not None else \
+            f"{type(ks).__name__} tripped"
+        self.trip = {"at": getattr(ks, "tripped_at", None) or time.time(),
+                     "index": idx, "reason": reason, "switch": type(ks).__name__}
+        self.trip_seq = self.n_started()
+        self.sched.tripped = True
+        return True
+
+    # in the coordinator, on every completion (engine path: one call per item)
     def on_complete(self, res: Any) -> None:
         if res.from_journal:
             return  # counted in the run that computed it (journaled counters)
         idx = res.index
         row = self.args.pop(idx, None)
-        if self.trip is not None:  # in flight when it tripped: not counted again
+        if self.trip is not None:
             self.check_soon()
             return
-        self.completed += 1
+        e = res.error
         if res.ok:
-            o = Outcome(idx, True)
+            flip = self.observe(idx, True)
         else:
-            e = res.error
-            args = "" if row is None else _summary.repr(tuple(row))[:200]
-            o = Outcome(idx, False, e.type, e.message, e.traceback, args)
-            self.failed += 1
-        ks = self.ks
-        flip = False
-        if ks is not None:
-            counted = (ks.counts_as_failure(o) if hasattr(ks, "counts_as_failure")
-                       else not o.ok)
-            if not o.ok and counted:
-                self.counted += 1
-            if not o.ok:
-                self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
-                                      "message": o.message, "traceback": o.traceback,
-                                      "time": o.time, "counted": counted})
-            flip = bool(ks.should_flip_switch(o))
-        if flip:
-            reason = ks.describe() if hasattr(ks, "describe") else \
-                f"{type(ks).__name__} tripped"
-            self.trip = {"at": getattr(ks, "tripped_at", None) or time.time(),
-                         "index": idx, "reason": reason,
-                         "switch": type(ks).__name__}
-            self.trip_seq = self.sched.started
-            self.sched.tripped = True
+            flip = self.observe(idx, False, e.type, e.message, e.traceback, row)
         p = self.pipeline
-        if p.journal_dir is not None and (ks is not None or not o.ok):
+        if p.journal_dir is not None and (self.ks is not None or not res.ok):
             p.set_state(STATE, self.state())
         if flip:
             p.stop(drain=self.halt == "soon")
-        if self.trip is not None and self.halt == "soon" and self.sched.running == 0:
-            p.stop(drain=False)
+        self.check_soon()
+
+    # in the coordinator, when a lease (in-memory thread path) ends
+    def on_lease(self, res: Any) -> None:
+        self.check_soon()
 
     def check_soon(self) -> None:
         if self.trip is not None and self.halt == "soon" and self.sched.running == 0:
             self.pipeline.stop(drain=False)
+
+
+# ------------------------------------------------------------ in-memory thread maps
+LEASE_CALLS = 256  # calls a worker runs before it hands its results back (at most) ...
+LEASE_SECONDS = 0.005  # ... or once a call ends this long after the lease began
+
+
+class _Feed:
+    """The zipped input of an in-memory thread map, read by the workers themselves.
+
+    Each engine item is a *lease*: one worker slot that takes calls from here one at a
+    time, each when the previous one ended (a sliding window, no barrier), and hands
+    their results back together (after :data:`LEASE_CALLS` calls or
+    :data:`LEASE_SECONDS`).  Trivial calls then pay the coordinator's per-item cost
+    once per lease, not once per call; a call slower than the lease time is a lease of
+    its own.  Handing out a position and seeing a switch trip happen under one lock:
+    once the switch has tripped, no call starts (P7).
+    """
+
+    def __init__(self, rows: Iterator[list], run: _Run) -> None:
+        self.rows = rows
+        self.run = run
+        self.lock = threading.Lock()
+        self.n = 0  # positions handed out (calls started)
+        self.done = False  # the input ended, or raised
+        self.error: Optional[BaseException] = None  # what the input raised
+
+    def take_locked(self) -> Optional[Tuple[int, Any]]:
+        """The next (position, row), or None: input exhausted or switch tripped.
+        Called with :attr:`lock` held."""
+        if self.done or self.run.trip is not None:
+            return None
+        try:
+            row = next(self.rows)
+        except StopIteration:
+            self.done = True
+            return None
+        except BaseException as exc:  # unequal lengths, the user's generator
+            self.error = exc
+            self.done = True
+            return None
+        i = self.n
+        self.n = i + 1
+        return i, row
+
+    def tokens(self) -> Iterator[None]:
+        """The engine's source: one item per lease, until the input ends."""
+        while not self.done and self.run.trip is None:
+            yield None
+
+
+class _Lease:
+    """The stage handler of the in-memory thread path: runs calls taken from the feed,
+    returns ``[(position, ok, result_or_CallFailed), ...]``."""
+
+    def __init__(self, call: _Call, feed: _Feed, run: _Run) -> None:
+        self.call = call
+        self.feed = feed
+        self.run = run
+
+    def __call__(self, _token: Any, ctx: Any) -> List[Tuple[int, bool, Any]]:
+        feed, run, build, fn = self.feed, self.run, self.call.build_row, self.call.fn
+        lock = feed.lock
+        watch = run.ks is not None
+        out: List[Tuple[int, bool, Any]] = []
+        prev = getattr(_local, "cancelled", None)
+        _local.cancelled = ctx.cancelled
+        clock = time.monotonic
+        end = clock() + LEASE_SECONDS
+        ended: Any = None  # (position, exception or None, row): for the switch to see
+        n = 0
+        try:
+            while True:
+                flip = False
+                # One lock for "the call that ended is counted (the switch may trip)"
+                # and "the next call starts": no call starts after a trip.
+                with lock:
+                    if ended is not None:
+                        flip = self._observe(ended, out)
+                        ended = None
+                    got = feed.take_locked() if n < LEASE_CALLS and (
+                        n == 0 or clock() < end) else None
+                if flip:
+                    run.pipeline.stop(drain=run.halt == "soon")
+                if got is None:
+                    break
+                n += 1
+                i, row = got
+                args, kw = build(row)
+                try:
+                    value = fn(*args, **kw)
+                except BaseException as exc:  # noqa: B902 - one call's failure, reported
+                    ended = (i, exc, row)
+                    continue
+                out.append((i, True, value))
+                if watch:
+                    ended = (i, None, row)
+        finally:
+            _local.cancelled = prev
+        return out
+
+    def _observe(self, ended: Tuple[int, Any, Any], out: List[Any]) -> bool:
+        i, exc, row = ended
+        if exc is None:
+            return self.run.observe(i, True)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        name, msg = type(exc).__name__, str(exc)
+        out.append((i, False, CallFailed(i, name, msg, tb)))
+        return self.run.observe(i, False, name, msg, tb, row)
 
 
 def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
@@ -396,30 +537,41 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
     run = _Run(kill_switch, halt, run_id, journal_dir)
     sched = _MapScheduler(size, waves)
     run.sched = sched
-    stage = Stage("call", handler, kind=kind, workers=size, queue_size=size,
-                  executor=executor, scheduler=sched)
-    from .journal import JsonCodec
+    # In memory on threads (a sliding window): workers take their calls themselves and
+    # hand results back in leases (_Feed).  Durable maps keep one engine item per call
+    # (each result journaled as it ends); waves need the scheduler's barrier.
+    leased = not durable and kind == "thread" and not waves
+    if leased:
+        feed = run.feed = _Feed(_zip_strict(its, names), run)
+        stage = Stage("call", _Lease(call, feed, run), kind="thread", workers=size,
+                      queue_size=1, scheduler=sched)
+        p = Pipeline(feed.tokens(), [stage], durability=durability, name=run_id,
+                     ordered=False, on_complete=run.on_lease, progress=False)
+    else:
+        stage = Stage("call", handler, kind=kind, workers=size, queue_size=size,
+                      executor=executor, scheduler=sched)
+        from .journal import JsonCodec
 
-    codec_ = codec if codec is not None else JsonCodec()
+        codec_ = codec if codec is not None else JsonCodec()
 
-    def source() -> Iterator[list]:
-        replay = None
-        j = p._journal
-        if j is not None:
-            replay = j.replay
-        for i, row in enumerate(_zip_strict(its, names)):
-            if durable:
-                d = _digest(codec_, row)
-                if replay is not None:
-                    _check_same(replay, j, str(i), i, d)
-            else:
-                d = None
-            run.args[i] = row  # summarised only if the call fails
-            yield [i, d, row]
+        def source() -> Iterator[list]:
+            replay = None
+            j = p._journal
+            if j is not None:
+                replay = j.replay
+            for i, row in enumerate(_zip_strict(its, names)):
+                if durable:
+                    d = _digest(codec_, row)
+                    if replay is not None:
+                        _check_same(replay, j, str(i), i, d)
+                else:
+                    d = None
+                run.args[i] = row  # summarised only if the call fails
+                yield [i, d, row]
 
-    p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
-                 codec=codec, name=run_id, ordered=False, on_complete=run.on_complete,
-                 progress=False, keep_results=durable)
+        p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
+                     codec=codec, name=run_id, ordered=False, on_complete=run.on_complete,
+                     progress=False, keep_results=durable)
     run.pipeline = p
     if kill_switch is not None and hasattr(kill_switch, "reset"):
         kill_switch.reset()  # each map counts from zero, or from its journal
@@ -432,29 +584,46 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
     failures: List[CallFailed] = []
     held: Dict[int, Any] = {}
     nxt = 0
+    ended = 0  # calls that ended in this run or earlier ones (from the journal)
     try:
         for res in p.run():
-            if res.ok:
-                value = res.value[1] if durable else res.value
+            if leased:
+                if not res.ok:  # the lease itself failed: a defect here, not a call's
+                    e = res.error
+                    raise PipelineError(f"batch_map: a worker lease failed: {e.type}: "
+                                        f"{e.message}\n{e.traceback}")
+                done = res.value
+            elif res.ok:
+                done = ((res.index, True, res.value[1] if durable else res.value),)
             else:
                 e = res.error
-                value = CallFailed(res.index, e.type, e.message, e.traceback)
-                failures.append(value)
-            if not ordered:
-                yield res.index, value
-                continue
-            held[res.index] = value
-            while nxt in held:
-                yield nxt, held.pop(nxt)
+                done = ((res.index, False, CallFailed(res.index, e.type, e.message,
+                                                      e.traceback)),)
+            ended += len(done)
+            for i, ok, value in done:
+                if not ok:
+                    failures.append(value)
+                if not ordered:
+                    yield i, value
+                    continue
+                if i != nxt:
+                    held[i] = value
+                    continue
+                yield i, value
                 nxt += 1
+                while nxt in held:
+                    yield nxt, held.pop(nxt)
+                    nxt += 1
     finally:
         p.close()
+    if leased and feed.error is not None:
+        raise feed.error
     if run.trip is not None:
         raise run.error()
     state = p.report.state
     if state != "finished":  # SIGINT/SIGTERM: never a silently short result
         raise MapStopped(f"batch_map {run_id!r} was {state} (a signal) before every call "
-                         f"ran: {p.report.done + p.report.skipped_done} of the calls ended"
+                         f"ran: {ended} of the calls ended"
                          + ("; a rerun with the same journal_dir resumes" if durable
                             else ""))
     if failures and errors == "raise":
