@@ -28,6 +28,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from ..journal.format import dumps as _dumps
 from ._model import PipelineError, Scheduler, Stage
 from .engine import Pipeline
 from .switches import KillSwitchError, Outcome
@@ -246,10 +247,22 @@ def _zip_strict(its: List[Iterator], names: List[str]) -> Iterator[list]:
         yield row
 
 
+_FLAT = (int, str, float, bool, type(None))
+
+
 def _digest(codec: Any, value: Any) -> str:
+    """A short fingerprint of a call's encoded arguments (changed input is refused)."""
     enc = codec.encode(value)
-    raw = json.dumps(enc, sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    raw = None
+    if type(enc) is list and all(type(x) in _FLAT for x in enc):
+        try:
+            raw = _dumps(enc)  # flat row of scalars: no key order to normalise
+        except ValueError:  # NaN: the journal refuses the call itself, with its reason
+            pass
+    if raw is None:
+        raw = json.dumps(enc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                         default=repr)
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
 def _fmt_time(t: Optional[float]) -> str:
@@ -501,18 +514,15 @@ class _Lease:
         return self.run.observe(i, False, name, msg, tb, row)
 
 
-def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
+def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
                    halt: str = "now", kind: str = "thread", executor: Any = None,
                    journal_dir: Optional[str] = None, durability: str = "flush",
                    run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
                    errors: str = "raise", codec: Any = None,
-                   **kwargs: Any) -> Iterator[Tuple[int, Any]]:
-    """:func:`batch_map` as a stream of ``(index, result)`` pairs: in input order
-    (``ordered=True``; results that finish early are held until their turn) or as calls
-    complete (``ordered=False``: memory stays bounded whatever the input's length).  A
-    failed call yields a :class:`CallFailed` in place of its result with
-    ``errors="return"``; with ``errors="raise"`` (the default) the stream ends by
-    raising :class:`BatchMapError`.  A tripped switch raises :class:`KillSwitchError`."""
+                _into: Optional[Dict[int, Any]] = None,
+                **kwargs: Any) -> Iterator[Tuple[int, Any]]:
+    """:func:`batch_map_iter`; with ``_into`` (a dict) the results are stored there by
+    position, in the coordinator, and nothing is yielded."""
     if not callable(fn):
         raise TypeError(f"batch_map: fn must be callable, not {fn!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -541,12 +551,39 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
     # hand results back in leases (_Feed).  Durable maps keep one engine item per call
     # (each result journaled as it ends); waves need the scheduler's barrier.
     leased = not durable and kind == "thread" and not waves
+    failures: List[CallFailed] = []
+
+    def pairs(res: Any) -> Any:
+        """A result of the engine as (position, ok, result or CallFailed) triples."""
+        if leased:
+            if not res.ok:  # the lease itself failed: a defect here, not a call's
+                e = res.error
+                raise PipelineError(f"batch_map: a worker lease failed: {e.type}: "
+                                    f"{e.message}\n{e.traceback}")
+            return res.value
+        if res.ok:
+            return ((res.index, True, res.value[1] if durable else res.value),)
+        e = res.error
+        return ((res.index, False, CallFailed(res.index, e.type, e.message, e.traceback)),)
+
+    def hook(count: Callable[[Any], None]) -> Callable[[Any], None]:
+        if _into is None:
+            return count  # results go to the caller through run()
+
+        def count_and_keep(res: Any) -> None:  # in the coordinator: no hand-over per call
+            count(res)
+            for i, ok, value in pairs(res):
+                if not ok:
+                    failures.append(value)
+                _into[i] = value
+        return count_and_keep
+
     if leased:
         feed = run.feed = _Feed(_zip_strict(its, names), run)
         stage = Stage("call", _Lease(call, feed, run), kind="thread", workers=size,
                       queue_size=1, scheduler=sched)
         p = Pipeline(feed.tokens(), [stage], durability=durability, name=run_id,
-                     ordered=False, on_complete=run.on_lease, progress=False)
+                     ordered=False, on_complete=hook(run.on_lease), progress=False)
     else:
         stage = Stage("call", handler, kind=kind, workers=size, queue_size=size,
                       executor=executor, scheduler=sched)
@@ -570,8 +607,8 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
                 yield [i, d, row]
 
         p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
-                     codec=codec, name=run_id, ordered=False, on_complete=run.on_complete,
-                     progress=False, keep_results=durable)
+                     codec=codec, name=run_id, ordered=False,
+                     on_complete=hook(run.on_complete), progress=False, keep_results=durable)
     run.pipeline = p
     if kill_switch is not None and hasattr(kill_switch, "reset"):
         kill_switch.reset()  # each map counts from zero, or from its journal
@@ -581,24 +618,15 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
             p.close()
             raise run.error()
 
-    failures: List[CallFailed] = []
     held: Dict[int, Any] = {}
     nxt = 0
     ended = 0  # calls that ended in this run or earlier ones (from the journal)
     try:
-        for res in p.run():
-            if leased:
-                if not res.ok:  # the lease itself failed: a defect here, not a call's
-                    e = res.error
-                    raise PipelineError(f"batch_map: a worker lease failed: {e.type}: "
-                                        f"{e.message}\n{e.traceback}")
-                done = res.value
-            elif res.ok:
-                done = ((res.index, True, res.value[1] if durable else res.value),)
-            else:
-                e = res.error
-                done = ((res.index, False, CallFailed(res.index, e.type, e.message,
-                                                      e.traceback)),)
+        if _into is not None:
+            p.run_all()
+            ended = len(_into)
+        for res in (p.run() if _into is None else ()):
+            done = pairs(res)
             ended += len(done)
             for i, ok, value in done:
                 if not ok:
@@ -628,6 +656,24 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
                             else ""))
     if failures and errors == "raise":
         raise BatchMapError(sorted(failures, key=lambda f: f.index), None)
+
+
+def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
+                   halt: str = "now", kind: str = "thread", executor: Any = None,
+                   journal_dir: Optional[str] = None, durability: str = "flush",
+                   run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
+                   errors: str = "raise", codec: Any = None,
+                   **kwargs: Any) -> Iterator[Tuple[int, Any]]:
+    """:func:`batch_map` as a stream of ``(index, result)`` pairs: in input order
+    (``ordered=True``; results that finish early are held until their turn) or as calls
+    complete (``ordered=False``: memory stays bounded whatever the input's length).  A
+    failed call yields a :class:`CallFailed` in place of its result with
+    ``errors="return"``; with ``errors="raise"`` (the default) the stream ends by
+    raising :class:`BatchMapError`.  A tripped switch raises :class:`KillSwitchError`."""
+    return _batch_map(fn, *iterables, size=size, kill_switch=kill_switch, halt=halt,
+                      kind=kind, executor=executor, journal_dir=journal_dir,
+                      durability=durability, run_id=run_id, waves=waves, ordered=ordered,
+                      errors=errors, codec=codec, **kwargs)
 
 
 def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str) -> None:
@@ -669,13 +715,17 @@ def batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = N
     ``kind``: "thread" | "process" | "async", or ``executor=`` any
     ``concurrent.futures.Executor``.  ``journal_dir``: durable (see the module doc).
     """
-    it = batch_map_iter(fn, *iterables, size=size, kill_switch=kill_switch, halt=halt,
-                        kind=kind, executor=executor, journal_dir=journal_dir,
-                        durability=durability, run_id=run_id, waves=waves,
-                        ordered=ordered, errors=errors, codec=codec, **kwargs)
+    opts = dict(size=size, kill_switch=kill_switch, halt=halt, kind=kind, executor=executor,
+                journal_dir=journal_dir, durability=durability, run_id=run_id, waves=waves,
+                ordered=ordered, errors=errors, codec=codec)
     if not ordered:
-        return it
-    return [v for _i, v in it]
+        return _batch_map(fn, *iterables, **opts, **kwargs)
+    # The whole list is the result: results are kept as the coordinator sees them
+    # (Pipeline.run_all), without handing each one over to this thread.
+    into: Dict[int, Any] = {}
+    for _ in _batch_map(fn, *iterables, **opts, _into=into, **kwargs):
+        pass  # pragma: no cover - nothing is yielded when collecting
+    return [into[i] for i in range(len(into))]
 
 
 def reset_kill_switch(journal_dir: str, run_id: Optional[str] = None, *,
