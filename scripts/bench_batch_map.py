@@ -37,6 +37,14 @@ def ident(x):
     return x
 
 
+def sleeper(x):
+    time.sleep(_work[0])
+    return x
+
+
+_work = [0.001]
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -158,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=8, help="threads (processes: 2)")
     ap.add_argument("--soon-call", type=float, default=0.05,
                     help="seconds each running call takes in the halt=soon latency run")
+    ap.add_argument("--work-ms", type=float, default=1.0,
+                    help="milliseconds each call sleeps in the 'calls that wait' rows")
     ap.add_argument("--prefect", type=int, default=40, metavar="N",
                     help="Prefect tasks per Prefect row (0: no Prefect rows)")
     ap.add_argument("--prefect-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -180,6 +190,19 @@ def main(argv=None):
     res["batch_map_thread_switch_s"], out = timed(
         lambda: batch_map(ident, items, size=w, kill_switch=Rate(100, 0.5)))
     assert out == base
+    _work[0] = a.work_ms / 1e3
+    wn = max(min(n // 10, 2000), 10)
+    witems = items[:wn]
+
+    def thread_pool_work():
+        with ThreadPoolExecutor(w) as ex:
+            return list(ex.map(sleeper, witems))
+
+    res["work_size"] = wn
+    res["threadpool_work_s"], wbase = timed(thread_pool_work)
+    res["batch_map_work_s"], out = timed(lambda: batch_map(sleeper, witems, size=w))
+    assert out == wbase
+    res["ratio_work"] = res["batch_map_work_s"] / res["threadpool_work_s"]
     d = tempfile.mkdtemp(prefix="bench-bm-")
     try:
         res["batch_map_durable_s"], out = timed(
@@ -220,6 +243,8 @@ def main(argv=None):
         res[k + "_us_per_call"] = res[k + "_s"] / n * 1e6
     for k in ("processpool", "batch_map_process"):
         res[k + "_us_per_call"] = res[k + "_s"] / pn * 1e6
+    for k in ("threadpool_work", "batch_map_work"):
+        res[k + "_us_per_call"] = res[k + "_s"] / wn * 1e6
     tn = min(n, 2000)
     res["trip_to_raise_now_ms"] = trip_latency(tn, "now", 0, w) * 1e3
     res["trip_to_raise_soon_ms"] = trip_latency(tn, "soon", a.soon_call, w) * 1e3
@@ -230,7 +255,8 @@ def main(argv=None):
         print(json.dumps(res, indent=2))
         return 0
     print(f"batch_map benchmark: {n} trivial calls, {w} threads (processes: 2 workers, "
-          f"{pn} calls), Python {res['python']}, {res['cpus']} CPUs")
+          f"{pn} calls; calls that sleep: {wn}), Python {res['python']}, "
+          f"{res['cpus']} CPUs")
     rows = [("ThreadPoolExecutor.map", "threadpool", None),
             ("batch_map threads, in memory", "batch_map_thread", "ratio_thread"),
             ("  + Rate switch (every completion)", "batch_map_thread_switch",
@@ -238,6 +264,8 @@ def main(argv=None):
             ("batch_map threads, durable flush", "batch_map_durable", "ratio_durable"),
             ("  + Rate switch (state journaled)", "batch_map_durable_switch",
              "ratio_durable_switch"),
+            (f"ThreadPoolExecutor.map, {a.work_ms:g} ms calls", "threadpool_work", None),
+            (f"batch_map threads, {a.work_ms:g} ms calls", "batch_map_work", "ratio_work"),
             ("ProcessPoolExecutor.map", "processpool", None),
             ("batch_map processes, in memory", "batch_map_process", "ratio_process")]
     for label, k, r in rows:

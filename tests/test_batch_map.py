@@ -163,8 +163,11 @@ def test_halt_now_starts_nothing_after_the_trip_with_many_workers():
     pattern = "." * 10 + "x" + "." * 40
     spy, err, started, _ = run_pattern(pattern, AnyFailed(), size=4, delay=0.01)
     assert err is not None
-    # calls handed to a worker when it tripped, and in all: equal (none started after)
-    assert err.counts["started"] == err.counts["started_at_trip"] <= 11 + 3
+    # calls started when it tripped, and in all: equal (none started after)
+    assert err.counts["started"] == err.counts["started_at_trip"]
+    # at the trip: the calls that had ended (the failure included; under load calls of
+    # one round may end out of order) plus at most size - 1 running
+    assert err.counts["started_at_trip"] <= err.counts["completed"] + 3
 
 
 def test_halt_soon_lets_at_most_size_minus_one_calls_finish_and_starts_none():

@@ -38,7 +38,8 @@ __all__ = ["batch_map", "batch_map_iter", "unmapped", "reset_kill_switch", "canc
            "DEFAULT_RUN_ID"]
 
 DEFAULT_RUN_ID = "batch_map"
-STATE = "batch_map.switch"  # journaled state name
+STATE = "batch_map.switch"  # journaled state: the switch, the counters, the trip
+FAILURES = "batch_map.failures"  # journaled state: the failures kept (written when one is)
 MAX_FAILURES = 100  # failures kept in the state and in KillSwitchError
 
 _local = threading.local()
@@ -295,17 +296,19 @@ class _Run:
         self.failures: deque = deque(maxlen=MAX_FAILURES)
         self.trip: Optional[Dict[str, Any]] = None
         self.trip_seq: Optional[int] = None  # calls started when it tripped
+        self.dirty = False  # counters changed since the state was last journaled
+        self.failures_dirty = False
         self._classify = getattr(ks, "counts_as_failure", None)
         self._describe = getattr(ks, "describe", None)
 
-    def load(self, state: Optional[Dict[str, Any]]) -> None:
+    def load(self, state: Optional[Dict[str, Any]], failures: Optional[List[Any]]) -> None:
         if not state:
             return
         c = state.get("counts", {})
         self.completed = c.get("completed", 0)
         self.failed = c.get("failed", 0)
         self.counted = c.get("counted", 0)
-        self.failures.extend(state.get("failures", []))
+        self.failures.extend(failures or state.get("failures", []))
         self.trip = state.get("tripped")
         if self.ks is not None and state.get("switch") is not None and \
                 hasattr(self.ks, "from_state"):
@@ -328,8 +331,30 @@ class _Run:
     def state(self) -> Dict[str, Any]:
         sw = self.ks.to_state() if self.ks is not None and hasattr(self.ks, "to_state") \
             else None
-        return {"switch": sw, "counts": self.counts(), "failures": list(self.failures),
-                "tripped": self.trip}
+        return {"switch": sw, "counts": self.counts(), "tripped": self.trip}
+
+    def journal_state(self) -> None:
+        """Journal the counters (and the failures, when one was added)."""
+        p = self.pipeline
+        if self.failures_dirty:
+            self.failures_dirty = False
+            p.set_state(FAILURES, list(self.failures))
+        self.dirty = False
+        p.set_state(STATE, self.state())
+
+    def journal_state_soon(self) -> None:
+        """Successes: the counters are journaled once per coordinator turn, after the
+        turn's results (a crash between the two loses at most that turn's successes
+        from the counters: built-in switches then trip earlier, never later)."""
+        if not self.dirty:
+            self.dirty = True
+            import asyncio
+
+            asyncio.get_running_loop().call_soon(self.flush_state)
+
+    def flush_state(self) -> None:
+        if self.dirty:
+            self.journal_state()
 
     def error(self) -> KillSwitchError:
         t = self.trip or {}
@@ -365,6 +390,7 @@ class _Run:
             self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
                                   "message": o.message, "traceback": o.traceback,
                                   "time": o.time, "counted": counted})
+            self.failures_dirty = True
         if not ks.should_flip_switch(o):
             return False
         reason = self._describe() if self._describe is not None else \
@@ -390,8 +416,11 @@ class _Run:
         else:
             flip = self.observe(idx, False, e.type, e.message, e.traceback, row)
         p = self.pipeline
-        if p.journal_dir is not None and (self.ks is not None or not res.ok):
-            p.set_state(STATE, self.state())
+        if p.journal_dir is not None:
+            if flip or not res.ok:  # failures and a trip: journaled before anything else
+                self.journal_state()
+            elif self.ks is not None:
+                self.journal_state_soon()
         if flip:
             p.stop(drain=self.halt == "soon")
         self.check_soon()
@@ -613,7 +642,7 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
     if kill_switch is not None and hasattr(kill_switch, "reset"):
         kill_switch.reset()  # each map counts from zero, or from its journal
     if durable:
-        run.load(p.get_state(STATE))
+        run.load(p.get_state(STATE), p.get_state(FAILURES))
         if run.trip is not None:
             p.close()
             raise run.error()
@@ -747,6 +776,8 @@ def reset_kill_switch(journal_dir: str, run_id: Optional[str] = None, *,
         had = p.get_state(STATE) is not None
         if had:
             p.clear_state(STATE)
+        if p.get_state(FAILURES) is not None:
+            p.clear_state(FAILURES)
     finally:
         p.close()
     retried = redrive_dead(journal_dir, run_id) if retry_failed else []
