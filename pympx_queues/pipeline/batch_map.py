@@ -1,10 +1,19 @@
 """``batch_map``: one function over long inputs, bounded concurrency, kill switches that
 stop at once, and (with ``journal_dir``) a map that survives ``kill -9`` (issue 12).
 
-Built on the pipeline engine: a single-stage :class:`~pympx_queues.pipeline.Pipeline`
-whose keys are input positions (scoped by ``run_id``, the journal's pipeline name).  The
-kill switch is evaluated in the engine's ``on_complete`` hook, in the coordinator, on
-every completion as it happens (the last partial batch included).  When it trips:
+Built on the pipeline engine, a single-stage :class:`~pympx_queues.pipeline.Pipeline`,
+in one of two shapes:
+
+* one engine item per call (durable maps, waves, process/async/executor kinds): keys
+  are input positions (scoped by ``run_id``, the journal's pipeline name) and the kill
+  switch is evaluated in the engine's ``on_complete`` hook, in the coordinator;
+* in-memory thread maps with a sliding window: one engine item per *lease* (see
+  :class:`_Feed`): the workers take their calls from the input one at a time and hand
+  results back in piles; the switch is evaluated by the worker whose call ended, under
+  the lock that hands out the next call.
+
+Either way the switch sees every completion as it happens (the last partial batch
+included).  When it trips:
 
 * ``halt="now"``: ``stop(drain=False)``: nothing new starts, running calls are abandoned
   (thread workers see :func:`cancelled` become true, process workers are terminated);
@@ -550,11 +559,11 @@ class _Lease:
 
 
 def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
-                   halt: str = "now", kind: str = "thread", executor: Any = None,
-                   journal_dir: Optional[str] = None, durability: str = "flush",
-                   run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
-                   errors: str = "raise", codec: Any = None,
-                _into: Optional[Dict[int, Any]] = None,
+               halt: str = "now", kind: str = "thread", executor: Any = None,
+               journal_dir: Optional[str] = None, durability: str = "flush",
+               run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
+               errors: str = "raise", codec: Any = None,
+               _into: Optional[Dict[int, Any]] = None,
                 **kwargs: Any) -> Iterator[Tuple[int, Any]]:
     """:func:`batch_map_iter`; with ``_into`` (a dict) the results are stored there by
     position, in the coordinator, and nothing is yielded."""
