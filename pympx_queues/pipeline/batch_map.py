@@ -644,7 +644,7 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                 if durable:
                     d = _digest(codec_, row)
                     if replay is not None:
-                        _check_same(replay, j, str(i), i, d)
+                        _check_same(replay, j, str(i), i, d, row, codec_)
                 else:
                     d = None
                 run.args[i] = row  # summarised only if the call fails
@@ -720,7 +720,16 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
                       errors=errors, codec=codec, **kwargs)
 
 
-def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str) -> None:
+def _legacy_digest(codec: Any, value: Any) -> str:
+    """The fingerprint that journals written before :func:`_digest` hold (sha256 of the
+    sorted JSON): computed only when the current one differs, so they still resume."""
+    raw = json.dumps(codec.encode(value), sort_keys=True, separators=(",", ":"),
+                     default=repr)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str,
+                row: Any, codec: Any) -> None:
     old = None
     if key in replay.done:
         v = replay.done[key]
@@ -732,7 +741,7 @@ def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str) ->
         old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
     else:
         return
-    if old is not None and old != digest:
+    if old is not None and old != digest and old != _legacy_digest(codec, row):
         raise InputChangedError(
             f"batch_map: the input at position {index} differs from the one journaled "
             f"for run id {journal.name!r} in {journal.directory}: use another run_id= "
