@@ -38,6 +38,7 @@ from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..journal.format import dumps as _dumps
+from ..journal.format import encode_value as _encode_value
 from ._model import PipelineError, Scheduler, Stage
 from .engine import Pipeline
 from .switches import KillSwitchError, Outcome
@@ -263,9 +264,11 @@ _FLAT = (int, str, float, bool, type(None))
 
 def _digest(codec: Any, value: Any) -> str:
     """A short fingerprint of a call's encoded arguments (changed input is refused)."""
-    enc = codec.encode(value)
+    flat = type(value) is list and all(type(x) in _FLAT for x in value)
+    # the journal's own codec leaves a flat row of scalars as it is
+    enc = value if flat and codec.encode is _encode_value else codec.encode(value)
     raw = None
-    if type(enc) is list and all(type(x) in _FLAT for x in enc):
+    if flat or (type(enc) is list and all(type(x) in _FLAT for x in enc)):
         try:
             raw = _dumps(enc)  # flat row of scalars: no key order to normalise
         except ValueError:  # NaN: the journal refuses the call itself, with its reason
