@@ -228,3 +228,34 @@ def test_a_switch_tripped_in_another_process_is_honoured_here(tmp_path):
     assert calls == []
     assert [f["index"] for f in ei.value.failures] == [3, 4]
     assert str(ei.value) == r.stdout.strip()
+
+
+def test_a_journal_written_with_the_older_argument_fingerprint_still_resumes(
+        tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    from pympx_queues.pipeline.batch_map import _digest, _legacy_digest
+    from pympx_queues.pipeline.journal import JsonCodec
+
+    codec = JsonCodec()
+    row = [3, "x" * 40]
+    assert _digest(codec, row) != _legacy_digest(codec, row)
+    raw = '[3,"' + "x" * 40 + '"]'
+    assert _legacy_digest(codec, row) == hashlib.sha256(raw.encode()).hexdigest()[:16]
+    # a journal whose fingerprints are the older ones
+    mod = importlib.import_module("pympx_queues.pipeline.batch_map")
+    with monkeypatch.context() as m:
+        m.setattr(mod, "_digest", _legacy_digest)
+        assert batch_map(lambda i, s: i, range(4), ["x" * 40] * 4,
+                         journal_dir=str(tmp_path)) == [0, 1, 2, 3]
+    calls = []
+
+    def fn(i, s):
+        calls.append(i)
+        return i
+
+    assert batch_map(fn, range(6), ["x" * 40] * 6, journal_dir=str(tmp_path)) == list(range(6))
+    assert sorted(calls) == [4, 5]  # the four journaled results came back, not refused
+    with pytest.raises(InputChangedError):
+        batch_map(fn, range(6), ["y" * 40] * 6, journal_dir=str(tmp_path))

@@ -10,10 +10,12 @@ fixes; docs/moving-from-prefecto.md lists them with examples):
   :class:`KillSwitchError` carrying ``.ks``, the counts and every failure's cause.
 * Batches are waves by default (prefecto's barrier between batches); ``waves=False``
   gives a sliding window (a finished call frees its slot at once).
-* With a plain callable ``map`` returns one ``concurrent.futures.Future`` per element in
-  input order, all finished (failed calls hold their exception).  A Prefect task's
-  underlying function (``task.fn``) is called outside Prefect's orchestration (no task
-  runs are recorded); mapping through Prefect itself is not implemented.
+* ``map`` returns one finished ``concurrent.futures.Future`` per element in input order
+  (a failed call's future holds a :class:`CallError`).  With Prefect 3 installed, a
+  Prefect task is called as a task run of the calling flow (each worker thread runs it
+  in a copy of the caller's context), so maps of several batches work where prefecto
+  raises ``AttributeError`` (``get_state``).  Without Prefect, an object that only looks
+  like a task has its ``.fn`` called directly, with a warning.
 * ``journal_dir=`` makes the map durable (results, switch counters and trips survive a
   restart; see :func:`pympx_queues.pipeline.batch_map.batch_map`).
 * Switches take ``ignore=`` / ``counts=`` to classify exceptions; switch counters can be
@@ -23,12 +25,11 @@ fixes; docs/moving-from-prefecto.md lists them with examples):
 from __future__ import annotations
 
 import contextvars
-
 import logging
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional
 
-from ..pipeline.batch_map import CallFailed, batch_map_iter, unmapped
+from ..pipeline.batch_map import CallFailed, batch_map, unmapped
 from ..pipeline.switches import AnyFailed, Count, KillSwitch, KillSwitchError, Rate
 
 log = logging.getLogger("pympx_queues.compat")
@@ -116,9 +117,8 @@ class BatchTask:
             # thread runs it in a copy of the caller's context (where the flow run is).
             fn = _InFlow(self.task, contextvars.copy_context())
         futures: List[Future] = []
-        for _i, value in batch_map_iter(fn, *args, size=self.size,
-                                        kill_switch=self._kill_switch, errors="return",
-                                        ordered=True, **self._opts, **kwargs):
+        for value in batch_map(fn, *args, size=self.size, kill_switch=self._kill_switch,
+                               errors="return", **self._opts, **kwargs):
             f: Future = Future()
             if isinstance(value, CallFailed):
                 err = CallError(f"{value.type}: {value.message}")

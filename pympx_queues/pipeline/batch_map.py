@@ -1,10 +1,19 @@
 """``batch_map``: one function over long inputs, bounded concurrency, kill switches that
 stop at once, and (with ``journal_dir``) a map that survives ``kill -9`` (issue 12).
 
-Built on the pipeline engine: a single-stage :class:`~pympx_queues.pipeline.Pipeline`
-whose keys are input positions (scoped by ``run_id``, the journal's pipeline name).  The
-kill switch is evaluated in the engine's ``on_complete`` hook, in the coordinator, on
-every completion as it happens (the last partial batch included).  When it trips:
+Built on the pipeline engine, a single-stage :class:`~pympx_queues.pipeline.Pipeline`,
+in one of two shapes:
+
+* one engine item per call (durable maps, waves, process/async/executor kinds): keys
+  are input positions (scoped by ``run_id``, the journal's pipeline name) and the kill
+  switch is evaluated in the engine's ``on_complete`` hook, in the coordinator;
+* in-memory thread maps with a sliding window: one engine item per *lease* (see
+  :class:`_Feed`): the workers take their calls from the input one at a time and hand
+  results back in piles; the switch is evaluated by the worker whose call ended, under
+  the lock that hands out the next call.
+
+Either way the switch sees every completion as it happens (the last partial batch
+included).  When it trips:
 
 * ``halt="now"``: ``stop(drain=False)``: nothing new starts, running calls are abandoned
   (thread workers see :func:`cancelled` become true, process workers are terminated);
@@ -24,9 +33,12 @@ import json
 import reprlib
 import threading
 import time
+import traceback
 from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from ..journal.format import dumps as _dumps
+from ..journal.format import encode_value as _encode_value
 from ._model import PipelineError, Scheduler, Stage
 from .engine import Pipeline
 from .switches import KillSwitchError, Outcome
@@ -36,8 +48,10 @@ __all__ = ["batch_map", "batch_map_iter", "unmapped", "reset_kill_switch", "canc
            "DEFAULT_RUN_ID"]
 
 DEFAULT_RUN_ID = "batch_map"
-STATE = "batch_map.switch"  # journaled state name
+STATE = "batch_map.switch"  # journaled state: the switch, the counters, the trip
+FAILURES = "batch_map.failures"  # journaled state: the failures kept (written when one is)
 MAX_FAILURES = 100  # failures kept in the state and in KillSwitchError
+PROCESS_QUEUE = 256  # inputs a process map may read ahead of its calls (at least size)
 
 _local = threading.local()
 _summary = reprlib.Repr()
@@ -109,9 +123,15 @@ class _Call:
         self.slots = slots  # per positional argument: _MAPPED or the unmapped value
         self.kwslots = kwslots
         self.tagged = tagged
+        self.plain = not kwslots and all(s is _MAPPED for s in slots)
 
     def build(self, data: Any) -> Tuple[list, dict]:
-        vals = iter(data[2])
+        return self.build_row(data[2])
+
+    def build_row(self, row: List[Any]) -> Tuple[list, dict]:
+        if self.plain:  # every argument mapped and positional: the row is the arguments
+            return row, _NO_KW
+        vals = iter(row)
         args = [next(vals) if s is _MAPPED else s for s in self.slots]
         kw = {k: (next(vals) if s is _MAPPED else s) for k, s in self.kwslots.items()}
         return args, kw
@@ -136,6 +156,7 @@ class _MappedMarker:
 
 
 _MAPPED = _MappedMarker()
+_NO_KW: Dict[str, Any] = {}
 
 
 def _async_call(call: _Call) -> Callable:
@@ -238,10 +259,27 @@ def _zip_strict(its: List[Iterator], names: List[str]) -> Iterator[list]:
         yield row
 
 
+_FLAT = (int, str, float, bool, type(None))
+
+
 def _digest(codec: Any, value: Any) -> str:
-    enc = codec.encode(value)
-    raw = json.dumps(enc, sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    """A short fingerprint of a call's encoded arguments (changed input is refused)."""
+    flat = type(value) is list and all(type(x) in _FLAT for x in value)
+    # the journal's own codec leaves a flat row of scalars as it is
+    enc = value if flat and codec.encode is _encode_value else codec.encode(value)
+    raw = None
+    if flat or (type(enc) is list and all(type(x) in _FLAT for x in enc)):
+        try:
+            raw = _dumps(enc)  # flat row of scalars: no key order to normalise
+        except ValueError:  # NaN: the journal refuses the call itself, with its reason
+            pass
+        else:
+            if len(raw) <= 16:
+                return raw  # short: the row itself is its fingerprint
+    if raw is None:
+        raw = json.dumps(enc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                         default=repr)
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
 def _fmt_time(t: Optional[float]) -> str:
@@ -252,7 +290,12 @@ def _fmt_time(t: Optional[float]) -> str:
 
 # --------------------------------------------------------------------------- the map
 class _Run:
-    """One map's bookkeeping, shared by the coordinator (on_complete) and the caller."""
+    """One map's bookkeeping, shared by the coordinator (on_complete) and the caller.
+
+    :meth:`observe` counts one finished call and asks the switch; it runs in the
+    coordinator (engine path) or, for in-memory thread maps, in the worker that ran the
+    call, under :attr:`_Feed.lock` (the same lock that hands out the next call).
+    """
 
     def __init__(self, ks: Any, halt: str, run_id: str, journal_dir: Optional[str]) -> None:
         self.ks = ks
@@ -261,6 +304,7 @@ class _Run:
         self.journal_dir = journal_dir
         self.pipeline: Any = None
         self.sched: Any = None
+        self.feed: Any = None  # the in-memory thread path's _Feed
         self.args: Dict[int, Any] = {}  # in-flight rows (bounded by the engine)
         self.completed = 0
         self.failed = 0
@@ -268,15 +312,19 @@ class _Run:
         self.failures: deque = deque(maxlen=MAX_FAILURES)
         self.trip: Optional[Dict[str, Any]] = None
         self.trip_seq: Optional[int] = None  # calls started when it tripped
+        self.dirty = False  # counters changed since the state was last journaled
+        self.failures_dirty = False
+        self._classify = getattr(ks, "counts_as_failure", None)
+        self._describe = getattr(ks, "describe", None)
 
-    def load(self, state: Optional[Dict[str, Any]]) -> None:
+    def load(self, state: Optional[Dict[str, Any]], failures: Optional[List[Any]]) -> None:
         if not state:
             return
         c = state.get("counts", {})
         self.completed = c.get("completed", 0)
         self.failed = c.get("failed", 0)
         self.counted = c.get("counted", 0)
-        self.failures.extend(state.get("failures", []))
+        self.failures.extend(failures or state.get("failures", []))
         self.trip = state.get("tripped")
         if self.ks is not None and state.get("switch") is not None and \
                 hasattr(self.ks, "from_state"):
@@ -289,15 +337,40 @@ class _Run:
         return {"completed": self.completed, "failed": self.failed,
                 "counted": self.counted}
 
+    def n_started(self) -> int:
+        return self.feed.n if self.feed is not None else self.sched.started
+
     def started(self) -> Dict[str, Any]:
         """Calls started by this run: when the switch tripped, and in all."""
-        return {"started_at_trip": self.trip_seq, "started": self.sched.started}
+        return {"started_at_trip": self.trip_seq, "started": self.n_started()}
 
     def state(self) -> Dict[str, Any]:
         sw = self.ks.to_state() if self.ks is not None and hasattr(self.ks, "to_state") \
             else None
-        return {"switch": sw, "counts": self.counts(), "failures": list(self.failures),
-                "tripped": self.trip}
+        return {"switch": sw, "counts": self.counts(), "tripped": self.trip}
+
+    def journal_state(self) -> None:
+        """Journal the counters (and the failures, when one was added)."""
+        p = self.pipeline
+        if self.failures_dirty:
+            self.failures_dirty = False
+            p.set_state(FAILURES, list(self.failures))
+        self.dirty = False
+        p.set_state(STATE, self.state())
+
+    def journal_state_soon(self) -> None:
+        """Successes: the counters are journaled once per coordinator turn, after the
+        turn's results (a crash between the two loses at most that turn's successes
+        from the counters: built-in switches then trip earlier, never later)."""
+        if not self.dirty:
+            self.dirty = True
+            import asyncio
+
+            asyncio.get_running_loop().call_soon(self.flush_state)
+
+    def flush_state(self) -> None:
+        if self.dirty:
+            self.journal_state()
 
     def error(self) -> KillSwitchError:
         t = self.trip or {}
@@ -310,68 +383,194 @@ class _Run:
             self.ks, counts=dict(self.counts(), **self.started()), failures=list(self.failures),
             tripped_at=t.get("at"), reason=reason, run_id=self.run_id)
 
-    # in the coordinator, on every completion
+    def observe(self, idx: int, ok: bool, etype: Optional[str] = None, message: str = "",
+                tb: str = "", row: Any = None) -> bool:
+        """One finished call: count it, record a failure, ask the switch.  True when
+        the switch trips now (nothing starts after this returns)."""
+        if self.trip is not None:  # in flight when it tripped: not counted again
+            return False
+        self.completed += 1
+        if ok:
+            o = Outcome(idx, True)
+        else:
+            args = "" if row is None else _summary.repr(tuple(row))[:200]
+            o = Outcome(idx, False, etype, message, tb, args)
+            self.failed += 1
+        ks = self.ks
+        if ks is None:
+            return False
+        counted = self._classify(o) if self._classify is not None else not o.ok
+        if not o.ok:
+            if counted:
+                self.counted += 1
+            self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
+                                  "message": o.message, "traceback": o.traceback,
+                                  "time": o.time, "counted": counted})
+            self.failures_dirty = True
+        if not ks.should_flip_switch(o):
+            return False
+        reason = self._describe() if self._describe is not None else \
+            f"{type(ks).__name__} tripped"
+        self.trip = {"at": getattr(ks, "tripped_at", None) or time.time(),
+                     "index": idx, "reason": reason, "switch": type(ks).__name__}
+        self.trip_seq = self.n_started()
+        self.sched.tripped = True
+        return True
+
+    # in the coordinator, on every completion (engine path: one call per item)
     def on_complete(self, res: Any) -> None:
         if res.from_journal:
             return  # counted in the run that computed it (journaled counters)
         idx = res.index
         row = self.args.pop(idx, None)
-        if self.trip is not None:  # in flight when it tripped: not counted again
+        if self.trip is not None:
             self.check_soon()
             return
-        self.completed += 1
+        e = res.error
         if res.ok:
-            o = Outcome(idx, True)
+            if self.ks is None:
+                self.completed += 1
+                return  # nothing to ask, nothing to journal
+            flip = self.observe(idx, True)
         else:
-            e = res.error
-            args = "" if row is None else _summary.repr(tuple(row))[:200]
-            o = Outcome(idx, False, e.type, e.message, e.traceback, args)
-            self.failed += 1
-        ks = self.ks
-        flip = False
-        if ks is not None:
-            counted = (ks.counts_as_failure(o) if hasattr(ks, "counts_as_failure")
-                       else not o.ok)
-            if not o.ok and counted:
-                self.counted += 1
-            if not o.ok:
-                self.failures.append({"index": idx, "args": o.args, "type": o.error_type,
-                                      "message": o.message, "traceback": o.traceback,
-                                      "time": o.time, "counted": counted})
-            flip = bool(ks.should_flip_switch(o))
-        if flip:
-            reason = ks.describe() if hasattr(ks, "describe") else \
-                f"{type(ks).__name__} tripped"
-            self.trip = {"at": getattr(ks, "tripped_at", None) or time.time(),
-                         "index": idx, "reason": reason,
-                         "switch": type(ks).__name__}
-            self.trip_seq = self.sched.started
-            self.sched.tripped = True
+            flip = self.observe(idx, False, e.type, e.message, e.traceback, row)
         p = self.pipeline
-        if p.journal_dir is not None and (ks is not None or not o.ok):
-            p.set_state(STATE, self.state())
+        if p.journal_dir is not None:
+            if flip or not res.ok:  # failures and a trip: journaled before anything else
+                self.journal_state()
+            elif self.ks is not None:
+                self.journal_state_soon()
         if flip:
             p.stop(drain=self.halt == "soon")
-        if self.trip is not None and self.halt == "soon" and self.sched.running == 0:
-            p.stop(drain=False)
+        self.check_soon()
+
+    # in the coordinator, when a lease (in-memory thread path) ends
+    def on_lease(self, res: Any) -> None:
+        self.check_soon()
 
     def check_soon(self) -> None:
         if self.trip is not None and self.halt == "soon" and self.sched.running == 0:
             self.pipeline.stop(drain=False)
 
 
-def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
-                   halt: str = "now", kind: str = "thread", executor: Any = None,
-                   journal_dir: Optional[str] = None, durability: str = "flush",
-                   run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
-                   errors: str = "raise", codec: Any = None,
-                   **kwargs: Any) -> Iterator[Tuple[int, Any]]:
-    """:func:`batch_map` as a stream of ``(index, result)`` pairs: in input order
-    (``ordered=True``; results that finish early are held until their turn) or as calls
-    complete (``ordered=False``: memory stays bounded whatever the input's length).  A
-    failed call yields a :class:`CallFailed` in place of its result with
-    ``errors="return"``; with ``errors="raise"`` (the default) the stream ends by
-    raising :class:`BatchMapError`.  A tripped switch raises :class:`KillSwitchError`."""
+# ------------------------------------------------------------ in-memory thread maps
+LEASE_CALLS = 256  # calls a worker runs before it hands its results back (at most) ...
+LEASE_SECONDS = 0.005  # ... or once a call ends this long after the lease began
+
+
+class _Feed:
+    """The zipped input of an in-memory thread map, read by the workers themselves.
+
+    Each engine item is a *lease*: one worker slot that takes calls from here one at a
+    time, each when the previous one ended (a sliding window, no barrier), and hands
+    their results back together (after :data:`LEASE_CALLS` calls or
+    :data:`LEASE_SECONDS`).  Trivial calls then pay the coordinator's per-item cost
+    once per lease, not once per call; a call slower than the lease time is a lease of
+    its own.  Handing out a position and seeing a switch trip happen under one lock:
+    once the switch has tripped, no call starts (P7).
+    """
+
+    def __init__(self, rows: Iterator[list], run: _Run) -> None:
+        self.rows = rows
+        self.run = run
+        self.lock = threading.Lock()
+        self.n = 0  # positions handed out (calls started)
+        self.done = False  # the input ended, or raised
+        self.error: Optional[BaseException] = None  # what the input raised
+
+    def take_locked(self) -> Optional[Tuple[int, Any]]:
+        """The next (position, row), or None: input exhausted or switch tripped.
+        Called with :attr:`lock` held."""
+        if self.done or self.run.trip is not None:
+            return None
+        try:
+            row = next(self.rows)
+        except StopIteration:
+            self.done = True
+            return None
+        except BaseException as exc:  # unequal lengths, the user's generator
+            self.error = exc
+            self.done = True
+            return None
+        i = self.n
+        self.n = i + 1
+        return i, row
+
+    def tokens(self) -> Iterator[None]:
+        """The engine's source: one item per lease, until the input ends."""
+        while not self.done and self.run.trip is None:
+            yield None
+
+
+class _Lease:
+    """The stage handler of the in-memory thread path: runs calls taken from the feed,
+    returns ``[(position, ok, result_or_CallFailed), ...]``."""
+
+    def __init__(self, call: _Call, feed: _Feed, run: _Run) -> None:
+        self.call = call
+        self.feed = feed
+        self.run = run
+
+    def __call__(self, _token: Any, ctx: Any) -> List[Tuple[int, bool, Any]]:
+        feed, run, build, fn = self.feed, self.run, self.call.build_row, self.call.fn
+        lock = feed.lock
+        watch = run.ks is not None
+        out: List[Tuple[int, bool, Any]] = []
+        prev = getattr(_local, "cancelled", None)
+        _local.cancelled = ctx.cancelled
+        clock = time.monotonic
+        end = clock() + LEASE_SECONDS
+        ended: Any = None  # (position, exception or None, row): for the switch to see
+        n = 0
+        try:
+            while True:
+                flip = False
+                # One lock for "the call that ended is counted (the switch may trip)"
+                # and "the next call starts": no call starts after a trip.
+                with lock:
+                    if ended is not None:
+                        flip = self._observe(ended, out)
+                        ended = None
+                    got = feed.take_locked() if n < LEASE_CALLS and (
+                        n == 0 or clock() < end) else None
+                if flip:
+                    run.pipeline.stop(drain=run.halt == "soon")
+                if got is None:
+                    break
+                n += 1
+                i, row = got
+                args, kw = build(row)
+                try:
+                    value = fn(*args, **kw)
+                except BaseException as exc:  # noqa: B902 - one call's failure, reported
+                    ended = (i, exc, row)
+                    continue
+                out.append((i, True, value))
+                if watch:
+                    ended = (i, None, row)
+        finally:
+            _local.cancelled = prev
+        return out
+
+    def _observe(self, ended: Tuple[int, Any, Any], out: List[Any]) -> bool:
+        i, exc, row = ended
+        if exc is None:
+            return self.run.observe(i, True)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        name, msg = type(exc).__name__, str(exc)
+        out.append((i, False, CallFailed(i, name, msg, tb)))
+        return self.run.observe(i, False, name, msg, tb, row)
+
+
+def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
+               halt: str = "now", kind: str = "thread", executor: Any = None,
+               journal_dir: Optional[str] = None, durability: str = "flush",
+               run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
+               errors: str = "raise", codec: Any = None,
+               _into: Optional[Dict[int, Any]] = None,
+                **kwargs: Any) -> Iterator[Tuple[int, Any]]:
+    """:func:`batch_map_iter`; with ``_into`` (a dict) the results are stored there by
+    position, in the coordinator, and nothing is yielded."""
     if not callable(fn):
         raise TypeError(f"batch_map: fn must be callable, not {fn!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -396,72 +595,149 @@ def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: An
     run = _Run(kill_switch, halt, run_id, journal_dir)
     sched = _MapScheduler(size, waves)
     run.sched = sched
-    stage = Stage("call", handler, kind=kind, workers=size, queue_size=size,
-                  executor=executor, scheduler=sched)
-    from .journal import JsonCodec
+    # In memory on threads (a sliding window): workers take their calls themselves and
+    # hand results back in leases (_Feed).  Durable maps keep one engine item per call
+    # (each result journaled as it ends); waves need the scheduler's barrier.
+    leased = not durable and kind == "thread" and not waves
+    failures: List[CallFailed] = []
 
-    codec_ = codec if codec is not None else JsonCodec()
+    def pairs(res: Any) -> Any:
+        """A result of the engine as (position, ok, result or CallFailed) triples."""
+        if leased:
+            if not res.ok:  # the lease itself failed: a defect here, not a call's
+                e = res.error
+                raise PipelineError(f"batch_map: a worker lease failed: {e.type}: "
+                                    f"{e.message}\n{e.traceback}")
+            return res.value
+        if res.ok:
+            return ((res.index, True, res.value[1] if durable else res.value),)
+        e = res.error
+        return ((res.index, False, CallFailed(res.index, e.type, e.message, e.traceback)),)
 
-    def source() -> Iterator[list]:
-        replay = None
-        j = p._journal
-        if j is not None:
-            replay = j.replay
-        for i, row in enumerate(_zip_strict(its, names)):
-            if durable:
-                d = _digest(codec_, row)
-                if replay is not None:
-                    _check_same(replay, j, str(i), i, d)
-            else:
-                d = None
-            run.args[i] = row  # summarised only if the call fails
-            yield [i, d, row]
+    def hook(count: Callable[[Any], None]) -> Callable[[Any], None]:
+        if _into is None:
+            return count  # results go to the caller through run()
 
-    p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
-                 codec=codec, name=run_id, ordered=False, on_complete=run.on_complete,
-                 progress=False, keep_results=durable)
+        def count_and_keep(res: Any) -> None:  # in the coordinator: no hand-over per call
+            count(res)
+            for i, ok, value in pairs(res):
+                if not ok:
+                    failures.append(value)
+                _into[i] = value
+        return count_and_keep
+
+    if leased:
+        feed = run.feed = _Feed(_zip_strict(its, names), run)
+        stage = Stage("call", _Lease(call, feed, run), kind="thread", workers=size,
+                      queue_size=1, scheduler=sched)
+        p = Pipeline(feed.tokens(), [stage], durability=durability, name=run_id,
+                     ordered=False, on_complete=hook(run.on_lease), progress=False)
+    else:
+        # Process workers are fed in chunks by the engine: a deeper queue lets it fill
+        # them (measured: trivial calls 2x faster with the chunking engine, no change
+        # without it); the other kinds gain nothing from reading further ahead.
+        queue = max(size, PROCESS_QUEUE) if kind == "process" else size
+        stage = Stage("call", handler, kind=kind, workers=size, queue_size=queue,
+                      executor=executor, scheduler=sched)
+        from .journal import JsonCodec
+
+        codec_ = codec if codec is not None else JsonCodec()
+
+        def source() -> Iterator[list]:
+            replay = None
+            j = p._journal
+            if j is not None:
+                replay = j.replay
+            for i, row in enumerate(_zip_strict(its, names)):
+                if durable:
+                    d = _digest(codec_, row)
+                    if replay is not None:
+                        _check_same(replay, j, str(i), i, d, row, codec_)
+                else:
+                    d = None
+                run.args[i] = row  # summarised only if the call fails
+                yield [i, d, row]
+
+        p = Pipeline(source(), [stage], journal_dir=journal_dir, durability=durability,
+                     codec=codec, name=run_id, ordered=False,
+                     on_complete=hook(run.on_complete), progress=False, keep_results=durable)
     run.pipeline = p
     if kill_switch is not None and hasattr(kill_switch, "reset"):
         kill_switch.reset()  # each map counts from zero, or from its journal
     if durable:
-        run.load(p.get_state(STATE))
+        run.load(p.get_state(STATE), p.get_state(FAILURES))
         if run.trip is not None:
             p.close()
             raise run.error()
 
-    failures: List[CallFailed] = []
     held: Dict[int, Any] = {}
     nxt = 0
+    ended = 0  # calls that ended in this run or earlier ones (from the journal)
     try:
-        for res in p.run():
-            if res.ok:
-                value = res.value[1] if durable else res.value
-            else:
-                e = res.error
-                value = CallFailed(res.index, e.type, e.message, e.traceback)
-                failures.append(value)
-            if not ordered:
-                yield res.index, value
-                continue
-            held[res.index] = value
-            while nxt in held:
-                yield nxt, held.pop(nxt)
+        if _into is not None:
+            p.run_all()
+            ended = len(_into)
+        for res in (p.run() if _into is None else ()):
+            done = pairs(res)
+            ended += len(done)
+            for i, ok, value in done:
+                if not ok:
+                    failures.append(value)
+                if not ordered:
+                    yield i, value
+                    continue
+                if i != nxt:
+                    held[i] = value
+                    continue
+                yield i, value
                 nxt += 1
+                while nxt in held:
+                    yield nxt, held.pop(nxt)
+                    nxt += 1
     finally:
         p.close()
+    if leased and feed.error is not None:
+        raise feed.error
     if run.trip is not None:
         raise run.error()
     state = p.report.state
     if state != "finished":  # SIGINT/SIGTERM: never a silently short result
         raise MapStopped(f"batch_map {run_id!r} was {state} (a signal) before every call "
-                         f"ran: {p.report.done + p.report.skipped_done} of the calls ended"
+                         f"ran: {ended} of the calls ended"
                          + ("; a rerun with the same journal_dir resumes" if durable
                             else ""))
     if failures and errors == "raise":
         raise BatchMapError(sorted(failures, key=lambda f: f.index), None)
 
 
-def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str) -> None:
+def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
+                   halt: str = "now", kind: str = "thread", executor: Any = None,
+                   journal_dir: Optional[str] = None, durability: str = "flush",
+                   run_id: Optional[str] = None, waves: bool = False, ordered: bool = True,
+                   errors: str = "raise", codec: Any = None,
+                   **kwargs: Any) -> Iterator[Tuple[int, Any]]:
+    """:func:`batch_map` as a stream of ``(index, result)`` pairs: in input order
+    (``ordered=True``; results that finish early are held until their turn) or as calls
+    complete (``ordered=False``: memory stays bounded whatever the input's length).  A
+    failed call yields a :class:`CallFailed` in place of its result with
+    ``errors="return"``; with ``errors="raise"`` (the default) the stream ends by
+    raising :class:`BatchMapError`.  A tripped switch raises :class:`KillSwitchError`."""
+    return _batch_map(fn, *iterables, size=size, kill_switch=kill_switch, halt=halt,
+                      kind=kind, executor=executor, journal_dir=journal_dir,
+                      durability=durability, run_id=run_id, waves=waves, ordered=ordered,
+                      errors=errors, codec=codec, **kwargs)
+
+
+def _legacy_digest(codec: Any, value: Any) -> str:
+    """The fingerprint that journals written before :func:`_digest` hold (sha256 of the
+    sorted JSON): computed only when the current one differs, so they still resume."""
+    raw = json.dumps(codec.encode(value), sort_keys=True, separators=(",", ":"),
+                     default=repr)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str,
+                row: Any, codec: Any) -> None:
     old = None
     if key in replay.done:
         v = replay.done[key]
@@ -473,7 +749,7 @@ def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str) ->
         old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
     else:
         return
-    if old is not None and old != digest:
+    if old is not None and old != digest and old != _legacy_digest(codec, row):
         raise InputChangedError(
             f"batch_map: the input at position {index} differs from the one journaled "
             f"for run id {journal.name!r} in {journal.directory}: use another run_id= "
@@ -500,13 +776,17 @@ def batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = N
     ``kind``: "thread" | "process" | "async", or ``executor=`` any
     ``concurrent.futures.Executor``.  ``journal_dir``: durable (see the module doc).
     """
-    it = batch_map_iter(fn, *iterables, size=size, kill_switch=kill_switch, halt=halt,
-                        kind=kind, executor=executor, journal_dir=journal_dir,
-                        durability=durability, run_id=run_id, waves=waves,
-                        ordered=ordered, errors=errors, codec=codec, **kwargs)
+    opts = dict(size=size, kill_switch=kill_switch, halt=halt, kind=kind, executor=executor,
+                journal_dir=journal_dir, durability=durability, run_id=run_id, waves=waves,
+                ordered=ordered, errors=errors, codec=codec)
     if not ordered:
-        return it
-    return [v for _i, v in it]
+        return _batch_map(fn, *iterables, **opts, **kwargs)
+    # The whole list is the result: results are kept as the coordinator sees them
+    # (Pipeline.run_all), without handing each one over to this thread.
+    into: Dict[int, Any] = {}
+    for _ in _batch_map(fn, *iterables, **opts, _into=into, **kwargs):
+        pass  # pragma: no cover - nothing is yielded when collecting
+    return [into[i] for i in range(len(into))]
 
 
 def reset_kill_switch(journal_dir: str, run_id: Optional[str] = None, *,
@@ -528,6 +808,8 @@ def reset_kill_switch(journal_dir: str, run_id: Optional[str] = None, *,
         had = p.get_state(STATE) is not None
         if had:
             p.clear_state(STATE)
+        if p.get_state(FAILURES) is not None:
+            p.clear_state(FAILURES)
     finally:
         p.close()
     retried = redrive_dead(journal_dir, run_id) if retry_failed else []
