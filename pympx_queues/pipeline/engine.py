@@ -352,7 +352,10 @@ class Pipeline:
         self._t0 = time.monotonic()
         self._emit_fn = emit
         self._live = 0
-        self._cap = sum(s.queue_size + s.workers for s in self.stages) + self.prefetch
+        # P4 in items (rows): a stage holds up to queue_size buffered items plus workers
+        # running groups of up to group_size(s) items each (a batch is its rows, not one).
+        self._cap = sum(s.queue_size + s.workers * group_size(s) for s in self.stages) + \
+            self.prefetch
         self._seq = 0
         self._next_out = 0
         self._held: Dict[int, ItemResult] = {}
@@ -1012,6 +1015,13 @@ class Pipeline:
                 except Exception:  # pragma: no cover
                     log.exception("abandoning a group of stage %r", sr.stage.name)
             sr.futs.clear()
+
+
+def group_size(stage: Stage) -> int:
+    """Most items in one group (one handler call) of ``stage``: its scheduler's ``size``
+    (a batch stage's ``batch=N``, a partitioned stage's ``batch_size``), else 1."""
+    size = getattr(stage.scheduler, "size", None) if stage.scheduler is not None else None
+    return max(int(size if size is not None else stage.batch_size), 1)
 
 
 def _make_runner(stage: Stage, loop: asyncio.AbstractEventLoop) -> Any:
