@@ -158,10 +158,10 @@ class ClaimScheduler(Scheduler):
                  on_batch: Optional[Callable[[BatchInfo], Any]] = None,
                  keep_batches: bool = False, skew_warning: float = 3.0,
                  starve_after: int = 8, max_running: Optional[int] = None) -> None:
-        super().__init__(1)
         self.extractor = as_extractor(claims, table_size)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PipelineError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        super().__init__(batch_size)  # size: the engine counts a running batch as its rows
         if not 0 < min_fill <= 1:
             raise PipelineError(f"min_fill must be in (0, 1], not {min_fill!r}")
         self.batch_size = batch_size
