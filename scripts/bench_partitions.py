@@ -394,6 +394,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
           f"workers, batches of {args.batch}, table {args.table}, Python "
           f"{sys.version.split()[0]}, {os.cpu_count()} CPUs", flush=True)
     result: Dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}}
+    # every mode once on a few rows first: lazy imports and first-call costs (tens of
+    # ms for the engine's) are not measured against whichever mode happens to run first
+    warm = make_rows("uniform", 200, 50, args.seed)
+    for mode in modes:
+        MODES[mode](warm, lambda rows: {"rows": len(rows)}, args.workers, args.batch,
+                    args.table)
     if not args.no_pg:
         print("PostgreSQL (throwaway cluster, fsync=off, deadlock_timeout "
               f"{args.deadlock_timeout_ms} ms, {args.tx_latency_ms} ms latency per "

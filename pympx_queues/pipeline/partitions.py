@@ -187,6 +187,7 @@ class ClaimScheduler(Scheduler):
     def _reset(self) -> None:
         self._cells: Dict[Any, Deque[Any]] = {}
         self._claims_of: Dict[Any, tuple] = {}
+        self._cells_of: Dict[Any, Set[Any]] = {}  # claim -> cells with rows that need it
         self._ready: Set[Any] = set()  # cells with >= _min_rows rows
         self._skips: Counter = Counter()
         self._load: Counter = Counter()  # claim -> rows buffered that need it
@@ -250,10 +251,19 @@ class ClaimScheduler(Scheduler):
             self._dirty = True
             if cell not in self._claims_of:
                 self._claims_of[cell] = tuple(self.extractor.claims(cell))
+            cells_of = self._cells_of
+            for c in self._claims_of[cell]:
+                got = cells_of.get(c)
+                if got is None:
+                    got = cells_of[c] = set()
+                got.add(cell)
         q.append(item)
         load = self._load
+        fill = self._fill_rows
         for c in self._claims_of[cell]:
             load[c] += 1
+            if load[c] == fill:
+                self._dirty = True  # a claim's chain may start (_hot_cells)
         if len(q) == self._fill_rows:
             self._ready.add(cell)
             self._dirty = True
@@ -283,41 +293,73 @@ class ClaimScheduler(Scheduler):
         if self._tripped or free_workers <= 0 or not self._buffered or not self._dirty:
             return []
         pressure = self._buffered >= self.bound
-        if self._flushed or pressure:
+        if self._flushed or (pressure and (not self._running or not self._ready)):
+            # the buffer is full and no cell is ready to go: any cell may (else the
+            # source would wait for ever); while batches run and ready cells exist, a
+            # full buffer takes ready cells (a batch that ends makes room too): a buffer
+            # full of one hot claim's backlog must not send the other cells out in tiny
+            # batches, each paying a batch's fixed cost
             pool: Iterable[Any] = self._cells
             reason = END if self._flushed else PRESSURE
-        elif self._ready:
+        else:
             pool = self._ready
             reason = FILL
-        else:
-            return []
+            hot = self._hot_cells()
+            if hot:
+                pool = self._ready | hot
+            elif not pool:
+                return []
         cells = self._cells
         skips = self._skips
         starve = self.starve_after
         load = self._load
         claims_of = self._claims_of
-        # the most loaded claims first (they bound the run: keep them busy), then the
-        # fullest cells; cells that waited too long before everything
+        # the fullest cells first (a batch's fixed cost is paid once per batch), among
+        # equally full ones the most loaded claims (they bound the run: keep them busy);
+        # cells that waited too long before everything
+        size = self.batch_size
         cands = sorted(pool, key=lambda c: (skips[c] < starve,
-                                            -sum(load[x] for x in claims_of[c]),
-                                            -len(cells[c])))
+                                            -min(len(cells[c]), size),
+                                            -sum(load[x] for x in claims_of[c])))
         held = self._held
         reserved: Set[Any] = set()
         groups: List[List[Any]] = []
+        blocked: List[Any] = []
         for cell in cands:
             claims = self._claims_of[cell]
             if any(c in held or c in reserved for c in claims):
-                skips[cell] += 1
+                blocked.append(cell)
                 if skips[cell] >= starve and not reserved:
                     # the longest-waiting cell keeps what it needs free until it runs
                     # (one at a time: a straggler must not make every cell wait)
                     reserved.update(claims)
                 continue
             groups.append(self._start(cell, claims, reason))
+            # a skip: a cell ranked above this one waited for its claims while this one
+            # got a worker (counting every scan made each cell 'starving' within a few
+            # batches, and starving cells went first however few rows they held)
+            for other in blocked:
+                skips[other] += 1
+            blocked.clear()
             if len(groups) >= free_workers:
-                return groups
-        self._dirty = False  # nothing more can start until a cell, a claim or the mode changes
+                break
+        else:
+            self._dirty = False  # nothing more starts until a cell, a claim or the mode changes
         return groups
+
+    def _hot_cells(self) -> Set[Any]:
+        """The cells of the most loaded claim when it is free and its cells hold at least
+        ``min_fill`` rows between them (else nothing): that claim's batches run one at a
+        time, so its chain bounds the run; it must never idle while it has work, even
+        before any one of its cells is ready (a hot node's rows spread over every cell of
+        its row and column)."""
+        load = self._load
+        if not load:
+            return set()
+        hot = max(load, key=load.__getitem__)
+        if load[hot] < self._fill_rows or hot in self._held:
+            return set()
+        return self._cells_of.get(hot, set())
 
     def _start(self, cell: Any, claims: tuple, reason: str) -> List[Any]:
         q = self._cells[cell]
@@ -330,6 +372,8 @@ class ClaimScheduler(Scheduler):
         if not q:
             del self._cells[cell]
             self._ready.discard(cell)
+            for c in claims:
+                self._cells_of[c].discard(cell)
         elif len(q) < self._fill_rows:
             self._ready.discard(cell)
         self._skips.pop(cell, None)
