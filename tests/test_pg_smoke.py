@@ -63,3 +63,18 @@ def test_the_simulated_schedules_never_overlap(tmp_path):
         if r["mode"] != "naive":
             assert r["overlapping_batches"] == 0, r
     assert {r["mode"] for r in res["sim"]} >= {"naive", "claims"}
+
+
+def test_without_initdb_the_postgresql_part_says_why_and_the_rest_runs(monkeypatch, capsys):
+    import bench_partitions
+
+    monkeypatch.setattr(_pg, "SERVER_GLOBS", ("/nonexistent/pg/*/bin",))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert _pg.unavailable() == "initdb not found (apt-get install postgresql)"
+    with pytest.raises(RuntimeError, match="initdb not found"):
+        _pg.Cluster()
+    res = bench_partitions.main(["--size", "200", "--nodes", "50", "--batch", "20",
+                                 "--modes", "claims", "--row-cost", "0", "--batch-cost", "0"])
+    out = capsys.readouterr().out
+    assert "PostgreSQL part skipped: initdb not found" in out
+    assert res["pg"] == [] and {r["mode"] for r in res["sim"]} == {"claims"}
