@@ -538,3 +538,27 @@ def test_without_claims_start_and_end_keys_or_positions_are_the_claims(tmp_path)
                            ).rows_committed == 300
     with pytest.raises(PartitionError, match="neither a mapping"):
         run_partitioned([42], lambda rows: None, stop_signals=False)
+
+
+def test_the_first_partitions_api_still_runs_ids_grid_monopartite_and_upstream_statistics():
+    from pympx_queues.pipeline.claims import Grid, dict_ids, tuple_ids
+
+    rows = [{"start": i % 50, "end": (i * 3) % 70} for i in range(600)]
+    table = LockTable(Grid(10, dict_ids("start", "end")))
+    rep = run_partitioned(rows, locked_handler(table), ids=dict_ids("start", "end"),
+                          table_size=10,
+                          batch_size=40, workers=3, upstream_statistics={"read": 600},
+                          keep_batches=True, stop_signals=False)
+    assert rep.rows_done == 600 and rep.statistics["read"] == 600
+    assert rep.statistics["rows"] == 600
+    assert len(rep.batches_committed) == rep.committed and rep.mean_parallelism > 0
+    assert table.overlaps == []
+    rep = run_partitioned([(i, i + 1) for i in range(300)], lambda rows: None,
+                          grid=Grid(8, tuple_ids(), monopartite=True), batch_size=30,
+                          stop_signals=False)
+    assert rep.rows_done == 300
+    rep = run_partitioned(rows, lambda rows: None, table_size=10, monopartite=True,
+                          batch_size=30, stop_signals=False)
+    assert rep.rows_done == 600
+    with pytest.raises(ClaimError, match="lacks the keys"):
+        Grid(10, dict_ids()).cell({"start": 1})

@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
-from ..pipeline.claims import ClaimError, Grid, hash64
+from ..pipeline.claims import CellFn, ClaimError, hash64
 from ..pipeline.partitions import ClaimScheduler
 
 __all__ = [
@@ -219,7 +219,7 @@ class SplittingBatchProcessor(BatchProcessor):
         self.near_full_ratio = float(near_full_ratio)
         self.burst_multiplier = int(burst_multiplier)
         self.max_buffered = max_buffered
-        self.grid = Grid(id_extractor, table_size, self._monopartite)
+        self.grid = CellFn(id_extractor, table_size, self._monopartite)
 
     def scheduler(self, max_batch_size: int, **kw: Any) -> ClaimScheduler:
         """The claims scheduler this splitter's waves (or barrier-free runs) come from."""

@@ -248,7 +248,7 @@ def monopartite(start: Any, end: Any, table_size: int = 10) -> Monopartite:
     return Monopartite(start, end, table_size)
 
 
-class Grid(_Extractor):
+class CellFn(_Extractor):
     """An etl_lib-style extractor ``fn(item) -> (row, col)`` of grid coordinates, checked
     against ``table_size`` (a :class:`ClaimError` names the item and the coordinates)."""
 
@@ -341,7 +341,7 @@ def as_extractor(claims: Any, table_size: Optional[int] = None) -> Any:
         if size is None:
             raise ClaimError("an id extractor fn(item) -> (row, col) needs table_size (or "
                              "fn.table_size); for claims of any shape use Claims(fn)")
-        return Grid(claims, size, bool(getattr(claims, "monopartite", False)))
+        return CellFn(claims, size, bool(getattr(claims, "monopartite", False)))
     raise ClaimError(f"claims must be an extractor (bipartite(...), monopartite(...), "
                      f"Claims(fn)) or a callable, not {claims!r}")
 
@@ -362,3 +362,58 @@ def expected_skew(rows: int, cells: int) -> float:
         return 1.0
     mean = rows / cells
     return (mean + 4 * math.sqrt(mean) + 1) / mean
+
+
+# --------------------------------------------------------------------------- main's API
+# The first partitions API (``Grid(table_size, ids)``, ``tuple_ids``, ``dict_ids``,
+# ``hash_id``) kept working on top of the extractors above.
+
+def hash_id(value: Any) -> int:
+    """64 well-mixed bits of a node id (:func:`hash64`)."""
+    return hash64(value)
+
+
+def tuple_ids(start: int = 0, end: int = 1) -> Callable[[Any], Tuple[Any, Any]]:
+    """Ids of a tuple/list row: ``(row[start], row[end])``."""
+    def ids(row: Any) -> Tuple[Any, Any]:
+        try:
+            return row[start], row[end]
+        except (IndexError, TypeError, KeyError):
+            raise ClaimError(f"row {_short(row)} has no start/end ids at positions "
+                             f"{start} and {end}") from None
+    return ids
+
+
+def dict_ids(start_key: str = "start", end_key: str = "end") -> Callable[[Any], Tuple[Any, Any]]:
+    """Ids of a mapping row: ``(row[start_key], row[end_key])``."""
+    def ids(row: Any) -> Tuple[Any, Any]:
+        try:
+            return row[start_key], row[end_key]
+        except (KeyError, TypeError):
+            raise ClaimError(f"row {_short(row)} lacks the keys {start_key!r} and "
+                             f"{end_key!r}") from None
+    return ids
+
+
+class Grid(_Extractor):
+    """Cells of rows on a ``table_size`` grid from ``ids(row) -> (start, end)`` (default
+    :func:`tuple_ids`), or from ``cell_of(row) -> (r, c)`` directly (range-checked);
+    ``monopartite`` folds ``(a, b)`` and ``(b, a)`` into one cell."""
+
+    def __init__(self, table_size: int = 10, ids: Optional[Callable[[Any], Any]] = None,
+                 *, monopartite: bool = False,
+                 cell_of: Optional[Callable[[Any], Tuple[int, int]]] = None) -> None:
+        if ids is not None and cell_of is not None:
+            raise ClaimError("give ids= or cell_of=, not both")
+        self.table_size = _check_table_size(table_size)
+        self.monopartite = bool(monopartite)
+        self._ids = ids if ids is not None or cell_of is not None else tuple_ids()
+        self._cells = CellFn(cell_of, table_size, monopartite) if cell_of is not None \
+            else None
+
+    def cell(self, item: Any) -> Tuple[int, int]:
+        if self._cells is not None:
+            return self._cells.cell(item)
+        a, b = self._ids(item)  # type: ignore[misc]
+        r, c = self._bucket(a, item, "start"), self._bucket(b, item, "end")
+        return (c, r) if self.monopartite and r > c else (r, c)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set
 
 from ._model import ErrorInfo, PipelineError, Retry, Scheduler, Stage, _accepts_ctx
-from .claims import ClaimError, as_extractor, expected_skew, skew
+from .claims import ClaimError, Grid, as_extractor, expected_skew, skew, start_end
 
 log = logging.getLogger("pympx_queues.pipeline.partitions")
 
@@ -90,6 +90,24 @@ class PartitionReport:
     @property
     def mean_rows(self) -> float:
         return self.rows_committed / self.committed if self.committed else 0.0
+
+    # the first partitions API's names
+    @property
+    def rows_done(self) -> int:
+        return self.rows_committed
+
+    @property
+    def mean_parallelism(self) -> float:
+        return self.mean_running
+
+    @property
+    def batches_committed(self) -> List[BatchInfo]:
+        """Committed batches (kept with ``keep_batches=True``)."""
+        return self.committed_batches
+
+    @property
+    def early_flushes(self) -> int:
+        return self.reasons.get(PRESSURE, 0)
 
 
 class PartitionError(PipelineError):
@@ -564,11 +582,24 @@ def partitioned_stage(name: str, handler: Callable, claims: Any = None, *,
                       keep_batches: bool = False, starve_after: int = 8,
                       retry: Optional[Retry] = None,
                       timeout: Optional[float] = None, executor: Any = None,
-                      **stage_kw: Any) -> Stage:
+                      grid: Any = None, ids: Optional[Callable] = None,
+                      monopartite: bool = False, **stage_kw: Any) -> Stage:
     """A :class:`Stage` whose handler gets bucket-batches (lists of rows) that share no
     claim with any other running batch.  ``handler(rows)`` (or ``handler(rows, ctxs)``)
     returns None, a dict of counters or one output per row.  The stage's scheduler is
-    ``stage.scheduler`` (a :class:`ClaimScheduler`; its ``report`` after the run)."""
+    ``stage.scheduler`` (a :class:`ClaimScheduler`; its ``report`` after the run).
+    The first API's ``grid=`` (same as ``claims``), ``ids=fn(row) -> (start, end)`` and
+    ``monopartite=`` still work."""
+    if grid is not None:
+        if claims is not None:
+            raise PipelineError("give claims= or grid=, not both")
+        claims = grid
+    if ids is not None or monopartite:
+        if claims is not None:
+            raise PipelineError("ids=/monopartite= build the claims: not with claims=")
+        claims = Grid(table_size if table_size is not None else 10, ids,
+                      monopartite=monopartite) if ids is not None else \
+            start_end(table_size if table_size is not None else 10, monopartite=True)
     sched = ClaimScheduler(claims, batch_size, table_size=table_size,
                            max_buffered=max_buffered, min_fill=min_fill,
                            fail_fast=fail_fast, on_batch=on_batch, keep_batches=keep_batches,
@@ -587,6 +618,7 @@ def run_partitioned(source: Any, handler: Callable, claims: Any = None, *,
                     key: Optional[Callable] = None, durability: str = "flush",
                     name: str = "partitions", progress: Optional[bool] = False,
                     statistics: Optional[Dict[str, Any]] = None, stop_signals: bool = True,
+                    upstream_statistics: Optional[Dict[str, Any]] = None,
                     **stage_kw: Any) -> PartitionReport:
     """Run ``handler`` over ``source``'s rows in bucket-batches (one partitioned stage)
     and return the :class:`PartitionReport`; raises :class:`PartitionError` (with the
@@ -595,6 +627,8 @@ def run_partitioned(source: Any, handler: Callable, claims: Any = None, *,
     go to :func:`partitioned_stage`."""
     from .engine import Pipeline
 
+    if upstream_statistics:  # the first API's name
+        statistics = merge_statistics(dict(statistics or {}), upstream_statistics)
     stage = partitioned_stage(name, handler, claims, batch_size=batch_size, workers=workers,
                               kind=kind, **stage_kw)
     sched: ClaimScheduler = stage.scheduler
