@@ -25,11 +25,22 @@ Modes (same rows, same workers, same batch size):
 Id distributions: ``uniform`` (ids 1..N), ``strided`` (ids that are all multiples of 10),
 ``skewed`` (Pareto-distributed endpoint popularity).  Printed per case: rows/s,
 deadlocks, retries, mean running batches (achieved parallelism), batches; and ratios.
-Then a pure-scheduling comparison without a database (``--row-cost`` seconds per row
-slept by each batch): etl_lib 0.5.1's processors vs ours on the same rows.
+Then two pure-scheduling comparisons without a database, etl_lib 0.5.1's processors vs
+ours on the same rows, each batch costing ``--batch-cost`` + ``--row-cost`` per row:
 
-    python scripts/bench_partitions.py --size 20000          # everything
-    python scripts/bench_partitions.py --size 2000 --no-sim  # PostgreSQL part only, small
+* on a virtual clock (deterministic): etl_lib's real splitter emits its waves, each
+  wave's bucket-batches go to ``--workers`` workers in order as its
+  ParallelBatchProcessor does; our real ClaimScheduler is driven as the engine drives it.
+  Scheduling only: no coordinator or thread time is counted;
+* slept: the real processors and the real engine, each batch sleeping its cost (the
+  coordinators' own time counts, and so does the machine's load).
+
+``--repeat N`` runs every mode N times in rotation (naive once) and reports ratios of
+the medians with their range within a round: on a shared machine one run is noise.
+
+    python scripts/bench_partitions.py --size 20000             # everything
+    python scripts/bench_partitions.py --size 20000 --repeat 3  # the docs' figures
+    python scripts/bench_partitions.py --size 2000 --no-sim     # PostgreSQL only, small
 """
 
 from __future__ import annotations
@@ -287,12 +298,12 @@ def bench_pg(args: Any, modes: List[str]) -> List[Dict[str, Any]]:
             db = Database(pg.dsn, args.workers, args.tx_latency_ms / 1000.0)
             try:
                 db.setup(node_ids(dist, args.nodes))
-                for mode in modes:
+                for rnd, mode in rounds(modes, args.repeat):
                     db.reset()
                     res = measure(mode, rows, db.apply, args.workers, args.batch, args.table)
                     db.check(rows)
                     res.update(dist=dist, mode=mode, deadlocks=db.deadlocks,
-                               retries=db.deadlocks)
+                               retries=db.deadlocks, round=rnd)
                     out.append(res)
                     print(f"  pg {dist:8} {mode:12} {res['rows_per_s']:9.0f} rows/s "
                           f"{res['deadlocks']:5d} deadlocks  {res['mean_running']:4.2f} "
@@ -330,10 +341,10 @@ def bench_sim(args: Any, modes: List[str]) -> List[Dict[str, Any]]:
     out = []
     for dist in args.dists:
         rows = make_rows(dist, args.size, args.nodes, args.seed)
-        for mode in modes:
+        for rnd, mode in rounds(modes, args.repeat):
             sim = SimLocks(args.row_cost, args.batch_cost)
             res = measure(mode, rows, sim.apply, args.workers, args.batch, args.table)
-            res.update(dist=dist, mode=mode, overlapping_batches=sim.overlaps)
+            res.update(dist=dist, mode=mode, overlapping_batches=sim.overlaps, round=rnd)
             out.append(res)
             print(f"  sim {dist:8} {mode:12} {res['rows_per_s']:9.0f} rows/s "
                   f"{res['mean_running']:4.2f} running {res['batches']:5d} batches "
@@ -341,20 +352,159 @@ def bench_sim(args: Any, modes: List[str]) -> List[Dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- virtual time
+def _cost(args: Any, n: int) -> float:
+    return args.batch_cost + args.row_cost * n
+
+
+def virtual_waves(mod: Any, extractor: Any, rows: List[Any], args: Any) -> Dict[str, Any]:
+    """The waves the splitter really emits (etl_lib's own, or the compat face's), each
+    run by ``workers`` threads taking its bucket-batches in order (ParallelBatchProcessor:
+    one pool per wave, submission order), the next wave when the last batch of this one
+    ended.  Returns the makespan in virtual seconds."""
+    import heapq
+
+    split = mod.SplittingBatchProcessor(None, args.table, extractor,
+                                        predecessor=_Source(rows, mod.BatchResults))
+    total = busy = 0.0
+    batches = 0
+    for wave in split.get_batch(args.batch):
+        free = [0.0] * args.workers
+        end = 0.0
+        for bucket in wave.chunk:
+            if not bucket:
+                continue
+            t = heapq.heappop(free)
+            d = _cost(args, len(bucket))
+            heapq.heappush(free, t + d)
+            end = max(end, t + d)
+            busy += d
+            batches += 1
+        total += end
+    return {"seconds": total, "busy": busy, "batches": batches}
+
+
+def virtual_naive(rows: List[Any], args: Any) -> Dict[str, Any]:
+    """Batches in source order on ``workers`` workers, no claims (a ceiling: the
+    deadlocks they would cause are not modelled)."""
+    import heapq
+
+    free = [0.0] * args.workers
+    busy = end = 0.0
+    batches = 0
+    for i in range(0, len(rows), args.batch):
+        t = heapq.heappop(free)
+        d = _cost(args, len(rows[i:i + args.batch]))
+        heapq.heappush(free, t + d)
+        end, busy, batches = max(end, t + d), busy + d, batches + 1
+    return {"seconds": end, "busy": busy, "batches": batches}
+
+
+def virtual_claims(rows: List[Any], args: Any) -> Dict[str, Any]:
+    """Our ClaimScheduler driven as the engine drives it (admit rows while the buffer
+    has room, start groups on free workers, a group's claims freed when it ends, the
+    source's end flushes), on a virtual clock: no coordinator time is counted."""
+    import heapq
+    from types import SimpleNamespace
+
+    from pympx_queues.pipeline.partitions import ClaimScheduler
+
+    sched = ClaimScheduler(monopartite("start", "end", args.table), args.batch,
+                           max_running=args.workers)
+    bound = sched.max_buffered
+    items = [SimpleNamespace(key=str(i), data=r, attempt=1) for i, r in enumerate(rows)]
+    heap: List[Any] = []
+    now = busy = 0.0
+    pos = batches = 0
+    flushed = False
+    seq = 0
+    while True:
+        while pos < len(items) and sched.buffered() < bound:
+            sched.offer(items[pos])
+            pos += 1
+        if pos == len(items) and not flushed:
+            sched.flush()
+            flushed = True
+        free = args.workers - len(heap)
+        groups = sched.take(free)
+        if not groups and not heap and sched.buffered() >= bound:
+            sched.flush()  # the engine's move when a full buffer cannot start anything
+            groups = sched.take(free)
+        for g in groups:
+            d = _cost(args, len(g))
+            heapq.heappush(heap, (now + d, seq, g))
+            seq += 1
+            busy += d
+            batches += 1
+        if not heap:
+            if pos == len(items) and not sched.buffered():
+                break
+            raise AssertionError("virtual claims run stuck")
+        now, _, g = heapq.heappop(heap)
+        sched.finished(g)
+    return {"seconds": now, "busy": busy, "batches": batches}
+
+
+def bench_virtual(args: Any, modes: List[str]) -> List[Dict[str, Any]]:
+    out = []
+    for dist in args.dists:
+        rows = make_rows(dist, args.size, args.nodes, args.seed)
+        for mode in modes:
+            if mode == "naive":
+                res = virtual_naive(rows, args)
+            elif mode == "waves":
+                mod = etl_lib_modules()
+                res = virtual_waves(mod, mod.canonical_integer_id_extractor(args.table),
+                                    rows, args)
+            elif mode == "waves-mixed":
+                res = virtual_waves(compat, compat.canonical_integer_id_extractor(args.table),
+                                    rows, args)
+            else:
+                res = virtual_claims(rows, args)
+            span = res["seconds"] or float("nan")  # zero costs: no figure
+            res.update(dist=dist, mode=mode, rows_per_s=len(rows) / span,
+                       mean_running=res["busy"] / span)
+            out.append(res)
+            print(f"  virtual {dist:8} {mode:12} {res['rows_per_s']:9.0f} rows/s "
+                  f"{res['mean_running']:4.2f} running {res['batches']:5d} batches",
+                  flush=True)
+    return out
+
+
+def rounds(modes: List[str], repeat: int) -> List[Any]:
+    """(round, mode) in rotation: each round runs every mode once, so background load
+    on a shared machine falls on all modes alike; naive (slow, deadlocking) runs in the
+    first round only."""
+    return [(r, m) for r in range(repeat) for m in modes if r == 0 or m != "naive"]
+
+
 def ratios(results: List[Dict[str, Any]], kind: str) -> List[str]:
+    """claims over each other mode: median rows/s over median rows/s, and the range of
+    the ratios within a round (the same minute of machine load)."""
     lines = []
-    by = {(r["dist"], r["mode"]): r for r in results}
     for dist in DISTS:
-        ours = by.get((dist, "claims"))
-        if ours is None:
+        ours = [r for r in results if r["dist"] == dist and r["mode"] == "claims"]
+        if not ours:
             continue
         parts = []
         for other in ("naive", "waves", "waves-mixed"):
-            o = by.get((dist, other))
-            if o is not None:
-                parts.append(f"{ours['rows_per_s'] / o['rows_per_s']:.2f}x {other}")
+            theirs = [r for r in results if r["dist"] == dist and r["mode"] == other]
+            if not theirs:
+                continue
+            ratio = median([r["rows_per_s"] for r in ours]) / \
+                median([r["rows_per_s"] for r in theirs])
+            same = [o["rows_per_s"] / t["rows_per_s"] for o in ours for t in theirs
+                    if o.get("round") == t.get("round")]
+            spread = f" (rounds {min(same):.2f}-{max(same):.2f})" if len(same) > 1 else ""
+            parts.append(f"{ratio:.2f}x {other}{spread}")
         lines.append(f"  {kind} {dist:8} claims = " + ", ".join(parts))
     return lines
+
+
+def median(values: List[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -376,6 +526,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL part")
     ap.add_argument("--no-sim", action="store_true", help="skip the simulated part")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every mode (naive once); ratios of medians")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args(argv)
     # psycopg logs every pipeline a deadlock aborted; the count is what matters here
@@ -406,11 +558,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
               "transaction):")
         result["pg"] = bench_pg(args, modes)
     if not args.no_sim:
+        print(f"Pure scheduling on a virtual clock (deterministic; {args.row_cost * 1e6:.0f} "
+              f"us per row + {args.batch_cost * 1e3:.1f} ms per batch, no coordinator "
+              "time):")
+        result["virtual"] = bench_virtual(args, modes)
         print(f"Pure scheduling (no database; {args.row_cost * 1e6:.0f} us per row + "
               f"{args.batch_cost * 1e3:.1f} ms per batch, slept):")
         result["sim"] = bench_sim(args, [m for m in modes if m != "waves-mixed"])
-    print("Ratios (rows/s of claims over the others):")
-    for kind in ("pg", "sim"):
+    print("Ratios (rows/s of claims over the others; medians over "
+          f"{args.repeat} round(s)):")
+    for kind in ("pg", "virtual", "sim"):
         for line in ratios(result.get(kind, []), kind):
             print(line)
     if args.json:

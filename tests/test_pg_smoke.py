@@ -63,6 +63,12 @@ def test_the_simulated_schedules_never_overlap(tmp_path):
         if r["mode"] != "naive":
             assert r["overlapping_batches"] == 0, r
     assert {r["mode"] for r in res["sim"]} >= {"naive", "claims"}
+    virtual = {(r["dist"], r["mode"]): r for r in res["virtual"]}
+    for dist in ("uniform", "strided", "skewed"):
+        ours = virtual[(dist, "claims")]
+        # no schedule beats the work spread evenly over the workers
+        assert ours["rows_per_s"] <= virtual[(dist, "naive")]["rows_per_s"] * 1.0001
+        assert ours["batches"] >= 1500 // 25
 
 
 def test_without_initdb_the_postgresql_part_says_why_and_the_rest_runs(monkeypatch, capsys):
@@ -74,7 +80,8 @@ def test_without_initdb_the_postgresql_part_says_why_and_the_rest_runs(monkeypat
     with pytest.raises(RuntimeError, match="initdb not found"):
         _pg.Cluster()
     res = bench_partitions.main(["--size", "200", "--nodes", "50", "--batch", "20",
-                                 "--modes", "claims", "--row-cost", "0", "--batch-cost", "0"])
+                                 "--modes", "claims", "--row-cost", "0.00001",
+                                 "--batch-cost", "0.0001"])
     out = capsys.readouterr().out
     assert "PostgreSQL part skipped: initdb not found" in out
     assert res["pg"] == [] and {r["mode"] for r in res["sim"]} == {"claims"}
