@@ -372,7 +372,7 @@ class ClaimScheduler(Scheduler):
         before any one of its cells is ready (a hot node's rows spread over every cell of
         its row and column)."""
         load = self._load
-        if not load:
+        if not load or len(load) > 4096:  # Claims(fn) over many resources: no grid chain
             return set()
         hot = max(load, key=load.__getitem__)
         if load[hot] < self._fill_rows or hot in self._held:
