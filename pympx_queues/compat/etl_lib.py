@@ -225,6 +225,7 @@ class SplittingBatchProcessor(BatchProcessor):
         """The claims scheduler this splitter's waves (or barrier-free runs) come from."""
         kw.setdefault("min_fill", self.near_full_ratio)
         kw.setdefault("max_buffered", self.max_buffered)
+        kw.setdefault("hot_chain", False)  # etl_lib's waves: full and near-full cells
         return ClaimScheduler(self.grid, max_batch_size, **kw)
 
     def rows(self, max_batch_size: int, stats: Dict[str, Any]) -> Generator[Any, None, None]:
@@ -426,7 +427,7 @@ class ParallelBatchProcessor(BatchProcessor):
         results: "queue.Queue[Any]" = queue.Queue()
         end = object()
         errors: List[BaseException] = []
-        sched = splitter.scheduler(max_batch_size)
+        sched = splitter.scheduler(max_batch_size, hot_chain=True)  # no waves here
 
         def handler(rows: List[Any]) -> List[Any]:
             try:

@@ -164,7 +164,9 @@ class ClaimScheduler(Scheduler):
     ``keep_batches``: keep every :class:`BatchInfo` in the report (failed ones are always
     kept).  ``max_running``: most batches started at once (:func:`partitioned_stage`
     sets the stage's workers: a process pool would queue a second batch per worker, which
-    holds its claims while it waits).  ``skew_warning``: warn at the end of the source when the busiest cell holds
+    holds its claims while it waits).  ``hot_chain``: the cells of the most loaded claim
+    may start once they hold ``min_fill`` rows between them (see :meth:`_hot_cells`; the
+    etl_lib face turns it off: its waves take near-full cells only).  ``skew_warning``: warn at the end of the source when the busiest cell holds
     this many times the mean (and more than chance explains).
     """
 
@@ -175,7 +177,8 @@ class ClaimScheduler(Scheduler):
                  min_fill: float = 0.5, fail_fast: bool = True,
                  on_batch: Optional[Callable[[BatchInfo], Any]] = None,
                  keep_batches: bool = False, skew_warning: float = 3.0,
-                 starve_after: int = 8, max_running: Optional[int] = None) -> None:
+                 starve_after: int = 8, max_running: Optional[int] = None,
+                 hot_chain: bool = True) -> None:
         self.extractor = as_extractor(claims, table_size)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PipelineError(f"batch_size must be an int >= 1, not {batch_size!r}")
@@ -198,6 +201,7 @@ class ClaimScheduler(Scheduler):
         self.skew_warning = float(skew_warning)
         self.starve_after = int(starve_after)
         self.max_running = max_running
+        self.hot_chain = bool(hot_chain)
         self._pipeline: Any = None
         self._reset()
 
@@ -372,7 +376,7 @@ class ClaimScheduler(Scheduler):
         before any one of its cells is ready (a hot node's rows spread over every cell of
         its row and column)."""
         load = self._load
-        if not load or len(load) > 4096:  # Claims(fn) over many resources: no grid chain
+        if not self.hot_chain or not load or len(load) > 4096:  # 4096: Claims(fn), no grid
             return set()
         hot = max(load, key=load.__getitem__)
         if load[hot] < self._fill_rows or hot in self._held:
