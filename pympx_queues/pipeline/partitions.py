@@ -8,11 +8,15 @@ only the cells that conflict with it).
 
 Which cells run next (:meth:`ClaimScheduler.take`, one pass over the candidate cells):
 
-* Candidates are the cells whose rows reach a threshold: ``batch_size`` rows (full) or
-  ``min_fill * batch_size`` rows (a worker would idle otherwise) while the buffer is
-  below ``max_buffered``; any row at all once the buffer reaches ``max_buffered`` (early
-  flush: the fullest cells go first) or once the source has ended (leftovers).
-* Fullest first.  A cell passed over ``starve_after`` times because of conflicts gets
+* Candidates are the cells with ``min_fill * batch_size`` rows (a worker would idle
+  otherwise), the cells of the most loaded claim once they hold that many rows between
+  them (its batches run one at a time: its chain bounds the run, so it never idles),
+  any cell once the source has ended (leftovers), and any cell when the buffer is at
+  ``max_buffered`` and nothing can start otherwise (early flush: no cell is ready, or
+  nothing runs).  A full buffer with batches running and ready cells takes ready cells:
+  one hub's backlog must not push every other cell out in tiny batches.
+* Fullest first (up to ``batch_size``), then the most loaded claims.  A cell passed over
+  ``starve_after`` times (its claims held while a lower-ranked cell got a worker) gets
   priority, and the first such cell reserves its free claims until it can run (no
   starvation; one reservation at a time, so a straggler never stalls every cell).
 
