@@ -1,90 +1,160 @@
 """A throwaway PostgreSQL cluster for benchmarks and smoke tests.
 
 ``initdb`` + ``pg_ctl`` in a temporary directory, run as the unprivileged ``postgres``
-user (via ``runuser`` when we are root), listening on a unix socket only, with
-``fsync=off``: created, started and stopped in about a second.  Everything is removed
-on exit.
+user (via ``runuser``) when we are root, listening on a Unix socket only, with
+``fsync=off`` (a benchmark of locks, not of disks).  Creating, starting and stopping one
+takes about a second.  Needs the system's PostgreSQL server binaries
+(``apt-get install postgresql``) and ``psycopg`` (the ``partitions-bench`` extra)::
 
-    with throwaway_cluster() as dsn:
-        psycopg.connect(dsn)
+    with Cluster() as pg:
+        with psycopg.connect(pg.dsn) as conn: ...
+
+``unavailable()`` says why a cluster cannot be made here (None when it can).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
-from typing import Iterator, List, Optional
+from typing import List, Optional
+
+SERVER_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql/bin")
 
 
-def find_bin(name: str) -> Optional[str]:
-    """Path of a PostgreSQL server program (Debian keeps them off PATH)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
-    return candidates[0] if candidates else None
+def bindir() -> Optional[str]:
+    """The directory of ``initdb``/``pg_ctl``: PATH first, then the distributions' places
+    (Debian keeps them out of PATH); the newest version wins."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl", path=os.path.dirname(os.path.realpath(found))):
+        return os.path.dirname(os.path.realpath(found))
+    dirs = [d for pattern in SERVER_GLOBS for d in glob.glob(pattern)
+            if os.path.exists(os.path.join(d, "initdb"))]
+    if not dirs:
+        return None
+
+    def version(d: str) -> List[int]:
+        digits = "".join(ch if ch.isdigit() else " " for ch in d).split()
+        return [int(x) for x in digits]
+    return sorted(dirs, key=version)[-1]
 
 
-def why_unavailable() -> Optional[str]:
-    """None when a cluster can be made here, else the reason (for a clean skip)."""
-    if find_bin("initdb") is None or find_bin("pg_ctl") is None:
-        return "initdb/pg_ctl not installed (apt-get install postgresql)"
+def unavailable() -> Optional[str]:
+    """Why no throwaway cluster can be made here, or None."""
+    if bindir() is None:
+        return "initdb not found (apt-get install postgresql)"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg not installed (pip install -e '.[partitions-bench]')"
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            return "running as root and there is no 'postgres' user to run the server"
+            return "running as root and no 'postgres' user to run the server as"
         if shutil.which("runuser") is None:
-            return "running as root without runuser"
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return "psycopg is not installed (pip install 'psycopg[binary]')"
+            return "running as root and runuser is missing"
     return None
 
 
-def _as_server_user(cmd: List[str]) -> List[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--"] + cmd
-    return cmd
+class Cluster:
+    """A PostgreSQL server in a temporary directory; :attr:`dsn` connects to it."""
+
+    def __init__(self, settings: Optional[dict] = None, max_connections: int = 40) -> None:
+        reason = unavailable()
+        if reason:
+            raise RuntimeError(f"no throwaway PostgreSQL here: {reason}")
+        self.bin = bindir()
+        self.settings = {"fsync": "off", "synchronous_commit": "off",
+                         "full_page_writes": "off", "max_connections": str(max_connections),
+                         "listen_addresses": "''", "shared_buffers": "64MB"}
+        self.settings.update(settings or {})
+        self.root = ""
+        self.started = False
+
+    # -------------------------------------------------------------- process plumbing
+    def _as_owner(self, args: List[str]) -> List[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--"] + args
+        return args
+
+    def _run(self, args: List[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self._as_owner(args), check=True, capture_output=True,
+                              text=True, **kw)
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.root, "data")
+
+    @property
+    def socket_dir(self) -> str:
+        return os.path.join(self.root, "sock")
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.socket_dir} port=5432 user=postgres dbname=postgres"
+
+    def start(self) -> "Cluster":
+        self.root = tempfile.mkdtemp(prefix="pympx-pg-")
+        os.makedirs(self.socket_dir)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            for path in (self.root, self.socket_dir):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        try:
+            self._run([os.path.join(self.bin, "initdb"), "-D", self.data, "-A", "trust",
+                       "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+            opts = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
+            self._run([os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-w", "-t", "60",
+                       "-l", os.path.join(self.root, "server.log"),
+                       "-o", f"-k {self.socket_dir} {opts}", "start"])
+        except subprocess.CalledProcessError as exc:
+            log = self.log_tail()
+            self.stop()
+            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr or exc.stdout}\n"
+                               f"{log}") from None
+        self.started = True
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(os.path.join(self.root, "server.log")) as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.started:
+            try:
+                self._run([os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m",
+                           "immediate", "-w", "stop"], timeout=60)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                pass
+            self.started = False
+        if self.root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = ""
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
-@contextlib.contextmanager
-def throwaway_cluster(*, deadlock_timeout_ms: int = 100, max_connections: int = 50
-                      ) -> Iterator[str]:
-    """Yield a libpq connection string of a fresh cluster; stop and delete it after."""
-    reason = why_unavailable()
-    if reason:
-        raise RuntimeError(reason)
-    top = tempfile.mkdtemp(prefix="pympx-pg-")
-    data, sock = os.path.join(top, "data"), os.path.join(top, "sock")
-    os.mkdir(sock)
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        for p in (top, sock):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-    initdb, pg_ctl = find_bin("initdb"), find_bin("pg_ctl")
-    started = False
-    try:
-        subprocess.run(_as_server_user([initdb, "-D", data, "-U", "postgres", "-A", "trust",
-                                        "--no-sync", "-E", "UTF8"]),
-                       check=True, capture_output=True, timeout=120)
-        opts = (f"-k {sock} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
-                f"-c full_page_writes=off -c deadlock_timeout={deadlock_timeout_ms}ms "
-                f"-c max_connections={max_connections}")
-        subprocess.run(_as_server_user([pg_ctl, "-D", data, "-o", opts, "-l",
-                                        os.path.join(top, "log"), "-w", "-t", "60", "start"]),
-                       check=True, capture_output=True, timeout=90)
-        started = True
-        yield f"host={sock} dbname=postgres user=postgres"
-    finally:
-        if started:
-            subprocess.run(_as_server_user([pg_ctl, "-D", data, "-m", "immediate", "-w",
-                                            "-t", "60", "stop"]),
-                           capture_output=True, timeout=90)
-        shutil.rmtree(top, ignore_errors=True)
+if __name__ == "__main__":  # a quick check: python scripts/_pg.py
+    import time
+
+    why = unavailable()
+    if why:
+        raise SystemExit(f"unavailable: {why}")
+    import psycopg
+
+    t0 = time.monotonic()
+    with Cluster() as pg:
+        with psycopg.connect(pg.dsn) as conn:
+            print(conn.execute("select version()").fetchone()[0])
+    print(f"created, started, queried and stopped in {time.monotonic() - t0:.2f} s")

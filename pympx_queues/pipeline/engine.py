@@ -352,7 +352,10 @@ class Pipeline:
         self._t0 = time.monotonic()
         self._emit_fn = emit
         self._live = 0
-        self._cap = sum(s.queue_size + s.workers for s in self.stages) + self.prefetch
+        # P4 in items (rows): a stage holds up to queue_size buffered items plus workers
+        # running groups of up to group_size(s) items each (a batch is its rows, not one).
+        self._cap = sum(s.queue_size + s.workers * group_size(s) for s in self.stages) + \
+            self.prefetch
         self._seq = 0
         self._next_out = 0
         self._held: Dict[int, ItemResult] = {}
@@ -384,6 +387,10 @@ class Pipeline:
             for sr in sorted(self._runs, key=lambda sr: sr.stage.kind != "process"):
                 sr.runner = _make_runner(sr.stage, loop)
                 sr.slots = getattr(sr.runner, "slots", sr.stage.workers)
+            for sr in self._runs:  # a scheduler that acts on its run (partitions: fail-fast)
+                attach = getattr(sr.sched, "attach", None)
+                if attach is not None:
+                    attach(self, sr.stage)
             from .progress import start_progress
 
             progress = start_progress(self, self.progress)
@@ -653,7 +660,7 @@ class Pipeline:
             self._finish(ctx, ctx.data, self._runs[-1])
             return
         ctx.stage = sr.stage.name
-        sr.sched.offer(ctx)
+        self._offer(sr, ctx)
         self._pump()
 
     # ------------------------------------------------------------------ dispatch
@@ -688,7 +695,18 @@ class Pipeline:
         item.stage = sr.stage.name
         item.stage_index = sr.index
         item.attempt = 1
-        sr.sched.offer(item)
+        self._offer(sr, item)
+
+    def _offer(self, sr: _StageRun, item: ItemContext) -> None:
+        """Give an item to the stage's scheduler.  A scheduler that refuses it (raises,
+        e.g. partitions: a row without valid claims) makes it a dead letter with that
+        error, as a handler's exception would (P5); the run goes on."""
+        try:
+            sr.sched.offer(item)
+        except Exception as exc:
+            self._dead(item, sr, ErrorInfo(type(exc).__name__, str(exc),
+                                           traceback.format_exc(), sr.stage.name,
+                                           item.attempt))
 
     def _start(self, sr: _StageRun, group: List[ItemContext]) -> None:
         stage = sr.stage
@@ -726,10 +744,14 @@ class Pipeline:
             fut = runner.submit(data, ctx)
         except Exception as exc:
             sr.running -= 1
+            tb = traceback.format_exc()
+            attempts = [item.attempt for item in group]
             for item in group:
                 self._failed(sr, item, exc, ErrorInfo(type(exc).__name__, str(exc),
-                             traceback.format_exc(), stage.name, item.attempt))
+                             tb, stage.name, item.attempt))
             sr.sched.finished(group)
+            self._group_ended(sr, group, False, None, ErrorInfo(
+                type(exc).__name__, str(exc), tb, stage.name, attempts[0]), 0.0, attempts)
             return
         timer = None
         if stage.timeout is not None and not getattr(runner, "handles_timeout", False):
@@ -747,11 +769,15 @@ class Pipeline:
         sr.sched.finished(group)
         err = StageTimeout(f"stage {sr.stage.name!r}: attempt ran past its timeout of "
                            f"{sr.stage.timeout} s")
+        attempts = [item.attempt for item in group]
         for item in group:
             item.cancelled.set()
             self._failed(sr, item, err, ErrorInfo("StageTimeout", str(err), "",
                                                  sr.stage.name, item.attempt),
                          seconds=time.monotonic() - started)
+        self._group_ended(sr, group, False, None, ErrorInfo(
+            "StageTimeout", str(err), "", sr.stage.name, attempts[0]),
+            time.monotonic() - started, attempts)
         self._pump()
         self._wake_idle()
 
@@ -800,10 +826,12 @@ class Pipeline:
 
     def _one_done(self, sr: _StageRun, item: ItemContext, outcome: Any, seconds: float) -> None:
         ok, value, err = self._unpack(sr, outcome, item.attempt)
+        attempts = [item.attempt]
         if ok:
             self._succeeded(sr, item, value, seconds)
         else:
             self._failed(sr, item, value, err, seconds=seconds)
+        self._group_ended(sr, [item], ok, [value] if ok else None, err, seconds, attempts)
 
     def _batch_done(self, sr: _StageRun, group: List[ItemContext], outcome: Any,
                     seconds: float) -> None:
@@ -814,23 +842,40 @@ class Pipeline:
                                 f"{'' if not hasattr(value, '__len__') else ' of ' + str(len(value))}")
             ok, value, err = False, exc, ErrorInfo("PipelineError", str(exc), "",
                                                   sr.stage.name, group[0].attempt)
+        attempts = [item.attempt for item in group]
         if not ok:
             for item in group:
                 e = ErrorInfo(err.type, err.message, err.traceback, err.stage, item.attempt)
                 self._failed(sr, item, value, e, seconds=seconds)
+            self._group_ended(sr, group, False, None, err, seconds, attempts)
             return
         outputs = list(value)
         if self._journal is not None:
             try:
                 self._journal.batch_done(group, sr.index, outputs, sr.last)
             except EncodeError as exc:
+                err = ErrorInfo("EncodeError", str(exc), "", sr.stage.name, attempts[0])
                 for item in group:
                     self._failed(sr, item, exc, ErrorInfo("EncodeError", str(exc), "",
                                                          sr.stage.name, item.attempt),
                                  seconds=seconds)
+                self._group_ended(sr, group, False, None, err, seconds, attempts)
                 return
+        self._group_ended(sr, group, True, outputs, None, seconds, attempts)
         for item, out in zip(group, outputs):
             self._succeeded(sr, item, out, seconds, journaled=True)
+
+    def _group_ended(self, sr: _StageRun, group: List[ItemContext], ok: bool,
+                     outputs: Optional[List[Any]], err: Optional[ErrorInfo], seconds: float,
+                     attempts: List[int]) -> None:
+        """Tell a scheduler with an ``ended`` hook how a group ended (after its records
+        are journaled): ``ok`` with its outputs, or failed with ``err``; ``retrying``: the
+        failed items will be tried again (else they are dead letters, or the run halted).
+        Partitions use it to know which bucket-batches committed and to fail fast."""
+        ended = getattr(sr.sched, "ended", None)
+        if ended is not None:
+            retrying = not ok and any(item.attempt > a for item, a in zip(group, attempts))
+            ended(group, ok, outputs, err, seconds, retrying)
 
     def _succeeded(self, sr: _StageRun, item: ItemContext, output: Any, seconds: float,
                    journaled: bool = False) -> None:
@@ -890,7 +935,7 @@ class Pipeline:
         sr.retrying -= 1
         if self._halted:
             return
-        sr.sched.offer(item)
+        self._offer(sr, item)
         self._pump()
 
     def _dead(self, item: ItemContext, sr: _StageRun, err: ErrorInfo,
@@ -970,6 +1015,13 @@ class Pipeline:
                 except Exception:  # pragma: no cover
                     log.exception("abandoning a group of stage %r", sr.stage.name)
             sr.futs.clear()
+
+
+def group_size(stage: Stage) -> int:
+    """Most items in one group (one handler call) of ``stage``: its scheduler's ``size``
+    (a batch stage's ``batch=N``, a partitioned stage's ``batch_size``), else 1."""
+    size = getattr(stage.scheduler, "size", None) if stage.scheduler is not None else None
+    return max(int(size if size is not None else stage.batch_size), 1)
 
 
 def _make_runner(stage: Stage, loop: asyncio.AbstractEventLoop) -> Any:
