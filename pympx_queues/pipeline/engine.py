@@ -16,6 +16,7 @@ attempt is journaled (``E``), retried after its backoff, then dead-lettered (``L
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue as _queue
 import signal
@@ -357,6 +358,9 @@ class Pipeline:
         self._next_out = 0
         self._held: Dict[int, ItemResult] = {}
         self._feeder_wait: Optional[asyncio.Future] = None
+        self._pump_due = False
+        self._soon = loop.call_soon
+        self._listening = emit is not None or self.on_complete is not None or self.ordered
         self._idle_wait: Optional[asyncio.Future] = None
         self._source_done = False
         self._halted = False
@@ -383,6 +387,8 @@ class Pipeline:
             # Process pools first: their workers fork before any stage thread exists.
             for sr in sorted(self._runs, key=lambda sr: sr.stage.kind != "process"):
                 sr.runner = _make_runner(sr.stage, loop)
+                if sr.runner.direct:
+                    sr.runner.done = functools.partial(self._ended, sr)
                 sr.slots = getattr(sr.runner, "slots", sr.stage.workers)
             from .progress import start_progress
 
@@ -658,6 +664,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ dispatch
     def _pump(self) -> None:
+        """Dispatch soon: one pass per event-loop turn serves every completion, admission
+        and retry of that turn (a pass per event was most of the per-item cost)."""
+        if not self._pump_due:
+            self._pump_due = True
+            self._soon(self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_due = False
         if self._halted:
             return
         runs = self._runs
@@ -723,7 +737,10 @@ class Pipeline:
         stage = sr.stage
         runner = sr.runner
         try:
-            fut = runner.submit(data, ctx)
+            if runner.direct:  # the runner calls self._ended itself, no future per item
+                fut = runner.start(data, ctx, group)
+            else:
+                fut = runner.submit(data, ctx)
         except Exception as exc:
             sr.running -= 1
             for item in group:
@@ -735,7 +752,8 @@ class Pipeline:
         if stage.timeout is not None and not getattr(runner, "handles_timeout", False):
             timer = self._loop.call_later(stage.timeout, self._timed_out, sr, fut)
         sr.futs[fut] = (group, timer, now)
-        fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
+        if not runner.direct:
+            fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
 
     def _timed_out(self, sr: _StageRun, fut: Any) -> None:
         entry = sr.futs.pop(fut, None)
@@ -756,10 +774,24 @@ class Pipeline:
         self._wake_idle()
 
     def _group_done(self, sr: _StageRun, fut: Any) -> None:
-        entry = sr.futs.pop(fut, None)
-        if entry is None:  # timed out or abandoned already
+        """A future-based runner's group ended (executor stages)."""
+        if fut not in sr.futs:  # timed out or abandoned already
             if not fut.cancelled():
                 fut.exception()  # retrieved: no "never retrieved" warning
+            return
+        if fut.cancelled():
+            outcome: Any = ("exc", PipelineError("cancelled"))
+        elif fut.exception() is not None:
+            outcome = ("exc", fut.exception())
+        else:
+            outcome = ("ok", fut.result())
+        self._ended(sr, fut, outcome)
+
+    def _ended(self, sr: _StageRun, handle: Any, outcome: Any) -> None:
+        """A group ended with ``("ok", output)`` or ``("exc", exception)``; direct
+        runners call this for each group, on the loop, never from inside ``start``."""
+        entry = sr.futs.pop(handle, None)
+        if entry is None:  # timed out or abandoned already
             return
         group, timer, started = entry
         if timer is not None:
@@ -767,19 +799,11 @@ class Pipeline:
         sr.running -= 1
         seconds = time.monotonic() - started
         sr.stats.busy_seconds += seconds
-        stage = sr.stage
-        if fut.cancelled():
-            outcome: Any = ("exc", PipelineError("cancelled"))
-        elif fut.exception() is not None:
-            outcome = ("exc", fut.exception())
-        else:
-            outcome = ("ok", fut.result())
         sr.sched.finished(group)
-        if stage.batch:
+        if sr.stage.batch:
             self._batch_done(sr, group, outcome, seconds)
         else:
-            item = group[0]
-            self._one_done(sr, item, outcome, seconds)
+            self._one_done(sr, group[0], outcome, seconds)
         self._pump()
         self._wake_idle()
 
@@ -915,6 +939,13 @@ class Pipeline:
             self._journal.done(item.key, output)
         rep.done += 1
         rep.in_flight -= 1
+        if not self._listening:  # nobody takes results: no ItemResult per item
+            j = self._journal
+            if j is not None and j.fsync:
+                j.after_sync(self._release_quietly)  # the item ends once durable
+            else:
+                self._release_quietly()
+            return
         res = ItemResult(item.key, item.index, output, True, None, item.stage_timings,
                          metadata=item.metadata,
                          elapsed=time.monotonic() - item.admitted if item.admitted else 0.0)
@@ -946,6 +977,12 @@ class Pipeline:
             self._live -= 1
             if self._feeder_wait is not None and self._room():
                 self._wake_feeder()
+        self._wake_idle()
+
+    def _release_quietly(self) -> None:
+        self._live -= 1
+        if self._feeder_wait is not None and self._room():
+            self._wake_feeder()
         self._wake_idle()
 
     def _callback(self, fn: Callable, *args: Any) -> None:

@@ -127,6 +127,7 @@ class ProcessRunner:
     it reached the head."""
 
     remote = True
+    direct = False
     handles_timeout = True
     DEPTH = 2
 
