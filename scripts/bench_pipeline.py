@@ -55,6 +55,7 @@ DEFAULT_PY314 = "/opt/py314/venv/bin/python"
 WORKERS = 4          # per stage of the 3-stage pipeline
 QUEUE_SIZE = 100     # per stage input queue
 PROC_WORKERS = 2
+PROC_QUEUE = 256    # the process stage's input queue: room for full chunks (CHUNK_MAX items)
 
 
 # -- the stages' handlers (trivial: the cost measured is the machinery's) -----------------
@@ -238,7 +239,7 @@ def run_process(n, workdir=None, fn=cpu):
     from pympx_queues.pipeline import Stage
 
     return _run_pipeline(n, [Stage("p", fn, kind="process", workers=PROC_WORKERS,
-                                   queue_size=4 * PROC_WORKERS)])
+                                   queue_size=PROC_QUEUE)])
 
 
 # -- bergtalzug 0.2.0 (Python >= 3.14 only: run through --inner in the 3.14 prefix) --------

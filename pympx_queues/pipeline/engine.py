@@ -717,9 +717,12 @@ class Pipeline:
                 ev.clear()
         sr.running += 1
         remote = runner.remote
-        if stage.batch:
+        if remote and not stage.takes_ctx:
+            ctx: Any = None  # handler(data): no context copied and pickled per item
+            data = [g.data for g in group] if stage.batch else group[0].data
+        elif stage.batch:
             data = [g.data for g in group]
-            ctx: Any = [g.for_worker() for g in group] if remote else list(group)
+            ctx = [g.for_worker() for g in group] if remote else list(group)
         else:
             data = group[0].data
             ctx = group[0].for_worker() if remote else group[0]
