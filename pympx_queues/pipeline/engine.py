@@ -26,6 +26,7 @@ import traceback
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional
 
+from ._keys import KeySet
 from ._model import (EncodeError, ErrorInfo, FifoScheduler, ItemContext, ItemResult,
                      PipelineError, Refill, RunReport, Stage, StageStats, StageTimeout,
                      _is_async_iterable)
@@ -364,7 +365,7 @@ class Pipeline:
         self._idle_wait: Optional[asyncio.Future] = None
         self._source_done = False
         self._halted = False
-        self._seen: Optional[set] = set() if self.key is not None else None
+        self._seen: Optional[KeySet] = KeySet() if self.key is not None else None
         self._report = rep = RunReport(stages={s.name: StageStats() for s in self.stages},
                                        state="running")
         self._runs = [_StageRun(s, i, i == len(self.stages) - 1)
@@ -600,13 +601,11 @@ class Pipeline:
             if not isinstance(key, str):
                 key = str(key)
         seen = self._seen
-        if seen is not None:
-            if key in seen:
-                self._report.duplicate_keys += 1
-                log.warning("pipeline %r: duplicate key %r from the source skipped",
-                            self.name, key)
-                return
-            seen.add(key)
+        if seen is not None and not seen.add(key):
+            self._report.duplicate_keys += 1
+            log.warning("pipeline %r: duplicate key %r from the source skipped",
+                        self.name, key)
+            return
         replay = self._replay
         if replay is not None:
             if key in replay.unfinished:

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import _fs
 from .. import journal as jr
 from ..errors import JournalCorruptError
+from ._keys import KeySet
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -90,11 +91,13 @@ class Saved:
 class Replay:
     """The fold of a pipeline's journals."""
 
-    def __init__(self, track_done: bool = True) -> None:
+    def __init__(self, track_done: bool = True, compact: bool = False) -> None:
         self.track_done = track_done
         self.done_count = 0
         self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
-        self.done: Dict[str, Any] = {}  # key -> enc output (None unless keep_results)
+        # key -> enc output (None unless keep_results); ``compact`` (a run without
+        # keep_results): a KeySet of fingerprints, 16-32 bytes per done key, not a dict
+        self.done: Any = KeySet() if compact else {}
         self.states: Dict[str, Any] = {}
         self.stages: List[str] = []
         self.failed_attempts: Dict[int, int] = {}
@@ -416,7 +419,7 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
                 f"pipeline {name!r} in {directory}: a run is live (journal "
                 f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
                 "coordinator per pipeline")
-    replay = Replay(track_done=track_done)
+    replay = Replay(track_done=track_done, compact=not keep_results)
     for st in counted:
         meta = st.header.get(HEADER_FIELD) or {}
         if meta.get("stages"):
