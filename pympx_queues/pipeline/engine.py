@@ -804,10 +804,15 @@ class Pipeline:
         sr.sched.finished(group)
         if sr.stage.batch:
             self._batch_done(sr, group, outcome, seconds)
+        elif outcome[0] == "ok" and not sr.runner.remote:
+            self._succeeded(sr, group[0], outcome[1], seconds)
         else:
             self._one_done(sr, group[0], outcome, seconds)
-        self._pump()
-        self._wake_idle()
+        if not self._pump_due:
+            self._pump_due = True
+            self._soon(self._pump_now)
+        if self._source_done or self._halted:
+            self._wake_idle()
 
     def _unpack(self, sr: _StageRun, outcome: Any, item_attempt: int) -> Any:
         """(ok, value_or_exc, ErrorInfo|None) from a runner's outcome."""
