@@ -60,6 +60,13 @@ class _StageRun:
         self.futs: Dict[Any, Any] = {}  # running future -> (group, timer, started)
         self.slots = stage.workers  # groups running at once (a runner may pipeline more)
 
+    def queued(self) -> int:
+        """Items waiting for this stage: buffered, waiting for a retry, or handed to a
+        runner that holds more groups than it has workers (they wait there for a worker,
+        and count against the stage's queue_size)."""
+        extra = self.running - self.stage.workers
+        return self.sched.buffered() + self.retrying + (extra if extra > 0 else 0)
+
 
 class Pipeline:
     """A source and stages, run by one coordinator; durable with ``journal_dir``.
@@ -150,8 +157,9 @@ class Pipeline:
                         else r.elapsed)
         for sr in list(self._runs) or []:
             st = StageStats(**sr.stats.__dict__)
-            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values()))
-            st.queued = sr.sched.buffered() + len(sr.blocked) + sr.retrying
+            extra = max(sr.running - sr.stage.workers, 0)  # handed over, not started
+            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values())) - extra
+            st.queued = sr.sched.buffered() + len(sr.blocked) + sr.retrying + extra
             st.rate = st.done / out.elapsed if out.elapsed > 0 else 0.0
             out.stages[sr.stage.name] = st
         if not out.stages:
@@ -508,7 +516,7 @@ class Pipeline:
         if self._live >= self._cap:
             return False
         s0 = self._runs[0]
-        return s0.sched.buffered() + s0.retrying < s0.stage.queue_size
+        return s0.queued() < s0.stage.queue_size
 
     async def _wait_room(self) -> None:
         loop = asyncio.get_running_loop()
@@ -679,7 +687,7 @@ class Pipeline:
             if sr.index > 0:
                 prev = runs[sr.index - 1]
                 q = sr.stage.queue_size
-                while prev.blocked and sr.sched.buffered() + sr.retrying < q:
+                while prev.blocked and sr.queued() < q:
                     item = prev.blocked.popleft()
                     self._enter(sr, item)
             free = sr.slots - sr.running - len(sr.blocked)
@@ -887,7 +895,7 @@ class Pipeline:
             return
         item.data = output
         nxt = self._runs[sr.index + 1]
-        if nxt.sched.buffered() + nxt.retrying < nxt.stage.queue_size and not sr.blocked:
+        if not sr.blocked and nxt.queued() < nxt.stage.queue_size:
             self._enter(nxt, item)
         else:
             sr.blocked.append(item)

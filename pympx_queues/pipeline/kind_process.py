@@ -443,13 +443,12 @@ class ProcessRunner:
                 self.loop.call_soon(self._dispatch)
 
     def abandon(self, job: Any, group: List[ItemContext], reason: str) -> None:
-        """Forget ``job`` (a halt); the worker running it is killed."""
+        """Forget ``job`` (a halt): the worker holding it is killed, so that nothing of
+        its chunk starts after the halt (P7); its other items go to the others."""
         job.abandoned = True
         for w in self._all:
             if job in w.jobs:
-                idx = w.running()
-                if 0 <= idx < len(w.jobs) and w.jobs[idx] is job:
-                    self._reap(w, fail=False, kill=True)
+                self._reap(w, fail=False, kill=True)
                 return
 
     def close(self, wait: bool = True) -> None:

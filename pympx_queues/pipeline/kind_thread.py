@@ -46,7 +46,9 @@ class ThreadRunner:
         self.stage = stage
         self.loop = loop
         self.done: Optional[Callable[[Any, Any], None]] = None  # set by the engine
-        self.slots = stage.workers  # groups handed over are running (stats, timeouts)
+        # Groups handed over start at once: a kill switch that trips stops everything
+        # not started (P7), and an attempt's timeout counts from its start.
+        self.slots = stage.workers
         self._handler = stage.handler
         self._takes_ctx = stage.takes_ctx
         self._in: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
