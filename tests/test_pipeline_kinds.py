@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
-from pympx_queues.pipeline import Pipeline, Retry, Stage
+from pympx_queues.pipeline import Pipeline, Retry, Scheduler, Stage
 from pympx_queues.pipeline._keys import KeySet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +146,47 @@ def test_the_key_set_is_exact_for_many_keys_and_grows():
     with pytest.raises(KeyError):
         s["nope"]
     assert s.nbytes <= 50_000 * 12 * 4
+
+
+def note_start(x, ctx):
+    with open(ctx.metadata["log"], "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(0.02)
+    return x
+
+
+class Gate(Scheduler):
+    """FIFO that starts nothing once closed (a kill switch's scheduler)."""
+
+    closed = False
+
+    def take(self, free_workers):
+        return [] if self.closed else super().take(free_workers)
+
+
+def test_items_queued_in_a_process_chunk_do_not_start_after_a_stop(tmp_path):
+    log = tmp_path / "starts"
+    gate = Gate()
+
+    def on_complete(r):
+        if not gate.closed:
+            gate.closed = True  # a trip: nothing new may start, the running one ends
+            p.stop(drain=True)
+        else:
+            p.stop(drain=False)  # it ended: what never started stays for the next run
+
+    src = list(range(80))
+    p = Pipeline(src, [Stage("p", note_start, kind="process", workers=1, queue_size=64,
+                             scheduler=gate)], progress=False, on_complete=on_complete)
+    # ctx.metadata travels to the worker with the context
+    orig = p._admit
+
+    def admit(ctx, journal):
+        ctx.metadata["log"] = str(log)
+        orig(ctx, journal)
+    p._admit = admit
+    p.run_all()
+    starts = log.read_text().split()
+    # One item ended and tripped it; the one running then finishes; the rest of the
+    # chunk (up to 32 items handed over) comes back unstarted.
+    assert p.report.done <= 3 and len(starts) == p.report.done

@@ -485,6 +485,10 @@ class Pipeline:
             return
         self._source_done = True  # admit nothing more
         self._wake_feeder()
+        for sr in self._runs:  # what a runner holds but has not started comes back
+            hold = getattr(sr.runner, "hold", None)
+            if hold is not None:
+                hold()
         if not drain:
             self._halted = True
             self._report.state = "halted"
@@ -807,9 +811,15 @@ class Pipeline:
         if timer is not None:
             timer.cancel()
         sr.running -= 1
+        sr.sched.finished(group)
+        if outcome[0] == "back":  # handed over but never started (a stop): re-offered,
+            for item in group:  # the scheduler decides whether it starts (P7)
+                sr.sched.offer(item)
+            self._pump()
+            self._wake_idle()
+            return
         seconds = time.monotonic() - started
         sr.stats.busy_seconds += seconds
-        sr.sched.finished(group)
         if sr.stage.batch:
             self._batch_done(sr, group, outcome, seconds)
         elif outcome[0] == "ok" and not sr.runner.remote:

@@ -83,6 +83,10 @@ def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int
         last = clock()
         left = len(chunk)
         for data, ctx in chunk:
+            if started >= state[STATE_ALLOW]:  # the run stopped: start nothing more,
+                replies.append(NOT_STARTED)  # the coordinator takes these items back
+                left -= 1
+                continue
             # The coordinator reads these two when the worker dies or an attempt may be
             # past its timeout: which item of the chunk runs, and since when (0: none).
             started += 1
@@ -143,6 +147,10 @@ def describe_exit(code: Optional[int]) -> str:
 #: ``time.monotonic()`` at which the current one started (0.0 between items).
 STATE_STARTED = 0
 STATE_SINCE = 1
+#: ... and the coordinator's word: start items only while ``started < allow`` (lowered to
+#: the items started so far when the run stops: what is queued in a chunk comes back).
+STATE_ALLOW = 2
+NOT_STARTED = ("not-started",)
 #: A worker sends the results it has when a chunk has run this long (seconds).
 PARTIAL_AFTER = 0.005
 #: Items per message at most, and a chunk's target duration (seconds): chunks shrink to
@@ -214,6 +222,7 @@ class ProcessRunner:
         self._all: List[_Worker] = []
         self._pending: Deque[_Job] = deque()
         self._dispatch_due = False
+        self._held = False
         self.per_worker = 2 * CHUNK_MAX
         self.slots = stage.workers * self.per_worker
         self._item_seconds = 0.0  # moving average: seconds per item between replies
@@ -229,7 +238,8 @@ class ProcessRunner:
         forked = self._mp.get_start_method() == "fork"
         inherited = [parent] + [c for c in list(_PARENT_ENDS) if not c.closed] \
             if forked else []
-        state = self._mp.RawArray("d", 2)
+        state = self._mp.RawArray("d", 3)
+        state[STATE_ALLOW] = float("inf")
         proc = self._mp.Process(
             target=_worker_main, name=f"pipeline-{self.stage.name}",
             args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid(), state,
@@ -322,6 +332,8 @@ class ProcessRunner:
             pending.extendleft(reversed(chunk))
             self._reap(w, fail=True)
             return True
+        if w.state[STATE_ALLOW] != INF:  # sent after a stop: these may start
+            w.state[STATE_ALLOW] = INF
         chunk[-1].msg_bytes = len(buf)
         w.piped += len(buf)
         w.jobs.extend(chunk)
@@ -350,7 +362,7 @@ class ProcessRunner:
             if job.msg_bytes:
                 w.piped -= job.msg_bytes
             if not job.abandoned:
-                ended.append((job, reply))
+                ended.append((job, ("back", None) if reply == NOT_STARTED else ("ok", reply)))
         if replies:
             # the stage's seconds per item between replies: the chunk size's guide
             per = (now - self._last_reply) / len(replies) if self._last_reply else 0.0
@@ -362,8 +374,8 @@ class ProcessRunner:
             w.timer.cancel()
             w.timer = None
         done = self.done
-        for job, reply in ended:
-            done(job, ("ok", reply))  # type: ignore[misc]
+        for job, outcome in ended:
+            done(job, outcome)  # type: ignore[misc]
         if self._pending and not self._dispatch_due:
             self._dispatch_due = True
             self.loop.call_soon(self._dispatch)
@@ -427,7 +439,11 @@ class ProcessRunner:
                         self.stage.name, w.proc.pid, describe_exit(code),
                         f" while running key(s) {culprit.keys}" if culprit else "")
         back = [j for j in jobs if j is not culprit and not j.abandoned]
-        self._pending.extendleft(reversed(back))  # never started or results lost: again
+        if self._held:  # stopping: what did not start goes back to the engine
+            for job in back:
+                self.loop.call_soon(self._give_back, job)
+        else:
+            self._pending.extendleft(reversed(back))  # not started or results lost: again
         if culprit is not None and not culprit.abandoned:
             if head_error is not None:
                 self.loop.call_soon(self._fail, culprit, head_error)
@@ -441,6 +457,20 @@ class ProcessRunner:
             if not self._dispatch_due:
                 self._dispatch_due = True
                 self.loop.call_soon(self._dispatch)
+
+    def hold(self) -> None:
+        """The run stops: items handed over but not started come back to the engine
+        (``("back", None)``), which starts them again only if its scheduler still
+        wants them (a drain does; a tripped kill switch does not: P7)."""
+        self._held = True
+        for w in self._all:
+            w.state[STATE_ALLOW] = w.state[STATE_STARTED]
+        while self._pending:
+            self.loop.call_soon(self._give_back, self._pending.popleft())
+
+    def _give_back(self, job: _Job) -> None:
+        if not job.abandoned:
+            self.done(job, ("back", None))  # type: ignore[misc]
 
     def abandon(self, job: Any, group: List[ItemContext], reason: str) -> None:
         """Forget ``job`` (a halt): the worker holding it is killed, so that nothing of
@@ -476,6 +506,9 @@ class ProcessRunner:
                 w.proc.join(2.0)
             w.conn.close()
             self._all.remove(w)
+
+
+INF = float("inf")
 
 
 def _dumps(obj: Any) -> bytes:
