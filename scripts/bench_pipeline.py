@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Per-item cost of pympx_queues.pipeline against its baselines, one run, ratios printed.
 
-Cases (``--size`` items each, best of ``--repeat`` runs; seconds per item):
+Cases (``--size`` items each, best of ``--repeat`` runs, a case and its baseline run in
+turn; seconds per item):
 
 * ``handwired``   the reference: three stages async -> thread -> async with trivial
                   handlers, wired by hand with bounded ``asyncio.Queue``s, one task per
@@ -55,6 +56,7 @@ DEFAULT_PY314 = "/opt/py314/venv/bin/python"
 WORKERS = 4          # per stage of the 3-stage pipeline
 QUEUE_SIZE = 100     # per stage input queue
 PROC_WORKERS = 2
+PROC_QUEUE = 256    # the process stage's input queue: room for full chunks (CHUNK_MAX items)
 
 
 # -- the stages' handlers (trivial: the cost measured is the machinery's) -----------------
@@ -238,7 +240,7 @@ def run_process(n, workdir=None, fn=cpu):
     from pympx_queues.pipeline import Stage
 
     return _run_pipeline(n, [Stage("p", fn, kind="process", workers=PROC_WORKERS,
-                                   queue_size=4 * PROC_WORKERS)])
+                                   queue_size=PROC_QUEUE)])
 
 
 # -- bergtalzug 0.2.0 (Python >= 3.14 only: run through --inner in the 3.14 prefix) --------
@@ -303,8 +305,16 @@ WORK_CASES = ("pool-map-work", "process-work")
 INNER_314 = ("handwired", "memory", "bergtalzug")   # run again inside Python 3.14
 
 
-def best(case, n, repeat, workdir):
-    return min(CASES[case](n, workdir) for _ in range(repeat))
+def best_interleaved(cases, repeat, workdir):
+    """{case: best seconds}; ``cases`` maps case -> size.  Each repeat runs every case
+    once, in turn, so that a burst of load from elsewhere hits a case and its baseline
+    alike (the machine these figures come from is shared)."""
+    out = {}
+    for _ in range(repeat):
+        for case, n in cases.items():
+            dt = CASES[case](n, workdir)
+            out[case] = min(out.get(case, dt), dt)
+    return out
 
 
 def py314_figures(python, n, repeat, workdir):
@@ -343,16 +353,15 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="bench-pipeline-", dir=os.getcwd()) if own_dir else args.dir
     try:
         if args.inner:
-            print(json.dumps({c: best(c, n, args.repeat, workdir)
-                              for c in args.inner.split(",")}))
+            print(json.dumps(best_interleaved(dict.fromkeys(args.inner.split(","), n),
+                                              args.repeat, workdir)))
             return 0
-        secs = {}
-        for case in ("handwired", "memory", "flush", "pool-map", "process"):
-            secs[case] = best(case, n, args.repeat, workdir)
-        for case in ("fsync", "naive-fsync"):
-            secs[case] = best(case, nf, args.repeat, workdir)
-        for case in WORK_CASES:
-            secs[case] = best(case, nw, args.repeat, workdir)
+        secs = best_interleaved({"handwired": n, "memory": n, "flush": n}, args.repeat,
+                                workdir)
+        secs.update(best_interleaved({"pool-map": n, "process": n}, args.repeat, workdir))
+        secs.update(best_interleaved({"fsync": nf, "naive-fsync": nf}, args.repeat,
+                                     workdir))
+        secs.update(best_interleaved(dict.fromkeys(WORK_CASES, nw), args.repeat, workdir))
         py314 = py314_figures(args.py314, n, args.repeat, workdir)
         compat = compat_check(args.py314) if args.compat_check else None
     finally:

@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1_000_000)
     ap.add_argument("--journal", default=None, help="journal dir (durable run)")
+    ap.add_argument("--key", action="store_true",
+                    help="items keyed by a key function (the run tracks the keys it saw, "
+                         "to skip duplicates)")
     args = ap.parse_args(argv)
     marks = {}
     held = {"max": 0}
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     p = Pipeline((i for i in range(args.size)), [
         Stage("parse", parse, kind="async", workers=4),
         Stage("store", store, kind="async", workers=1),
-    ], on_complete=on_complete, journal_dir=args.journal, progress=False)
+    ], on_complete=on_complete, journal_dir=args.journal, progress=False,
+        key=(lambda x: f"item-{x}") if args.key else None)
     t0 = time.perf_counter()
     rep = p.run_all()
     end_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
     out = {"size": args.size, "done": rep.done, "seconds": round(time.perf_counter() - t0, 2),
            "early_peak_kb": marks.get("early_kb"), "end_peak_kb": end_kb,
            "growth_kb": end_kb - marks.get("early_kb", end_kb),
-           "max_items_held": held["max"], "bound": cap, "durable": bool(args.journal)}
+           "max_items_held": held["max"], "bound": cap, "durable": bool(args.journal),
+           "keyed": args.key}
     print(json.dumps(out))
     return 0 if rep.done == args.size and held["max"] <= cap else 1
 

@@ -516,3 +516,55 @@ def test_a_durable_pipeline_killed_with_sigkill_resumes_and_loses_nothing(tmp_pa
     out = subprocess.run(cmd, env=env, timeout=90)
     assert out.returncode == 0
     assert lines()[len(after):] == ["finished -"]
+
+
+SINK_PROGRAM = textwrap.dedent("""
+    import asyncio, os, sys
+    from pympx_queues.compat.bergtalzug import (
+        ETLPipeline, ETLPipelineConfig, StageConfig, ExecutionType, WorkItem)
+
+    journal, log = sys.argv[1], sys.argv[2]
+
+    class Jobs(ETLPipeline):
+        made = False
+
+        async def refill_queue(self, count):
+            if self.made:
+                return []
+            self.made = True
+            return [WorkItem(data=i, job_id=f"job-{i}") for i in range(3)]
+
+    def store(item):  # an idempotent sink keyed by job_id
+        pending = item.metadata.custom_metadata.get("pending", False)
+        with open(log, "a") as f:
+            f.write(f"{item.job_id} {pending}\\n")
+        if item.job_id == "job-1" and not pending:
+            os._exit(3)  # the coordinator dies in the middle of the side effect
+        return item
+
+    config = ETLPipelineConfig(
+        pipeline_name="sink", journal_dir=journal, queue_refresh_rate=0.01,
+        stats_interval_seconds=0,
+        stages=[StageConfig(name="store", execution_type=ExecutionType.THREAD, workers=1,
+                            queue_size=1, sink=True)])
+    p = Jobs(config)
+    p.register_stage_handler("store", store)
+    asyncio.run(p.run())
+""")
+
+
+@ours_only
+@pytest.mark.timeout(120)
+def test_a_sink_stage_tells_the_handler_that_a_crash_may_have_left_its_effect(tmp_path):
+    prog = tmp_path / "sink.py"
+    prog.write_text(SINK_PROGRAM)
+    log = tmp_path / "log"
+    cmd = [sys.executable, str(prog), str(tmp_path / "journal"), str(log)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    assert subprocess.run(cmd, env=env, timeout=60).returncode == 3
+    assert subprocess.run(cmd, env=env, timeout=60).returncode == 0
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["job-0 False", "job-1 False"]
+    # The second run: job-1 was pending (its effect may have happened), job-0 is done.
+    assert "job-1 True" in lines[2:] and "job-0 False" not in lines[2:]
+    assert "job-2 False" in lines[2:]

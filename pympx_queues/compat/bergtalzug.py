@@ -146,6 +146,10 @@ class StageConfig:
     queue_size: int = 1000
     retry: Optional[Retry] = None
     timeout: Optional[float] = None
+    #: The last stage's side effect is bracketed by a pending record (the engine's
+    #: ``Stage(sink=True)``); its handler sees ``item.metadata.custom_metadata["pending"]``
+    #: True when an earlier attempt may have had its effect already (a crash between).
+    sink: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -441,7 +445,7 @@ class ETLPipeline:
                 fn = functools.partial(_call_in_worker, handler)
             stages.append(Stage(stage.name, fn, kind=kind, workers=stage.workers,
                                 queue_size=stage.queue_size, retry=stage.retry,
-                                timeout=stage.timeout))
+                                timeout=stage.timeout, sink=stage.sink))
         # refill_queue(count) is asked whenever the stages have room, for that much
         # (bergtalzug: every queue_refresh_rate seconds, for 90% of the first queue);
         # queue_refresh_rate is the pause after a "nothing now" answer.
@@ -470,18 +474,19 @@ class ETLPipeline:
                                 f"{type(item).__name__}")
         return items
 
-    def _item(self, key: str, data: Any) -> WorkItem:
+    def _item(self, key: str, data: Any, ctx: Any = None) -> WorkItem:
         """The WorkItem of ``key``: the source's object when this run made it, else a new
         one (an item resumed from the journal); ``data`` is the stage's input."""
         item = self._active.get(key)
         if isinstance(data, WorkItem):
             if item is None:
                 self._active[key] = item = data
-            return item
-        if item is None:
+        elif item is None:
             self._active[key] = item = WorkItem(data=data, job_id=key)
         else:
             item.data = data
+        if ctx is not None and ctx.pending:  # a sink stage's attempt after a crash
+            item.metadata.custom_metadata["pending"] = True
         return item
 
     def _adopt(self, key: str, out: Any) -> Any:
@@ -494,7 +499,7 @@ class ETLPipeline:
 
     def _async_adapter(self, handler: Callable) -> Callable:
         async def stage(data: Any, ctx: Any) -> Any:
-            item = self._item(ctx.key, data)
+            item = self._item(ctx.key, data, ctx)
             try:
                 out = await handler(item)
             except BaseException as exc:
@@ -505,7 +510,7 @@ class ETLPipeline:
 
     def _thread_adapter(self, handler: Callable) -> Callable:
         def stage(data: Any, ctx: Any) -> Any:
-            item = self._item(ctx.key, data)
+            item = self._item(ctx.key, data, ctx)
             try:
                 out = handler(item)
             except BaseException as exc:

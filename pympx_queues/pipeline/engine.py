@@ -16,6 +16,7 @@ attempt is journaled (``E``), retried after its backoff, then dead-lettered (``L
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue as _queue
 import signal
@@ -25,6 +26,7 @@ import traceback
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional
 
+from ._keys import KeySet
 from ._model import (EncodeError, ErrorInfo, FifoScheduler, ItemContext, ItemResult,
                      PipelineError, Refill, RunReport, Stage, StageStats, StageTimeout,
                      _is_async_iterable)
@@ -57,6 +59,13 @@ class _StageRun:
         self.last = last
         self.futs: Dict[Any, Any] = {}  # running future -> (group, timer, started)
         self.slots = stage.workers  # groups running at once (a runner may pipeline more)
+
+    def queued(self) -> int:
+        """Items waiting for this stage: buffered, waiting for a retry, or handed to a
+        runner that holds more groups than it has workers (they wait there for a worker,
+        and count against the stage's queue_size)."""
+        extra = self.running - self.stage.workers
+        return self.sched.buffered() + self.retrying + (extra if extra > 0 else 0)
 
 
 class Pipeline:
@@ -148,8 +157,9 @@ class Pipeline:
                         else r.elapsed)
         for sr in list(self._runs) or []:
             st = StageStats(**sr.stats.__dict__)
-            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values()))
-            st.queued = sr.sched.buffered() + len(sr.blocked) + sr.retrying
+            extra = max(sr.running - sr.stage.workers, 0)  # handed over, not started
+            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values())) - extra
+            st.queued = sr.sched.buffered() + len(sr.blocked) + sr.retrying + extra
             st.rate = st.done / out.elapsed if out.elapsed > 0 else 0.0
             out.stages[sr.stage.name] = st
         if not out.stages:
@@ -360,10 +370,13 @@ class Pipeline:
         self._next_out = 0
         self._held: Dict[int, ItemResult] = {}
         self._feeder_wait: Optional[asyncio.Future] = None
+        self._pump_due = False
+        self._soon = loop.call_soon
+        self._listening = emit is not None or self.on_complete is not None or self.ordered
         self._idle_wait: Optional[asyncio.Future] = None
         self._source_done = False
         self._halted = False
-        self._seen: Optional[set] = set() if self.key is not None else None
+        self._seen: Optional[KeySet] = KeySet() if self.key is not None else None
         self._report = rep = RunReport(stages={s.name: StageStats() for s in self.stages},
                                        state="running")
         self._runs = [_StageRun(s, i, i == len(self.stages) - 1)
@@ -386,6 +399,8 @@ class Pipeline:
             # Process pools first: their workers fork before any stage thread exists.
             for sr in sorted(self._runs, key=lambda sr: sr.stage.kind != "process"):
                 sr.runner = _make_runner(sr.stage, loop)
+                if sr.runner.direct:
+                    sr.runner.done = functools.partial(self._ended, sr)
                 sr.slots = getattr(sr.runner, "slots", sr.stage.workers)
             for sr in self._runs:  # a scheduler that acts on its run (partitions: fail-fast)
                 attach = getattr(sr.sched, "attach", None)
@@ -477,6 +492,10 @@ class Pipeline:
             return
         self._source_done = True  # admit nothing more
         self._wake_feeder()
+        for sr in self._runs:  # what a runner holds but has not started comes back
+            hold = getattr(sr.runner, "hold", None)
+            if hold is not None:
+                hold()
         if not drain:
             self._halted = True
             self._report.state = "halted"
@@ -508,7 +527,7 @@ class Pipeline:
         if self._live >= self._cap:
             return False
         s0 = self._runs[0]
-        return s0.sched.buffered() + s0.retrying < s0.stage.queue_size
+        return s0.queued() < s0.stage.queue_size
 
     async def _wait_room(self) -> None:
         loop = asyncio.get_running_loop()
@@ -601,13 +620,11 @@ class Pipeline:
             if not isinstance(key, str):
                 key = str(key)
         seen = self._seen
-        if seen is not None:
-            if key in seen:
-                self._report.duplicate_keys += 1
-                log.warning("pipeline %r: duplicate key %r from the source skipped",
-                            self.name, key)
-                return
-            seen.add(key)
+        if seen is not None and not seen.add(key):
+            self._report.duplicate_keys += 1
+            log.warning("pipeline %r: duplicate key %r from the source skipped",
+                        self.name, key)
+            return
         replay = self._replay
         if replay is not None:
             if key in replay.unfinished:
@@ -665,6 +682,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ dispatch
     def _pump(self) -> None:
+        """Dispatch soon: one pass per event-loop turn serves every completion, admission
+        and retry of that turn (a pass per event was most of the per-item cost)."""
+        if not self._pump_due:
+            self._pump_due = True
+            self._soon(self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_due = False
         if self._halted:
             return
         runs = self._runs
@@ -673,7 +698,7 @@ class Pipeline:
             if sr.index > 0:
                 prev = runs[sr.index - 1]
                 q = sr.stage.queue_size
-                while prev.blocked and sr.sched.buffered() + sr.retrying < q:
+                while prev.blocked and sr.queued() < q:
                     item = prev.blocked.popleft()
                     self._enter(sr, item)
             free = sr.slots - sr.running - len(sr.blocked)
@@ -721,9 +746,12 @@ class Pipeline:
                 ev.clear()
         sr.running += 1
         remote = runner.remote
-        if stage.batch:
+        if remote and not stage.takes_ctx:
+            ctx: Any = None  # handler(data): no context copied and pickled per item
+            data = [g.data for g in group] if stage.batch else group[0].data
+        elif stage.batch:
             data = [g.data for g in group]
-            ctx: Any = [g.for_worker() for g in group] if remote else list(group)
+            ctx = [g.for_worker() for g in group] if remote else list(group)
         else:
             data = group[0].data
             ctx = group[0].for_worker() if remote else group[0]
@@ -741,7 +769,10 @@ class Pipeline:
         stage = sr.stage
         runner = sr.runner
         try:
-            fut = runner.submit(data, ctx)
+            if runner.direct:  # the runner calls self._ended itself, no future per item
+                fut = runner.start(data, ctx, group)
+            else:
+                fut = runner.submit(data, ctx)
         except Exception as exc:
             sr.running -= 1
             tb = traceback.format_exc()
@@ -757,7 +788,8 @@ class Pipeline:
         if stage.timeout is not None and not getattr(runner, "handles_timeout", False):
             timer = self._loop.call_later(stage.timeout, self._timed_out, sr, fut)
         sr.futs[fut] = (group, timer, now)
-        fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
+        if not runner.direct:
+            fut.add_done_callback(lambda f, sr=sr: self._group_done(sr, f))
 
     def _timed_out(self, sr: _StageRun, fut: Any) -> None:
         entry = sr.futs.pop(fut, None)
@@ -782,32 +814,49 @@ class Pipeline:
         self._wake_idle()
 
     def _group_done(self, sr: _StageRun, fut: Any) -> None:
-        entry = sr.futs.pop(fut, None)
-        if entry is None:  # timed out or abandoned already
+        """A future-based runner's group ended (executor stages)."""
+        if fut not in sr.futs:  # timed out or abandoned already
             if not fut.cancelled():
                 fut.exception()  # retrieved: no "never retrieved" warning
             return
-        group, timer, started = entry
-        if timer is not None:
-            timer.cancel()
-        sr.running -= 1
-        seconds = time.monotonic() - started
-        sr.stats.busy_seconds += seconds
-        stage = sr.stage
         if fut.cancelled():
             outcome: Any = ("exc", PipelineError("cancelled"))
         elif fut.exception() is not None:
             outcome = ("exc", fut.exception())
         else:
             outcome = ("ok", fut.result())
+        self._ended(sr, fut, outcome)
+
+    def _ended(self, sr: _StageRun, handle: Any, outcome: Any) -> None:
+        """A group ended with ``("ok", output)`` or ``("exc", exception)``; direct
+        runners call this for each group, on the loop, never from inside ``start``."""
+        entry = sr.futs.pop(handle, None)
+        if entry is None:  # timed out or abandoned already
+            return
+        group, timer, started = entry
+        if timer is not None:
+            timer.cancel()
+        sr.running -= 1
         sr.sched.finished(group)
-        if stage.batch:
+        if outcome[0] == "back":  # handed over but never started (a stop): re-offered,
+            for item in group:  # the scheduler decides whether it starts (P7)
+                sr.sched.offer(item)
+            self._pump()
+            self._wake_idle()
+            return
+        seconds = time.monotonic() - started
+        sr.stats.busy_seconds += seconds
+        if sr.stage.batch:
             self._batch_done(sr, group, outcome, seconds)
+        elif outcome[0] == "ok" and not sr.runner.remote:
+            self._succeeded(sr, group[0], outcome[1], seconds)
         else:
-            item = group[0]
-            self._one_done(sr, item, outcome, seconds)
-        self._pump()
-        self._wake_idle()
+            self._one_done(sr, group[0], outcome, seconds)
+        if not self._pump_due:
+            self._pump_due = True
+            self._soon(self._pump_now)
+        if self._source_done or self._halted:
+            self._wake_idle()
 
     def _unpack(self, sr: _StageRun, outcome: Any, item_attempt: int) -> Any:
         """(ok, value_or_exc, ErrorInfo|None) from a runner's outcome."""
@@ -901,7 +950,7 @@ class Pipeline:
             return
         item.data = output
         nxt = self._runs[sr.index + 1]
-        if nxt.sched.buffered() + nxt.retrying < nxt.stage.queue_size and not sr.blocked:
+        if not sr.blocked and nxt.queued() < nxt.stage.queue_size:
             self._enter(nxt, item)
         else:
             sr.blocked.append(item)
@@ -960,6 +1009,13 @@ class Pipeline:
             self._journal.done(item.key, output)
         rep.done += 1
         rep.in_flight -= 1
+        if not self._listening:  # nobody takes results: no ItemResult per item
+            j = self._journal
+            if j is not None and j.fsync:
+                j.after_sync(self._release_quietly)  # the item ends once durable
+            else:
+                self._release_quietly()
+            return
         res = ItemResult(item.key, item.index, output, True, None, item.stage_timings,
                          metadata=item.metadata,
                          elapsed=time.monotonic() - item.admitted if item.admitted else 0.0)
@@ -991,6 +1047,12 @@ class Pipeline:
             self._live -= 1
             if self._feeder_wait is not None and self._room():
                 self._wake_feeder()
+        self._wake_idle()
+
+    def _release_quietly(self) -> None:
+        self._live -= 1
+        if self._feeder_wait is not None and self._room():
+            self._wake_feeder()
         self._wake_idle()
 
     def _callback(self, fn: Callable, *args: Any) -> None:

@@ -37,6 +37,7 @@ from .. import _fs
 from .. import journal as jr
 from ..errors import JournalCorruptError
 from ..journal.history import split_superseded
+from ._keys import KeySet
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -61,6 +62,14 @@ Problem = jr.Problem
 HEADER_FIELD = "pipeline"
 #: A run rotates and compacts its journal past this many bytes (P4 on disk).
 COMPACT_BYTES = 64 * 1024 * 1024
+
+
+_dumps_value = jr.dumps_value
+
+
+def _dumps_key(key: str) -> str:
+    """JSON text of a key (a str: the C string encoder, no encoder call per record)."""
+    return jr.dumps_value(key) if type(key) is str else jr.dumps(key)
 
 
 def check_durability(durability: str) -> str:
@@ -91,11 +100,13 @@ class Saved:
 class Replay:
     """The fold of a pipeline's journals."""
 
-    def __init__(self, track_done: bool = True) -> None:
+    def __init__(self, track_done: bool = True, compact: bool = False) -> None:
         self.track_done = track_done
         self.done_count = 0
         self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
-        self.done: Dict[str, Any] = {}  # key -> enc output (None unless keep_results)
+        # key -> enc output (None unless keep_results); ``compact`` (a run without
+        # keep_results): a KeySet of fingerprints, 16-32 bytes per done key, not a dict
+        self.done: Any = KeySet() if compact else {}
         self.states: Dict[str, Any] = {}
         self.stages: List[str] = []
         self.failed_attempts: Dict[int, int] = {}
@@ -408,7 +419,7 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
                 f"pipeline {name!r} in {directory}: a run is live (journal "
                 f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
                 "coordinator per pipeline")
-    replay = Replay(track_done=track_done)
+    replay = Replay(track_done=track_done, compact=not keep_results)
     for st in counted:
         meta = st.header.get(HEADER_FIELD) or {}
         if meta.get("stages"):
@@ -466,11 +477,17 @@ class PipelineJournal:
         self._bytes = 0
 
     # -- values
-    def encode(self, value: Any, what: str) -> str:
+    def encode(self, value: Any, what: str, *args: Any) -> str:
+        """JSON text of ``value`` by the codec; :class:`EncodeError` naming ``what``
+        (formatted with ``args`` only then: a message per record would cost more than
+        the record) if it cannot be journaled."""
         try:
+            if self.codec is JsonCodec:  # fast paths for str, int, flat rows
+                return _dumps_value(value)
             return jr.dumps(self.codec.encode(value))
         except (TypeError, ValueError, OverflowError) as exc:
-            raise EncodeError(f"{what}: cannot be journaled: {exc}") from None
+            raise EncodeError(f"{what % args if args else what}: cannot be journaled: "
+                              f"{exc}") from None
 
     def decode(self, enc: Any) -> Any:
         return self.codec.decode(enc)
@@ -651,28 +668,28 @@ class PipelineJournal:
             self._bytes = 0
 
     def accept(self, key: str, index: int, data: Any) -> None:
-        enc = self.encode(data, f"the source item with key {key!r}")
-        self._append(KIND_ACCEPT, '{"k":%s,"i":%d,"d":%s}' % (jr.dumps(key), index, enc))
+        enc = self.encode(data, "the source item with key %r", key)
+        self._append(KIND_ACCEPT, '{"k":%s,"i":%d,"d":%s}' % (_dumps_key(key), index, enc))
 
     def stage_done(self, key: str, stage: int, output: Any) -> None:
-        enc = self.encode(output, f"the output of stage {self.stages[stage]!r} for key "
-                          f"{key!r}")
-        self._append(KIND_STAGE, '{"k":%s,"s":%d,"o":%s}' % (jr.dumps(key), stage, enc))
+        enc = self.encode(output, "the output of stage %r for key %r", self.stages[stage],
+                          key)
+        self._append(KIND_STAGE, '{"k":%s,"s":%d,"o":%s}' % (_dumps_key(key), stage, enc))
 
     def done(self, key: str, output: Any) -> None:
         if self.keep_results:
-            enc = self.encode(output, f"the output of stage {self.stages[-1]!r} for key "
-                              f"{key!r}")
-            self._append(KIND_DONE, '{"k":%s,"o":%s}' % (jr.dumps(key), enc))
+            enc = self.encode(output, "the output of stage %r for key %r", self.stages[-1],
+                              key)
+            self._append(KIND_DONE, '{"k":%s,"o":%s}' % (_dumps_key(key), enc))
         else:
-            self._append(KIND_DONE, '{"k":%s}' % jr.dumps(key))
+            self._append(KIND_DONE, '{"k":%s}' % _dumps_key(key))
 
     def batch_done(self, group: Sequence[Any], stage: int, outputs: Sequence[Any],
                    last: bool) -> None:
         keys = [g.key for g in group]
         if not last or self.keep_results:
-            encs = [self.encode(o, f"the output of stage {self.stages[stage]!r} for key "
-                                f"{g.key!r}") for g, o in zip(group, outputs)]
+            encs = [self.encode(o, "the output of stage %r for key %r", self.stages[stage],
+                                g.key) for g, o in zip(group, outputs)]
             text = "[" + ",".join(encs) + "]"
         else:
             text = None

@@ -18,6 +18,7 @@ from ._model import ItemContext, PipelineError, Stage
 
 class ExecutorRunner:
     remote = True
+    direct = False  # a future per group (the executor's own)
 
     def __init__(self, stage: Stage, loop: asyncio.AbstractEventLoop,
                  executor: "cf.Executor | None" = None, owned: bool = False) -> None:

@@ -29,14 +29,17 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
+import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Callable, Deque, List, Optional, Sequence
 
 from ._invoke import error_tuple, invoke_captured
-from ._model import ItemContext, Stage, StageTimeout, WorkerDied
+from ._model import ItemContext, PipelineError, Stage, StageTimeout, WorkerDied
 
 log = logging.getLogger("pympx_queues.pipeline")
 
@@ -59,7 +62,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
 
 
 def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int,
-                 inherited: Sequence[Any] = ()) -> None:
+                 state: Any, inherited: Sequence[Any] = ()) -> None:
     set_parent_death_signal()
     if os.getppid() != coordinator:  # the coordinator died before the request took effect
         os._exit(0)
@@ -67,22 +70,62 @@ def _worker_main(conn: Any, handler: Callable, takes_ctx: bool, coordinator: int
         other.close()  # (else our own recv never sees EOF when the coordinator is gone)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. `timeout` signals the whole group
+    clock = time.monotonic
+    started = 0
     while True:
         try:
-            msg = conn.recv()
+            chunk = conn.recv()
         except (EOFError, OSError):
             return
-        if msg is None:
+        if chunk is None:
             return
-        reply = invoke_captured(handler, takes_ctx, msg[0], msg[1])
+        replies: List[Any] = []
+        last = clock()
+        left = len(chunk)
+        for data, ctx in chunk:
+            if started >= state[STATE_ALLOW]:  # the run stopped: start nothing more,
+                replies.append(NOT_STARTED)  # the coordinator takes these items back
+                left -= 1
+                continue
+            # The coordinator reads these two when the worker dies or an attempt may be
+            # past its timeout: which item of the chunk runs, and since when (0: none).
+            started += 1
+            state[STATE_SINCE] = clock()
+            state[STATE_STARTED] = started
+            replies.append(invoke_captured(handler, takes_ctx, data, ctx))
+            state[STATE_SINCE] = 0.0
+            left -= 1
+            if left and clock() - last > PARTIAL_AFTER:  # slow items: results go early
+                if not _send_replies(conn, replies, handler):
+                    return
+                replies = []
+                last = clock()
+        if not _send_replies(conn, replies, handler):
+            return
+
+
+def _send_replies(conn: Any, replies: List[Any], handler: Callable) -> bool:
+    try:
+        conn.send(replies)
+        return True
+    except (EOFError, OSError):
+        return False
+    except Exception:  # an output that does not pickle fails its item only
+        pass
+    fixed = []
+    for r in replies:
         try:
-            conn.send(reply)
-        except (EOFError, OSError, BrokenPipeError):
-            return
-        except Exception as exc:  # an output that does not pickle fails its item only
-            conn.send(error_tuple(TypeError(
+            pickle.dumps(r)
+            fixed.append(r)
+        except Exception as exc:
+            fixed.append(error_tuple(TypeError(
                 f"the output of stage handler {getattr(handler, '__qualname__', handler)} "
                 f"cannot be sent back from the worker process: {exc}")))
+    try:
+        conn.send(fixed)
+        return True
+    except (EOFError, OSError):
+        return False
 
 
 def default_start_method() -> str:
@@ -100,46 +143,93 @@ def describe_exit(code: Optional[int]) -> str:
     return f"exited with status {code}"
 
 
-class _Job:
-    __slots__ = ("fut", "data", "ctx", "keys")
+#: Slots of a worker's shared state (doubles): items it started so far, and the
+#: ``time.monotonic()`` at which the current one started (0.0 between items).
+STATE_STARTED = 0
+STATE_SINCE = 1
+#: ... and the coordinator's word: start items only while ``started < allow`` (lowered to
+#: the items started so far when the run stops: what is queued in a chunk comes back).
+STATE_ALLOW = 2
+NOT_STARTED = ("not-started",)
+#: A worker sends the results it has when a chunk has run this long (seconds).
+PARTIAL_AFTER = 0.005
+#: Items per message at most, and a chunk's target duration (seconds): chunks shrink to
+#: one item when items are slow, so that no worker sits on a queue of slow items while
+#: another has none.
+CHUNK_MAX = 32
+CHUNK_SECONDS = 0.01
+#: Bytes of unread messages allowed in a worker's pipe.  Above it the coordinator waits
+#: for the worker to take what it has: a send never blocks the event loop (a blocked
+#: coordinator and a worker blocked sending its results would wait for each other).
+PIPE_BYTES = 64 * 1024
 
-    def __init__(self, fut: "asyncio.Future", data: Any, ctx: Any) -> None:
-        self.fut, self.data, self.ctx = fut, data, ctx
-        self.keys = [c.key for c in (ctx if isinstance(ctx, list) else [ctx])]
+
+class _Job:
+    __slots__ = ("data", "ctx", "group", "abandoned", "msg_bytes")
+
+    def __init__(self, data: Any, ctx: Any, group: List[ItemContext]) -> None:
+        self.data, self.ctx, self.group = data, ctx, group
+        self.abandoned = False
+        self.msg_bytes = 0  # set on the last job of a message: its size in the pipe
+
+    @property
+    def keys(self) -> List[str]:
+        return [g.key for g in self.group]
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "fd", "jobs", "timer")
+    __slots__ = ("proc", "conn", "fd", "jobs", "timer", "state", "replied", "piped")
 
-    def __init__(self, proc: Any, conn: Any) -> None:
+    def __init__(self, proc: Any, conn: Any, state: Any) -> None:
         self.proc = proc
         self.conn = conn
         self.fd = conn.fileno()
-        self.jobs: Deque[_Job] = deque()  # sent, in order; jobs[0] is running
+        self.jobs: Deque[_Job] = deque()  # sent, in order, not replied yet
         self.timer: Any = None
+        self.state = state
+        self.replied = 0  # replies read so far (jobs[0] is the reply number replied + 1)
+        self.piped = 0  # bytes of messages the worker may not have read yet
+
+    def running(self) -> int:
+        """Index in ``jobs`` of the job that runs now (-1: between items)."""
+        return int(self.state[STATE_STARTED]) - self.replied - 1
 
 
 class ProcessRunner:
-    """Each worker has up to ``DEPTH`` items in its pipe (the next one is there when the
-    current one ends: no idle round trip).  The item at the head of a worker's pipe is
-    the one running: a death fails that one (``WorkerDied``) and the items queued behind
-    it go to another worker without an attempt counted; its timeout runs from the moment
-    it reached the head."""
+    """Chunked dispatch: groups handed over in one event-loop turn go to the workers as
+    a few messages of several items each (up to ``CHUNK_MAX``, fewer when items are
+    slow), and each worker sends its results back in one message per chunk (or every
+    ``PARTIAL_AFTER`` seconds).  Each worker holds at most two chunks' worth of items:
+    the next chunk is in its pipe when the current one ends.
+
+    Per-item semantics stay: each worker publishes, in shared memory, which item of its
+    chunks runs and since when.  A death fails that item (``WorkerDied``; the engine
+    retries or dead-letters it) and sends the worker's other items (not started, or
+    finished with their results unsent) to the other workers without an attempt
+    counted; a timeout kills the worker only when that item has run past it.
+    """
 
     remote = True
+    direct = True
     handles_timeout = True
-    DEPTH = 2
 
     def __init__(self, stage: Stage, loop: asyncio.AbstractEventLoop,
                  start_method: Optional[str] = None) -> None:
         self.stage = stage
         self.loop = loop
+        self.done: Optional[Callable[[Any, Any], None]] = None  # set by the engine
         self._mp = multiprocessing.get_context(start_method or default_start_method())
         self._all: List[_Worker] = []
-        self._by_fut: Dict[Any, _Worker] = {}
-        self.slots = stage.workers * self.DEPTH
+        self._pending: Deque[_Job] = deque()
+        self._dispatch_due = False
+        self._held = False
+        self.per_worker = 2 * CHUNK_MAX
+        self.slots = stage.workers * self.per_worker
+        self._item_seconds = 0.0  # moving average: seconds per item between replies
+        self._last_reply = 0.0
         self.started = 0  # workers started (replacements included)
         self.deaths = 0
+        self._closed = False
         for _ in range(stage.workers):  # start them all now: spawning overlaps
             self._start()
 
@@ -148,13 +238,16 @@ class ProcessRunner:
         forked = self._mp.get_start_method() == "fork"
         inherited = [parent] + [c for c in list(_PARENT_ENDS) if not c.closed] \
             if forked else []
+        state = self._mp.RawArray("d", 3)
+        state[STATE_ALLOW] = float("inf")
         proc = self._mp.Process(
             target=_worker_main, name=f"pipeline-{self.stage.name}",
-            args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid(), inherited),
+            args=(child, self.stage.handler, self.stage.takes_ctx, os.getpid(), state,
+                  inherited),
             daemon=True)
         proc.start()
         child.close()  # only the worker holds its end: its death is an EOF here
-        w = _Worker(proc, parent)
+        w = _Worker(proc, parent, state)
         _PARENT_ENDS.add(parent)
         self._all.append(w)
         self.started += 1
@@ -165,68 +258,156 @@ class ProcessRunner:
     def pids(self) -> List[int]:
         return [w.proc.pid for w in self._all]
 
-    def _pick(self) -> _Worker:
-        best = min(self._all, key=lambda w: len(w.jobs)) if self._all else None
-        if best is None or (len(best.jobs) and len(self._all) < self.stage.workers):
-            best = self._start()
-        return best
+    # -- dispatch
+    def start(self, data: Any, ctx: Any, group: List[ItemContext]) -> _Job:
+        if self._closed:
+            raise PipelineError(f"stage {self.stage.name!r} is closed")
+        job = _Job(data, ctx, group)
+        self._pending.append(job)
+        if not self._dispatch_due:
+            self._dispatch_due = True
+            self.loop.call_soon(self._dispatch)
+        return job
 
-    def submit(self, data: Any, ctx: Any) -> "asyncio.Future":
-        fut = self.loop.create_future()
-        self._send(_Job(fut, data, ctx))
-        return fut
+    def _chunk_size(self) -> int:
+        avg = self._item_seconds
+        if avg <= 0:
+            return CHUNK_MAX
+        return max(1, min(CHUNK_MAX, int(CHUNK_SECONDS / avg)))
 
-    def _send(self, job: _Job) -> None:
-        w = self._pick()
+    def _dispatch(self) -> None:
+        self._dispatch_due = False
+        pending = self._pending
+        if self._closed:
+            return
+        while len(self._all) < self.stage.workers:
+            self._start()
+        size = self._chunk_size()
+        while pending:
+            sent = False
+            for w in sorted(self._all, key=lambda w: len(w.jobs)):
+                room = self.per_worker - len(w.jobs)
+                if room <= 0 or not pending:
+                    continue
+                share = -(-len(pending) // len(self._all))  # spread, not pile on one
+                k = min(size, room, share)
+                if k < size and len(w.jobs) >= size:
+                    continue  # busy for a chunk yet: wait for a full chunk (no dribble)
+                if self._send(w, k):
+                    sent = True
+            if not sent:
+                break  # every worker is full or its pipe is: replies dispatch again
+
+    def _send(self, w: _Worker, k: int) -> bool:
+        """Send the next ``k`` pending jobs to ``w``; False when nothing was sent."""
+        pending = self._pending
+        chunk = []
+        while pending and len(chunk) < k:
+            job = pending.popleft()
+            if not job.abandoned:
+                chunk.append(job)
+        if not chunk:
+            return False
         try:
-            w.conn.send((job.data, job.ctx))
+            buf = _dumps([(job.data, job.ctx) for job in chunk])
+        except Exception:  # some data does not pickle: those items fail, not the chunk
+            good = []
+            for job in chunk:
+                try:
+                    _dumps((job.data, job.ctx))
+                    good.append(job)
+                except Exception as exc:
+                    self.loop.call_soon(self._fail, job, exc)
+            pending.extendleft(reversed(good))
+            return bool(good) and self._send(w, len(good))
+        if w.jobs and w.piped + len(buf) > PIPE_BYTES:
+            if len(chunk) > 1:  # try a smaller chunk; a single big item waits its turn
+                pending.extendleft(reversed(chunk))
+                return self._send(w, len(chunk) // 2)
+            pending.appendleft(chunk[0])
+            return False
+        try:
+            w.conn.send_bytes(buf)
         except (OSError, EOFError):  # died meanwhile: its EOF handler reaps it
+            pending.extendleft(reversed(chunk))
             self._reap(w, fail=True)
-            self._send(job)
-            return
-        except Exception:  # data that does not pickle: the item fails, not the worker
-            raise
-        w.jobs.append(job)
-        self._by_fut[job.fut] = w
-        if len(w.jobs) == 1:
-            self._arm(w)
+            return True
+        if w.state[STATE_ALLOW] != INF:  # sent after a stop: these may start
+            w.state[STATE_ALLOW] = INF
+        chunk[-1].msg_bytes = len(buf)
+        w.piped += len(buf)
+        w.jobs.extend(chunk)
+        self._arm(w)
+        return True
 
-    def _arm(self, w: _Worker) -> None:
-        if w.timer is not None:
-            w.timer.cancel()
-            w.timer = None
-        if self.stage.timeout is not None and w.jobs:
-            w.timer = self.loop.call_later(self.stage.timeout, self._timed_out, w)
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if not job.abandoned:
+            self.done(job, ("exc", exc))  # type: ignore[misc]
 
-    def _timed_out(self, w: _Worker) -> None:
-        w.timer = None
-        if not w.jobs or w not in self._all:
-            return
-        head = w.jobs[0]
-        self._reap(w, fail=False, kill=True, head_error=StageTimeout(
-            f"stage {self.stage.name!r}: attempt ran past its timeout of "
-            f"{self.stage.timeout} s (worker process {w.proc.pid} killed)"))
-        _ = head
-
+    # -- results
     def _readable(self, w: _Worker) -> None:
         try:
-            reply = w.conn.recv()
+            replies = w.conn.recv()
         except (EOFError, OSError):
             self._reap(w, fail=True)
             return
-        if not w.jobs:  # pragma: no cover - a reply nobody waits for
-            return
-        job = w.jobs.popleft()
-        self._by_fut.pop(job.fut, None)
-        self._arm(w)
-        if not job.fut.done():
-            job.fut.set_result(reply)
+        now = time.monotonic()
+        ended = []
+        jobs = w.jobs
+        for reply in replies:
+            if not jobs:  # pragma: no cover - a reply nobody waits for
+                break
+            job = jobs.popleft()
+            w.replied += 1
+            if job.msg_bytes:
+                w.piped -= job.msg_bytes
+            if not job.abandoned:
+                ended.append((job, ("back", None) if reply == NOT_STARTED else ("ok", reply)))
+        if replies:
+            # the stage's seconds per item between replies: the chunk size's guide
+            per = (now - self._last_reply) / len(replies) if self._last_reply else 0.0
+            self._last_reply = now
+            if 0 < per < 60:
+                self._item_seconds = per if not self._item_seconds else \
+                    0.8 * self._item_seconds + 0.2 * per
+        if not jobs and w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
+        done = self.done
+        for job, outcome in ended:
+            done(job, outcome)  # type: ignore[misc]
+        if self._pending and not self._dispatch_due:
+            self._dispatch_due = True
+            self.loop.call_soon(self._dispatch)
 
+    # -- timeouts
+    def _arm(self, w: _Worker) -> None:
+        if self.stage.timeout is not None and w.jobs and w.timer is None:
+            w.timer = self.loop.call_later(self.stage.timeout, self._check_timeout, w)
+
+    def _check_timeout(self, w: _Worker) -> None:
+        w.timer = None
+        if not w.jobs or w not in self._all:
+            return
+        timeout = self.stage.timeout
+        idx = w.running()
+        since = w.state[STATE_SINCE]
+        now = time.monotonic()
+        if 0 <= idx < len(w.jobs) and since > 0 and now - since >= timeout:
+            self._reap(w, fail=False, kill=True, head_error=StageTimeout(
+                f"stage {self.stage.name!r}: attempt ran past its timeout of "
+                f"{timeout} s (worker process {w.proc.pid} killed)"))
+            return
+        wait = since + timeout - now if since > 0 else timeout
+        w.timer = self.loop.call_later(max(wait, 0.001), self._check_timeout, w)
+
+    # -- deaths
     def _reap(self, w: _Worker, *, fail: bool, kill: bool = False,
               head_error: Optional[BaseException] = None) -> None:
-        """Remove a worker; its running item fails, the ones queued behind it move."""
+        """Remove a worker; its running item fails, its other items go to the others."""
         if w not in self._all:
             return
+        idx = w.running()  # read before the kill: the state is the worker's last word
         self._all.remove(w)
         if w.timer is not None:
             w.timer.cancel()
@@ -248,40 +429,61 @@ class ProcessRunner:
             pass
         jobs = list(w.jobs)
         w.jobs.clear()
-        for job in jobs:
-            self._by_fut.pop(job.fut, None)
-        head = jobs[0] if jobs else None
+        # The item that ran when the worker died; between items (or dying while it read
+        # a chunk) the first unfinished one is blamed, so that an item that kills
+        # workers before it starts is still dead-lettered in the end.
+        culprit = jobs[idx] if 0 <= idx < len(jobs) else (jobs[0] if jobs else None)
         if not kill:
             self.deaths += 1
             log.warning("stage %r: worker process %s %s%s; a new one takes the next item",
                         self.stage.name, w.proc.pid, describe_exit(code),
-                        f" while running key(s) {head.keys}" if head else "")
-        if head is not None and not head.fut.done():
+                        f" while running key(s) {culprit.keys}" if culprit else "")
+        back = [j for j in jobs if j is not culprit and not j.abandoned]
+        if self._held:  # stopping: what did not start goes back to the engine
+            for job in back:
+                self.loop.call_soon(self._give_back, job)
+        else:
+            self._pending.extendleft(reversed(back))  # not started or results lost: again
+        if culprit is not None and not culprit.abandoned:
             if head_error is not None:
-                head.fut.set_exception(head_error)
+                self.loop.call_soon(self._fail, culprit, head_error)
             elif fail:
-                head.fut.set_exception(WorkerDied(
+                self.loop.call_soon(self._fail, culprit, WorkerDied(
                     f"worker process {w.proc.pid} of stage {self.stage.name!r} "
-                    f"{describe_exit(code)} while running key(s) {head.keys}"))
-        for job in jobs[1:]:  # never started: sent again, no attempt counted
-            if not job.fut.done():
-                self._send(job)
+                    f"{describe_exit(code)} while running key(s) {culprit.keys}"))
+            else:  # abandoned for a halt: nothing to report
+                pass
+        if not self._closed and (self._pending or len(self._all) < self.stage.workers):
+            if not self._dispatch_due:
+                self._dispatch_due = True
+                self.loop.call_soon(self._dispatch)
 
-    def abandon(self, fut: "asyncio.Future", group: List[ItemContext], reason: str) -> None:
-        """Kill the worker running ``fut`` (a halt); a new one starts on demand."""
-        w = self._by_fut.get(fut)
-        if w is not None:
-            if w.jobs and w.jobs[0].fut is fut:
+    def hold(self) -> None:
+        """The run stops: items handed over but not started come back to the engine
+        (``("back", None)``), which starts them again only if its scheduler still
+        wants them (a drain does; a tripped kill switch does not: P7)."""
+        self._held = True
+        for w in self._all:
+            w.state[STATE_ALLOW] = w.state[STATE_STARTED]
+        while self._pending:
+            self.loop.call_soon(self._give_back, self._pending.popleft())
+
+    def _give_back(self, job: _Job) -> None:
+        if not job.abandoned:
+            self.done(job, ("back", None))  # type: ignore[misc]
+
+    def abandon(self, job: Any, group: List[ItemContext], reason: str) -> None:
+        """Forget ``job`` (a halt): the worker holding it is killed, so that nothing of
+        its chunk starts after the halt (P7); its other items go to the others."""
+        job.abandoned = True
+        for w in self._all:
+            if job in w.jobs:
                 self._reap(w, fail=False, kill=True)
-            else:  # still queued behind another item: just forget it
-                for job in list(w.jobs):
-                    if job.fut is fut:
-                        w.jobs.remove(job)
-                self._by_fut.pop(fut, None)
-        if not fut.done():
-            fut.cancel()
+                return
 
     def close(self, wait: bool = True) -> None:
+        self._closed = True
+        self._pending.clear()
         for w in list(self._all):
             if not w.jobs:
                 try:
@@ -291,9 +493,7 @@ class ProcessRunner:
         for w in list(self._all):
             if w.jobs or not wait:
                 for job in w.jobs:
-                    if not job.fut.done():
-                        job.fut.cancel()
-                w.jobs.clear()
+                    job.abandoned = True
                 self._reap(w, fail=False, kill=True)
         for w in list(self._all):
             try:
@@ -306,3 +506,10 @@ class ProcessRunner:
                 w.proc.join(2.0)
             w.conn.close()
             self._all.remove(w)
+
+
+INF = float("inf")
+
+
+def _dumps(obj: Any) -> bytes:
+    return bytes(ForkingPickler.dumps(obj))

@@ -1,38 +1,147 @@
-"""``kind="thread"``: plain callables on a pool of ``workers`` threads.
+"""``kind="thread"``: plain callables on ``workers`` threads of the stage's own.
 
-A thread cannot be killed: on a timeout or a halt the item's ``ctx.cancelled`` is set and
-its result, if it ever comes, is ignored.
+The threads take groups from one queue and put outcomes in one deque; the coordinator's
+loop is woken once for whatever has piled up since its last look (not once per item).
+
+A thread cannot be killed.  An attempt that runs past its stage's ``timeout`` (or is in
+flight when the run halts) is *abandoned*: the item's ``ctx.cancelled`` is set, the
+engine retries or dead-letters it, and a new thread takes the abandoned thread's place,
+so the stage keeps its ``workers`` threads and the run never waits for the stuck one.
+The abandoned thread keeps running the handler until the handler returns (a handler that
+loops forever keeps its thread forever; check ``ctx.cancelled``); its outcome is thrown
+away and the thread then ends.  Threads are daemon threads: a stuck one does not keep
+the interpreter alive at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List
+import logging
+import queue
+import threading
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Set
 
 from ._invoke import invoke
-from ._model import ItemContext, Stage
+from ._model import ItemContext, PipelineError, Stage
+
+log = logging.getLogger("pympx_queues.pipeline")
+
+
+class _Job:
+    __slots__ = ("data", "ctx", "thread", "abandoned")
+
+    def __init__(self, data: Any, ctx: Any) -> None:
+        self.data = data
+        self.ctx = ctx
+        self.thread: Optional[threading.Thread] = None
+        self.abandoned = False
 
 
 class ThreadRunner:
     remote = False
+    direct = True  # outcomes go to self.done(job, outcome) on the loop
 
     def __init__(self, stage: Stage, loop: asyncio.AbstractEventLoop) -> None:
         self.stage = stage
         self.loop = loop
-        self._pool = ThreadPoolExecutor(stage.workers,
-                                        thread_name_prefix=f"pipeline-{stage.name}")
+        self.done: Optional[Callable[[Any, Any], None]] = None  # set by the engine
+        # Groups handed over start at once: a kill switch that trips stops everything
+        # not started (P7), and an attempt's timeout counts from its start.
+        self.slots = stage.workers
         self._handler = stage.handler
-        self._ctx = stage.takes_ctx
+        self._takes_ctx = stage.takes_ctx
+        self._in: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
+        self._out: Deque[Any] = deque()
+        self._wake_due = False
+        self._lock = threading.Lock()  # a job's thread/abandoned pair changes together
+        self._threads: Set[threading.Thread] = set()  # live, not abandoned
+        self._made = 0
+        self._closed = False
+        self.abandoned_threads = 0
+        for _ in range(stage.workers):
+            self._spawn()
 
-    def submit(self, data: Any, ctx: Any) -> "asyncio.Future":
-        return self.loop.run_in_executor(self._pool, invoke, self._handler, self._ctx,
-                                         data, ctx)
+    def _spawn(self) -> None:
+        self._made += 1
+        t = threading.Thread(target=self._work, daemon=True,
+                             name=f"pipeline-{self.stage.name}-{self._made}")
+        self._threads.add(t)
+        t.start()
 
-    def abandon(self, fut: "asyncio.Future", group: List[ItemContext], reason: str) -> None:
+    def start(self, data: Any, ctx: Any, group: List[ItemContext]) -> _Job:
+        if self._closed:
+            raise PipelineError(f"stage {self.stage.name!r} is closed")
+        job = _Job(data, ctx)
+        self._in.put(job)
+        return job
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        get = self._in.get
+        out = self._out
+        lock = self._lock
+        handler = self._handler
+        takes_ctx = self._takes_ctx
+        while True:
+            job = get()
+            if job is None:
+                return
+            with lock:
+                if job.abandoned:
+                    continue
+                job.thread = me
+            try:
+                outcome: Any = ("ok", invoke(handler, takes_ctx, job.data, job.ctx))
+            except BaseException as exc:  # noqa: B902 - every failure is the item's
+                outcome = ("exc", exc)
+            with lock:
+                if job.abandoned:  # given up on: a replacement took this thread's place
+                    return
+                job.thread = None
+            out.append((job, outcome))
+            if not self._wake_due:
+                self._wake_due = True
+                try:
+                    self.loop.call_soon_threadsafe(self._hand_back)
+                except RuntimeError:  # the loop is closed: the run is over
+                    return
+
+    def _hand_back(self) -> None:
+        # Cleared before draining: an outcome appended after the drain ends schedules
+        # another call (the thread sees the flag down), one appended before is drained.
+        self._wake_due = False
+        out = self._out
+        done = self.done
+        while out:
+            job, outcome = out.popleft()
+            try:
+                done(job, outcome)  # type: ignore[misc]
+            except Exception:  # pragma: no cover - an engine defect: keep draining
+                log.exception("stage %r: handing back an outcome", self.stage.name)
+
+    def abandon(self, job: Any, group: List[ItemContext], reason: str) -> None:
         for item in group:
             item.cancelled.set()
-        fut.cancel()
+        with self._lock:
+            job.abandoned = True
+            stuck = job.thread
+        if stuck is not None and stuck in self._threads:
+            self._threads.discard(stuck)
+            self.abandoned_threads += 1
+            if reason != "halt" and not self._closed:
+                log.warning("stage %r: thread %s abandoned (%s) while running key(s) %s; "
+                            "it keeps running until its handler returns, a new thread "
+                            "takes its place", self.stage.name, stuck.name, reason,
+                            [g.key for g in group])
+                self._spawn()
 
     def close(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        self._closed = True
+        live = list(self._threads)
+        self._threads.clear()
+        for _ in live:
+            self._in.put(None)
+        if wait:
+            for t in live:
+                t.join()
