@@ -499,3 +499,25 @@ def test_backpressure_a_slow_last_stage_bounds_every_stage_and_the_source():
         ended = st.done + st.dead
         assert n_pulled - ended <= cap + 1  # the source runs at most the bound ahead
         assert st.stages["fast"].queued <= 4 + 2 and st.stages["slow"].queued <= 2
+
+
+def test_a_scheduler_with_an_ended_hook_hears_every_per_item_group_on_every_kind():
+    from pympx_queues.pipeline._model import Scheduler
+
+    class Listening(Scheduler):
+        def __init__(self):
+            super().__init__()
+            self.heard = []
+
+        def ended(self, group, ok, outputs, err, seconds, retrying):
+            self.heard.append((group[0].key, ok, outputs))
+
+    async def twice_async(x):
+        return x * 2
+
+    for kind, fn in (("thread", lambda x: x * 2), ("async", twice_async)):
+        sched = Listening()
+        p = Pipeline(range(6), [Stage("s", fn, kind=kind, workers=2, scheduler=sched)],
+                     progress=False)
+        _run(p)
+        assert sorted(sched.heard) == [(str(i), True, [i * 2]) for i in range(6)], kind

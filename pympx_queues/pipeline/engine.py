@@ -848,7 +848,8 @@ class Pipeline:
         sr.stats.busy_seconds += seconds
         if sr.stage.batch:
             self._batch_done(sr, group, outcome, seconds)
-        elif outcome[0] == "ok" and not sr.runner.remote:
+        elif (outcome[0] == "ok" and not sr.runner.remote
+              and getattr(sr.sched, "ended", None) is None):  # no one to tell: short way
             self._succeeded(sr, group[0], outcome[1], seconds)
         else:
             self._one_done(sr, group[0], outcome, seconds)
