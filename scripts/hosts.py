@@ -37,7 +37,7 @@ import zlib
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SUBNET = "10.231"
-LEASE = 3.0
+LEASE = 5.0
 
 _SERVER = """
 import socket, subprocess, sys
@@ -99,6 +99,10 @@ class Hosts:
         self.procs.append(p)
         return p
 
+    def partition(self, i: int, down: bool) -> None:
+        """Cut host ``i`` off the file server (its veth link down), or heal it."""
+        _run(["ip", "link", "set", self.links[i], "down" if down else "up"])
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -124,23 +128,30 @@ def _payload(name: str) -> bytes:
     return b"%08x " % zlib.crc32(body) + body
 
 
-def producer(folder: str, name: str, count: int) -> None:
+def producer(folder: str, name: str, count: int, lease: float = LEASE) -> None:
     from pympx_queues import WritableFolderQueue
 
-    q = WritableFolderQueue(folder, lease_timeout=LEASE)
+    q = WritableFolderQueue(folder, lease_timeout=lease)
     for k in range(count):
         msg = f"{name}-{k:06d}"
         q.put_data(msg + ".tsv", _payload(msg))
     q.close()
 
 
-def consumer(folder: str, log_path: str, producers: int) -> None:
+def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
+             deadline: float = 0.0) -> None:
+    """Consume until DONE, logging every claim, acknowledgement and fenced ack.
+
+    A ``task_done`` that raises ``FileNotFoundError`` is a fenced acknowledgement: the
+    lease ran out (this host was partitioned) and another host took the claim over; the
+    message is not counted as acknowledged here."""
     from pympx_queues import ReadableFolderQueue
+    from pympx_queues.errors import Empty
     from pympx_queues.sentinels import DONE, FAILED
 
     q = ReadableFolderQueue(folder, expected_producers=producers,
-                            lease_timeout=LEASE, heartbeat_interval=LEASE / 4,
-                            wakeups="poll", poll_interval=0.2, recover_interval=LEASE / 2)
+                            lease_timeout=lease, heartbeat_interval=lease / 5,
+                            wakeups="poll", poll_interval=0.2, recover_interval=lease / 4)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def note(**rec):
@@ -148,78 +159,150 @@ def consumer(folder: str, log_path: str, producers: int) -> None:
         os.write(fd, (json.dumps(rec) + "\n").encode())
 
     while True:
-        path = q.get(timeout=30)
+        try:
+            path = q.get(timeout=5)
+        except Empty:
+            if deadline and time.time() > deadline:
+                note(ev="end", what="gave-up")
+                break
+            continue
         if path is DONE or path is FAILED:
             note(ev="end", what="done" if path is DONE else "failed")
             break
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:  # fenced before we could read it
+            note(ev="fenced", name=os.path.basename(path).split("__", 1)[-1][:-4])
+            continue
         body = data[9:]
         name = body[:len(body) // 8].decode("ascii", "replace")
         ok = data == _payload(name)
         note(ev="got", name=name, ok=ok, host=socket.gethostname())
-        q.task_done(path)
+        try:
+            q.task_done(path)
+        except FileNotFoundError:
+            note(ev="fenced", name=name)
+            continue
         note(ev="ack", name=name)
     q.close()
 
 
 # ------------------------------------------------------------------------- the driver
-def run_config(hosts: Hosts, n_hosts: int, per_host: int, consumers: int, rng) -> dict:
-    folder0 = os.path.join(hosts.mounts[0], "q")
-    os.makedirs(os.path.join(hosts.export, "q"), mode=0o700, exist_ok=True)
-    logs = os.path.join(hosts.base, "logs")
+class Faults:
+    """What the driver may do to a host: ``partition(i, down)`` cuts host ``i`` off the
+    file server (or heals it); None where the set-up cannot (then no partitions)."""
+
+    def __init__(self, partition=None):
+        self.partition = partition
+
+
+def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
+                 kills=6, partitions=1, faults=None, timeout=600.0) -> dict:
+    """The several-hosts workload, for any set-up that gives each host a folder.
+
+    ``folders[i]``: the queue folder as host ``i`` sees it (its mount of the shared
+    folder); ``spawn(i, argv)``: start ``hosts.py argv`` inside host ``i`` and return the
+    ``subprocess.Popen`` (its own process group); ``logs``: a local folder for the
+    consumers' logs.  Runs one producer and ``consumers`` consumers per host, SIGKILLs
+    single consumers and whole hosts (all of a host's consumers) at random up to
+    ``kills`` times, cuts ``partitions`` hosts off for two leases each (when
+    ``faults.partition`` exists), then checks the logs; returns the summary dict.
+    Used by the sshfs set-up below and by the NFS set-up (scripts/_nfs_guest.py).
+    """
+    n_hosts = len(folders)
     os.makedirs(logs, exist_ok=True)
     t0 = time.time()
+    stop_at = t0 + timeout
     cons, seq = [], 0
 
     def start_consumer(i):
         nonlocal seq
         seq += 1
-        log = os.path.join(logs, f"c{seq}.jsonl")
-        folder = os.path.join(hosts.mounts[i], "q")
-        cons.append((i, hosts.spawn(i, ["consumer", folder, log, str(n_hosts)]), log))
+        log = os.path.join(logs, f"c{seq}-h{i}.jsonl")
+        argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at)]
+        cons.append((i, spawn(i, argv), log))
 
     for i in range(n_hosts):
         for _ in range(consumers):
             start_consumer(i)
-    prods = [hosts.spawn(i, ["producer", os.path.join(hosts.mounts[i], "q"), f"h{i}", str(per_host)])
+    prods = [spawn(i, ["producer", folders[i], f"h{i}", str(per_host), str(lease)])
              for i in range(n_hosts)]
-    kills = host_kills = 0
-    deadline = time.time() + 600
-    killed_pids = set()
-    while time.time() < deadline:
+    n_kills = host_kills = n_parts = 0
+    killed_logs = set()
+    cut = {}  # host -> (monotonic time to heal, wall time of the cut)
+    part_windows = []  # (host, wall start, wall end)
+    can_cut = faults is not None and faults.partition is not None
+    while time.time() < stop_at:
         live = [c for c in cons if c[1].poll() is None]
-        if all(p.poll() is not None for p in prods) and not live:
-            break
-        if not live and all(p.poll() is not None for p in prods):
+        if all(p.poll() is not None for p in prods) and not live and not cut:
             break
         time.sleep(0.3)
-        if live and rng.random() < 0.1 and kills < 6:
+        for h, (heal, started) in list(cut.items()):
+            if time.monotonic() >= heal:
+                faults.partition(h, False)
+                part_windows.append((h, started, time.time()))
+                del cut[h]
+        if can_cut and n_parts < partitions and not cut and live and rng.random() < 0.05:
+            h = rng.randrange(n_hosts)
+            faults.partition(h, True)
+            cut[h] = (time.monotonic() + 2 * lease, time.time())
+            n_parts += 1
+        if live and rng.random() < 0.1 and n_kills < kills:
             if rng.random() < 0.3:
                 h = rng.randrange(n_hosts)
-                victims = [c for c in live if c[0] == h]
-                host_kills += 1
+                victims = [c for c in live if c[0] == h and c[0] not in cut]
+                host_kills += 1 if victims else 0
             else:
-                victims = [rng.choice(live)]
-            for i, p, _ in victims:
+                victims = [c for c in [rng.choice(live)] if c[0] not in cut]
+            for i, p, log in victims:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
-                killed_pids.add(p.pid)
-                kills += 1
+                killed_logs.add(log)
+                n_kills += 1
                 start_consumer(i)
+    for h, (_, started) in cut.items():
+        faults.partition(h, False)
+        part_windows.append((h, started, time.time()))
     for p in prods:
         if p.poll() is None or p.returncode != 0:
-            raise RuntimeError(f"producer {p.pid} did not finish cleanly")
-    del folder0
-    return _check(logs, n_hosts, per_host, kills, host_kills, time.time() - t0)
+            raise RuntimeError(f"producer {p.pid} did not finish cleanly (rc={p.poll()})")
+    for _, p, _ in cons:
+        if p.poll() is None:
+            raise RuntimeError(f"consumer {p.pid} still running after {timeout} s")
+    r = check_logs(logs, n_hosts, per_host, killed_logs, part_windows)
+    r.update(kills=n_kills, host_kills=host_kills, partitions=n_parts,
+             secs=round(time.time() - t0, 1))
+    return r
 
 
-def _check(logs, n_hosts, per_host, kills, host_kills, secs) -> dict:
+def run_config(hosts, n_hosts: int, per_host: int, consumers: int, rng, **kw) -> dict:
+    """Run the workload on a set-up object with ``mounts``, ``base`` and ``spawn`` (and
+    optionally ``partition(i, down)``): the sshfs :class:`Hosts` or the NFS guest's."""
+    folders = [os.path.join(m, "q") for m in hosts.mounts[:n_hosts]]
+    os.makedirs(folders[0], mode=0o700, exist_ok=True)
+    faults = Faults(getattr(hosts, "partition", None))
+    return run_workload(folders, hosts.spawn, os.path.join(hosts.base, "logs"), per_host,
+                        consumers, rng, faults=faults, **kw)
+
+
+def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict:
+    """Read the consumers' logs; count every violation of G1..G6 across hosts.
+
+    * lost: a message never acknowledged (G1).
+    * corrupt: a delivery whose bytes are not what was put (G2).
+    * redelivered_done: a delivery after an acknowledgement of the same message (G4).
+    * dup_beyond_lease: a second delivery although the earlier holder was neither
+      killed nor on a host cut off at the time (G3 with leases).
+    * early_done: a message first delivered after some consumer had seen DONE, or never
+      delivered although one had (G6).
+    """
     expected = {f"h{i}-{k:06d}" for i in range(n_hosts) for k in range(per_host)}
-    got, acked, corrupt, redelivered_done, ends = {}, {}, 0, 0, 0
-    dup = 0
+    gets, acked = {}, {}
+    corrupt = fenced = 0
+    first_done = None
     for fn in sorted(os.listdir(logs)):
-        seen_here = []
+        host = int(fn.rsplit("-h", 1)[1].split(".")[0]) if "-h" in fn else -1
         for line in open(os.path.join(logs, fn)):
             try:
                 rec = json.loads(line)
@@ -228,40 +311,82 @@ def _check(logs, n_hosts, per_host, kills, host_kills, secs) -> dict:
             if rec["ev"] == "got":
                 if not rec["ok"]:
                     corrupt += 1
-                if rec["name"] in acked and acked[rec["name"]] < rec["t"]:
-                    redelivered_done += 1
-                got.setdefault(rec["name"], []).append((fn, rec["t"]))
-                seen_here.append(rec["name"])
+                gets.setdefault(rec["name"], []).append((rec["t"], fn, host))
             elif rec["ev"] == "ack":
-                acked.setdefault(rec["name"], rec["t"])
-            elif rec["ev"] == "end":
-                ends += 1
-    for name, gets in got.items():
-        # A second delivery is allowed only when the first getter never acknowledged
-        # (killed while holding it: its lease expired).
-        if len(gets) > 1 and name in acked and all(acked[name] > t for _, t in gets[1:]) is False:
-            dup += 1
+                acked[rec["name"]] = min(acked.get(rec["name"], rec["t"]), rec["t"])
+            elif rec["ev"] == "fenced":
+                fenced += 1
+            elif rec["ev"] == "end" and rec.get("what") == "done":
+                first_done = rec["t"] if first_done is None else min(first_done, rec["t"])
+    redelivered_done = dup = early = 0
+    for name, gl in gets.items():
+        gl.sort()
+        for k, (t, _fn, _host) in enumerate(gl):
+            if name in acked and acked[name] < t:
+                redelivered_done += 1
+            elif k:
+                _, pfn, phost = gl[k - 1]
+                cut_off = any(h == phost and s <= t for h, s, _ in part_windows)
+                if pfn not in killed_logs and not cut_off:
+                    dup += 1
+        if first_done is not None and gl[0][0] > first_done:
+            early += 1
     lost = len(expected - set(acked))
-    early_done = lost if ends else 0
+    if first_done is not None:
+        early += len(expected - set(gets))
     return dict(hosts=n_hosts, messages=len(expected), acked=len(set(acked) & expected),
                 lost=lost, corrupt=corrupt, redelivered_done=redelivered_done,
-                dup_beyond_lease=dup, early_done=early_done, kills=kills,
-                host_kills=host_kills, secs=round(secs, 1))
+                dup_beyond_lease=dup, early_done=early, fenced=fenced)
+
+
+def _local_spawn(i: int, argv: list) -> subprocess.Popen:
+    """``workload`` mode: host ``i`` is a process with its own UTS host name where
+    ``unshare`` is permitted (root), else just a process (same host name)."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        cmd = ["unshare", "--uts", "sh", "-c", f'hostname host{i} && exec "$@"', "sh"] + cmd
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def _summary(r: dict, seed: int, extra: str = "") -> str:
+    return "mode=hosts " + extra + " ".join(f"{k}={v}" for k, v in r.items()) + f" seed={seed}"
+
+
+VIOLATIONS = ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_done")
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "producer":
-        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "consumer":
-        consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
+                 float(sys.argv[6]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1, help="scale: messages per host = 100 * size")
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--consumers", type=int, default=2, help="consumers per host")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--lease", type=float, default=LEASE, help="lease_timeout in seconds")
+    ap.add_argument("--kills", type=int, default=6, help="consumer SIGKILLs per configuration")
+    ap.add_argument("--partitions", type=int, default=1,
+                    help="hosts cut off (veth link down for two leases) per configuration")
+    ap.add_argument("--folders", nargs="+", default=None,
+                    help="workload only: run it on these folders, one per host (mounts of "
+                    "one shared folder made by someone else, e.g. NFS), no set-up")
     a = ap.parse_args()
+    seed = a.seed if a.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    if a.folders:
+        logs = tempfile.mkdtemp(prefix="pympx-hosts-logs-")
+        try:
+            r = run_workload(a.folders, _local_spawn, logs, 100 * a.size, a.consumers, rng,
+                             lease=a.lease, kills=a.kills, partitions=0)
+        finally:
+            shutil.rmtree(logs, ignore_errors=True)
+        print(_summary(r, seed, "fs=given "), flush=True)
+        return 1 if any(r[k] for k in VIOLATIONS) else 0
     missing = [t for t in ("sshfs", "fusermount", "ip", "nsenter", "unshare") if not shutil.which(t)]
     if missing or not os.path.exists(SFTP_SERVER):
         print(f"mode=hosts skipped: missing {missing or [SFTP_SERVER]} "
@@ -270,21 +395,27 @@ def main() -> int:
     if os.geteuid() != 0:
         print("mode=hosts skipped: needs root (network namespaces)")
         return 2
-    seed = a.seed if a.seed is not None else random.randrange(1 << 30)
-    rng = random.Random(seed)
+    if not os.path.exists("/dev/fuse"):
+        print("mode=hosts skipped: no /dev/fuse (FUSE not permitted)")
+        return 2
     bad = False
     for n in a.hosts:
         base = tempfile.mkdtemp(prefix="pympx-hosts-")
         hosts = Hosts(n, base)
         try:
-            hosts.start()
-            r = run_config(hosts, n, 100 * a.size, a.consumers, rng)
+            try:
+                hosts.start()
+            except subprocess.CalledProcessError as e:
+                print(f"mode=hosts skipped: set-up failed ({' '.join(e.cmd)}: "
+                      f"{(e.stderr or '').strip()})")
+                return 2
+            r = run_config(hosts, n, 100 * a.size, a.consumers, rng, lease=a.lease,
+                           kills=a.kills, partitions=a.partitions)
         finally:
             hosts.close()
             shutil.rmtree(base, ignore_errors=True)
-        line = "mode=hosts " + " ".join(f"{k}={v}" for k, v in r.items()) + f" seed={seed}"
-        print(line, flush=True)
-        if any(r[k] for k in ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_done")):
+        print(_summary(r, seed, "fs=sshfs "), flush=True)
+        if any(r[k] for k in VIOLATIONS):
             bad = True
     return 1 if bad else 0
 

@@ -134,6 +134,8 @@ class _Claims(_Leases):
             except FileExistsError:
                 return None
         self._claims[dst] = name  # atomic under the GIL (heartbeat copies)
+        if self._network:
+            self._start_lease(dst)
         if self._hb_thread is None and self.heartbeat_interval:
             self._start_heartbeat()
         return dst
