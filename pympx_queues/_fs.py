@@ -293,6 +293,28 @@ def _renameat2_noreplace(src: str, dst: str) -> bool:
     raise OSError(err, os.strerror(err), src, None, dst)
 
 
+def _link_checked(src: str, dst: str) -> None:
+    """``link(src, dst)``, where an ENOENT with ``src`` still in place means "made".
+
+    FUSE (libfuse's high-level API, so sshfs) looks the new name up after a successful
+    link to answer the kernel; when another process renamed the new name away in between
+    (a consumer on another host claimed the message just published), the caller gets
+    ENOENT for a link that was made.  Retrying would publish a second copy (measured:
+    scripts/hosts.py, issue 14).  So: ENOENT while ``src`` is still there (asked of the
+    server, not of this mount's cache) and ``dst``'s folder exists counts as made.
+    ENOENT because ``src`` is gone is raised as it is.
+    """
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileNotFoundError:
+        folder = os.path.dirname(dst) or "."
+        if not os.path.isdir(folder) or fresh_lstat(src, os.path.dirname(src) or ".") is None:
+            raise
+        log.info("link(%s, %s) said ENOENT with the file still there: made, and the new "
+                 "name already taken by another process (FUSE looks it up after linking)",
+                 src, dst)
+
+
 def rename_noreplace(src: PathLike, dst: PathLike) -> None:
     """Atomically move ``src`` to ``dst``; raise ``FileExistsError`` if ``dst`` exists (G2).
 
@@ -308,7 +330,7 @@ def rename_noreplace(src: PathLike, dst: PathLike) -> None:
         _trace("rename", src, dst)
         return
     try:
-        os.link(src, dst, follow_symlinks=False)
+        _link_checked(src, dst)
     except PermissionError:
         # sshfs answers a losing link() with EPERM rather than EEXIST (issue 14).
         if lstat(dst) is not None:

@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
-"""Several hosts, one queue folder: a first version of the issue-14 proof (root only).
+"""Several hosts, one queue folder: the issue-14 proof (root only).
 
 Builds N "hosts" on one machine: a network namespace each (``ip netns``), a veth pair to
 the root namespace, an ``sshfs -o directport=PORT`` mount of one export folder made from
 inside the namespace (``nsenter --net=...``; the mount itself is shared), served by a small
 TCP wrapper around ``/usr/lib/openssh/sftp-server`` in the root namespace (no sshd, no
-keys).  Every worker runs inside its host's namespace with its own UTS host name, so the
-folder queue treats claims of the other hosts by lease, not by pid.
+keys).  sshfs keeps its default caching (listings and attributes up to 20 s old), which
+is the hard case.  Every worker runs inside its host's namespace with its own UTS host
+name, so the folder queue judges the other hosts' claims by lease, not by pid.
 
-Runs one producer and ``--consumers`` consumers per host, kills consumers and whole hosts
-(all consumers of one host) at random with SIGKILL, and checks the consumers' local logs:
+Runs one producer and ``--consumers`` consumers per host (lease ``--lease`` seconds,
+heartbeats every lease/5), SIGKILLs single consumers and whole hosts (all consumers of
+one host) at random, cuts ``--partitions`` hosts off the file server for two leases each
+(their veth link down: their consumers hang, their claims expire and are taken over, and
+when the link comes back their acknowledgements of those claims are fenced), then checks
+the consumers' local logs and prints one line per configuration:
 
-    mode=hosts hosts=2 messages=... acked=... lost=0 corrupt=0 redelivered_done=0 \
-dup_beyond_lease=0 early_done=0 kills=... host_kills=... secs=...
+    mode=hosts fs=sshfs hosts=2 messages=... acked=... lost=0 corrupt=0 \
+redelivered_done=0 dup_beyond_lease=0 early_done=0 fenced=... kills=... host_kills=... \
+partitions=... secs=... seed=...
 
-Not yet done (see docs/several-hosts.md): partitions (dropping a host's veth link),
-fencing of a returning host, clock skew, ``--nfs``.
+and exits 1 on any violation (2: skipped, with the reason: not root, no FUSE, a tool
+missing).  The workload itself is :func:`run_workload` (folders, a spawn function, a log
+folder): ``--folders A B`` runs it on mounts someone else made (no set-up, no
+partitions), and scripts/_nfs_guest.py (``--nfs``) runs it over real NFS.
 
 Everything started is ended by pid and every mount, veth and namespace removed at the end,
 also on error or Ctrl-C.
@@ -64,6 +72,7 @@ class Hosts:
         self.export = os.path.join(base, "export")
         os.makedirs(self.export, mode=0o700)
         self.tag = f"pq{os.getpid() % 100000}"
+        self.subnet = f"10.{200 + os.getpid() % 50}"  # two runs at once do not collide
         self.netns, self.links, self.mounts, self.procs = [], [], [], []
         self.server = None
 
@@ -79,16 +88,16 @@ class Hosts:
             _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "n"])
             self.links.append(veth)
             _run(["ip", "link", "set", veth + "n", "netns", ns])
-            _run(["ip", "addr", "add", f"{SUBNET}.{i}.1/24", "dev", veth])
+            _run(["ip", "addr", "add", f"{self.subnet}.{i}.1/24", "dev", veth])
             _run(["ip", "link", "set", veth, "up"])
             nse = ["ip", "netns", "exec", ns]
-            _run(nse + ["ip", "addr", "add", f"{SUBNET}.{i}.2/24", "dev", veth + "n"])
+            _run(nse + ["ip", "addr", "add", f"{self.subnet}.{i}.2/24", "dev", veth + "n"])
             _run(nse + ["ip", "link", "set", veth + "n", "up"])
             _run(nse + ["ip", "link", "set", "lo", "up"])
             mnt = os.path.join(self.base, f"mnt{i}")
             os.makedirs(mnt)
             _run(["nsenter", f"--net=/run/netns/{ns}", "sshfs", "-o", f"directport={port}",
-                  f"{SUBNET}.{i}.1:{self.export}", mnt])
+                  f"{self.subnet}.{i}.1:{self.export}", mnt])
             self.mounts.append(mnt)
 
     def spawn(self, i: int, args: list) -> subprocess.Popen:
@@ -114,8 +123,9 @@ class Hosts:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
+        fusermount = shutil.which("fusermount3") or "fusermount"
         for m in self.mounts:
-            _run(["fusermount", "-u", "-z", m], check=False)
+            _run([fusermount, "-u", "-z", m], check=False)
         for link in self.links:
             _run(["ip", "link", "del", link], check=False)
         for ns in self.netns:
@@ -128,18 +138,25 @@ def _payload(name: str) -> bytes:
     return b"%08x " % zlib.crc32(body) + body
 
 
-def producer(folder: str, name: str, count: int, lease: float = LEASE) -> None:
+def producer(folder: str, name: str, count: int, lease: float = LEASE,
+             run_id: str = "") -> None:
     from pympx_queues import WritableFolderQueue
 
-    q = WritableFolderQueue(folder, lease_timeout=lease)
+    q = WritableFolderQueue(folder, lease_timeout=lease, run_id=run_id or None)
     for k in range(count):
         msg = f"{name}-{k:06d}"
-        q.put_data(msg + ".tsv", _payload(msg))
+        try:
+            q.put_data(msg + ".tsv", _payload(msg))
+        except OSError as e:
+            tmp = os.path.join(folder, "tmp")
+            print(f"producer {name}: put of {msg} failed: {e!r}; tmp/ holds "
+                  f"{sorted(os.listdir(tmp))[:20]}", file=sys.stderr, flush=True)
+            raise
     q.close()
 
 
 def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
-             deadline: float = 0.0) -> None:
+             deadline: float = 0.0, run_id: str = "") -> None:
     """Consume until DONE, logging every claim, acknowledgement and fenced ack.
 
     A ``task_done`` that raises ``FileNotFoundError`` is a fenced acknowledgement: the
@@ -149,7 +166,9 @@ def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
     from pympx_queues.errors import Empty
     from pympx_queues.sentinels import DONE, FAILED
 
-    q = ReadableFolderQueue(folder, expected_producers=producers,
+    # run_id: a consumer started after the run ended (a replacement for a killed one)
+    # still follows it; without it that run would be history to it (G6).
+    q = ReadableFolderQueue(folder, expected_producers=producers, run_id=run_id or None,
                             lease_timeout=lease, heartbeat_interval=lease / 5,
                             wakeups="poll", poll_interval=0.2, recover_interval=lease / 4)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -212,6 +231,7 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     """
     n_hosts = len(folders)
     os.makedirs(logs, exist_ok=True)
+    run_id = f"hosts-{os.getpid()}-{rng.randrange(1 << 30):08x}"  # one run, all producers
     t0 = time.time()
     stop_at = t0 + timeout
     cons, seq = [], 0
@@ -220,13 +240,13 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
         nonlocal seq
         seq += 1
         log = os.path.join(logs, f"c{seq}-h{i}.jsonl")
-        argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at)]
+        argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at), run_id]
         cons.append((i, spawn(i, argv), log))
 
     for i in range(n_hosts):
         for _ in range(consumers):
             start_consumer(i)
-    prods = [spawn(i, ["producer", folders[i], f"h{i}", str(per_host), str(lease)])
+    prods = [spawn(i, ["producer", folders[i], f"h{i}", str(per_host), str(lease), run_id])
              for i in range(n_hosts)]
     n_kills = host_kills = n_parts = 0
     killed_logs = set()
@@ -234,6 +254,8 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     part_windows = []  # (host, wall start, wall end)
     can_cut = faults is not None and faults.partition is not None
     while time.time() < stop_at:
+        if any(p.poll() not in (None, 0) for p in prods):
+            break  # a producer failed: reported below
         live = [c for c in cons if c[1].poll() is None]
         if all(p.poll() is not None for p in prods) and not live and not cut:
             break
@@ -318,22 +340,34 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
                 fenced += 1
             elif rec["ev"] == "end" and rec.get("what") == "done":
                 first_done = rec["t"] if first_done is None else min(first_done, rec["t"])
+    killed = {os.path.basename(k) for k in killed_logs}
     redelivered_done = dup = early = 0
+    bad = set()
     for name, gl in gets.items():
         gl.sort()
         for k, (t, _fn, _host) in enumerate(gl):
             if name in acked and acked[name] < t:
                 redelivered_done += 1
+                bad.add(name)
             elif k:
                 _, pfn, phost = gl[k - 1]
                 cut_off = any(h == phost and s <= t for h, s, _ in part_windows)
-                if pfn not in killed_logs and not cut_off:
+                if pfn not in killed and not cut_off:
                     dup += 1
+                    bad.add(name)
         if first_done is not None and gl[0][0] > first_done:
             early += 1
+            bad.add(name)
     lost = len(expected - set(acked))
+    bad |= expected - set(acked)
     if first_done is not None:
         early += len(expected - set(gets))
+    if bad:  # the story of each message involved, for the report
+        for fn in sorted(os.listdir(logs)):
+            for line in open(os.path.join(logs, fn)):
+                if any(f'"{n}"' in line for n in bad) or '"end"' in line:
+                    print(f"  {fn}{' (killed)' if fn in killed else ''}: {line.strip()}",
+                          file=sys.stderr)
     return dict(hosts=n_hosts, messages=len(expected), acked=len(set(acked) & expected),
                 lost=lost, corrupt=corrupt, redelivered_done=redelivered_done,
                 dup_beyond_lease=dup, early_done=early, fenced=fenced)
@@ -357,11 +391,11 @@ VIOLATIONS = ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "producer":
-        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "consumer":
         consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
-                 float(sys.argv[6]))
+                 float(sys.argv[6]), sys.argv[7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1, help="scale: messages per host = 100 * size")
@@ -387,7 +421,9 @@ def main() -> int:
             shutil.rmtree(logs, ignore_errors=True)
         print(_summary(r, seed, "fs=given "), flush=True)
         return 1 if any(r[k] for k in VIOLATIONS) else 0
-    missing = [t for t in ("sshfs", "fusermount", "ip", "nsenter", "unshare") if not shutil.which(t)]
+    missing = [t for t in ("sshfs", "ip", "nsenter", "unshare") if not shutil.which(t)]
+    if not (shutil.which("fusermount3") or shutil.which("fusermount")):
+        missing.append("fusermount")
     if missing or not os.path.exists(SFTP_SERVER):
         print(f"mode=hosts skipped: missing {missing or [SFTP_SERVER]} "
               "(apt-get install sshfs openssh-sftp-server iproute2)")

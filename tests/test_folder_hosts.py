@@ -362,8 +362,9 @@ def test_a_claim_on_a_network_file_system_starts_its_lease_when_claimed(tmp_path
 
 # ------------------------------------------------------------ 6. the several-hosts script
 def _hosts_unavailable():
-    missing = [t for t in ("sshfs", "fusermount", "ip", "nsenter", "unshare")
-               if shutil.which(t) is None]
+    missing = [t for t in ("sshfs", "ip", "nsenter", "unshare") if shutil.which(t) is None]
+    if not (shutil.which("fusermount3") or shutil.which("fusermount")):
+        missing.append("fusermount")
     if missing:
         return f"missing tools: {missing} (apt-get install sshfs iproute2 util-linux)"
     if not os.path.exists("/usr/lib/openssh/sftp-server"):
@@ -396,3 +397,61 @@ def test_hosts_script_small_run_has_no_violation():
     for ln in lines:
         for key in ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_done"):
             assert f" {key}=0 " in ln, ln
+
+
+# ------------------------------------------------------------ 5. PersistentQueue, two hosts
+_WRITE_ON_HOST_A = """
+import os, sys
+from pympx_queues import _fs
+_fs._HOST = "host-a"  # this process runs on "host-a"
+from pympx_queues import PersistentQueue
+q = PersistentQueue("jobs", current_pickup_dir=sys.argv[1], number_of_workers=0)
+for i in range(3):
+    q.put({"n": i})
+q.get(); q.task_done()  # one finished; two outstanding
+os._exit(0)  # crash: no dispose
+"""
+
+_REQUEUE_ON = """
+import json, sys
+from pympx_queues import _fs
+_fs._HOST = sys.argv[2]
+from pympx_queues import PersistentQueue
+from pympx_queues.persistent import pickup
+rep = pickup.requeue(sys.argv[1])
+q = PersistentQueue("jobs", current_pickup_dir=sys.argv[1], previous_pickup_dir=sys.argv[1],
+                    number_of_workers=0)
+n = q.requeue_unprocessed_work()
+items = sorted(q.get()["n"] for _ in range(n))
+for _ in range(n):
+    q.task_done()
+q.dispose()
+print(json.dumps({"skipped": rep.skipped, "outstanding": len(rep.outstanding),
+                  "requeued": n, "items": items}))
+"""
+
+
+def _run_as(code, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
+
+
+def test_a_pickup_journal_on_a_shared_folder_is_requeued_by_its_own_host_only(tmp_path):
+    shared = str(tmp_path / "pickup")
+    _run_as(_WRITE_ON_HOST_A, shared)
+    before = sorted(os.listdir(shared))
+    # Host B cannot tell whether host A's writer still runs: it lists the work, leaves
+    # the journal alone and requeues nothing (never a second copy of live work, G3).
+    on_b = _run_as(_REQUEUE_ON, shared, "host-b")
+    assert on_b["skipped"] == ["jobs"] and on_b["outstanding"] == 2
+    assert on_b["requeued"] == 0
+    assert all(n in os.listdir(shared) for n in before)  # host A's journal untouched
+    # On host A (its writer's pid is gone there) the same command requeues both, once.
+    on_a = _run_as(_REQUEUE_ON, shared, "host-a")
+    assert on_a["requeued"] == 2 and on_a["items"] == [1, 2]
+    again = _run_as(_REQUEUE_ON, shared, "host-a")
+    assert again["requeued"] == 0  # done stays done (G4)

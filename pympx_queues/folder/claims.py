@@ -39,7 +39,9 @@ class _Claims(_Leases):
             except OSError:
                 continue
             if not regular:
-                if not entry.is_dir(follow_symlinks=False):
+                if not entry.is_dir(follow_symlinks=False) and _fs.lstat(entry.path) is not None:
+                    # (gone since the listing: claimed by another consumer; a network file
+                    # system's listing may be seconds old)
                     self._warn_once("ready:" + name, "skipping non-regular entry %r in %s "
                                     "(symlink, FIFO or device)", name, self.path)
                 continue
