@@ -253,6 +253,7 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     cut = {}  # host -> (monotonic time to heal, wall time of the cut)
     part_windows = []  # (host, wall start, wall end)
     can_cut = faults is not None and faults.partition is not None
+    next_cut = t0 + rng.uniform(2, 6)  # while messages flow, so claims are held
     while time.time() < stop_at:
         if any(p.poll() not in (None, 0) for p in prods):
             break  # a producer failed: reported below
@@ -265,8 +266,10 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
                 faults.partition(h, False)
                 part_windows.append((h, started, time.time()))
                 del cut[h]
-        if can_cut and n_parts < partitions and not cut and live and rng.random() < 0.05:
+        if can_cut and n_parts < partitions and not cut and live \
+                and time.time() >= next_cut:
             h = rng.randrange(n_hosts)
+            next_cut = time.time() + 3 * lease + rng.uniform(0, 3)
             faults.partition(h, True)
             cut[h] = (time.monotonic() + 2 * lease, time.time())
             n_parts += 1
