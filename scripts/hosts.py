@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -156,7 +157,7 @@ def producer(folder: str, name: str, count: int, lease: float = LEASE,
 
 
 def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
-             deadline: float = 0.0, run_id: str = "") -> None:
+             deadline: float = 0.0, run_id: str = "", work: float = 0.0) -> None:
     """Consume until DONE, logging every claim, acknowledgement and fenced ack.
 
     A ``task_done`` that raises ``FileNotFoundError`` is a fenced acknowledgement: the
@@ -188,16 +189,28 @@ def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
         if path is DONE or path is FAILED:
             note(ev="end", what="done" if path is DONE else "failed")
             break
+        # The claim, logged before anything touches the network again: the order of
+        # deliveries is the order of claims (a host cut off while reading logs "got"
+        # only after it comes back, long after another host took the claim over).
+        claimed = os.path.basename(path).split("__", 1)[-1][:-len(".tsv")]
+        claimed = re.sub(r"~[0-9a-f]{8}$", "", claimed)  # requeued under a unique name
+        note(ev="claim", name=claimed)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:  # fenced before we could read it
-            note(ev="fenced", name=os.path.basename(path).split("__", 1)[-1][:-4])
+            note(ev="fenced", name=claimed)
             continue
         body = data[9:]
         name = body[:len(body) // 8].decode("ascii", "replace")
-        ok = data == _payload(name)
-        note(ev="got", name=name, ok=ok, host=socket.gethostname())
+        ok = data == _payload(name) and name == claimed
+        if ok:
+            note(ev="got", name=name, ok=ok, host=socket.gethostname())
+        else:
+            note(ev="got", name=name, ok=ok, host=socket.gethostname(), claimed=claimed,
+                 size=len(data), head=data[:40].decode("ascii", "replace"))
+        if work:
+            time.sleep(work)  # the task: a cut-off host is caught holding claims
         try:
             q.task_done(path)
         except FileNotFoundError:
@@ -217,7 +230,7 @@ class Faults:
 
 
 def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
-                 kills=6, partitions=1, faults=None, timeout=600.0) -> dict:
+                 kills=6, partitions=1, faults=None, timeout=600.0, work=0.05) -> dict:
     """The several-hosts workload, for any set-up that gives each host a folder.
 
     ``folders[i]``: the queue folder as host ``i`` sees it (its mount of the shared
@@ -240,7 +253,8 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
         nonlocal seq
         seq += 1
         log = os.path.join(logs, f"c{seq}-h{i}.jsonl")
-        argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at), run_id]
+        argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at), run_id,
+                str(work)]
         cons.append((i, spawn(i, argv), log))
 
     for i in range(n_hosts):
@@ -253,7 +267,7 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     cut = {}  # host -> (monotonic time to heal, wall time of the cut)
     part_windows = []  # (host, wall start, wall end)
     can_cut = faults is not None and faults.partition is not None
-    next_cut = t0 + rng.uniform(2, 6)  # while messages flow, so claims are held
+    next_cut = t0 + rng.uniform(1.5, 3)  # while messages flow, so claims are held
     while time.time() < stop_at:
         if any(p.poll() not in (None, 0) for p in prods):
             break  # a producer failed: reported below
@@ -316,6 +330,7 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
 
     * lost: a message never acknowledged (G1).
     * corrupt: a delivery whose bytes are not what was put (G2).
+    Deliveries are ordered by their claims (logged right after ``get`` returned).
     * redelivered_done: a delivery after an acknowledgement of the same message (G4).
     * dup_beyond_lease: a second delivery although the earlier holder was neither
       killed nor on a host cut off at the time (G3 with leases).
@@ -325,6 +340,7 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
     expected = {f"h{i}-{k:06d}" for i in range(n_hosts) for k in range(per_host)}
     gets, acked = {}, {}
     corrupt = fenced = 0
+    corrupt_names = set()
     first_done = None
     for fn in sorted(os.listdir(logs)):
         host = int(fn.rsplit("-h", 1)[1].split(".")[0]) if "-h" in fn else -1
@@ -336,6 +352,8 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
             if rec["ev"] == "got":
                 if not rec["ok"]:
                     corrupt += 1
+                    corrupt_names.add(rec.get("claimed", rec["name"]))
+            elif rec["ev"] == "claim":
                 gets.setdefault(rec["name"], []).append((rec["t"], fn, host))
             elif rec["ev"] == "ack":
                 acked[rec["name"]] = min(acked.get(rec["name"], rec["t"]), rec["t"])
@@ -363,6 +381,7 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
             bad.add(name)
     lost = len(expected - set(acked))
     bad |= expected - set(acked)
+    bad |= corrupt_names
     if first_done is not None:
         early += len(expected - set(gets))
     if bad:  # the story of each message involved, for the report
@@ -398,7 +417,7 @@ def main() -> int:
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "consumer":
         consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
-                 float(sys.argv[6]), sys.argv[7])
+                 float(sys.argv[6]), sys.argv[7], float(sys.argv[8]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1, help="scale: messages per host = 100 * size")
@@ -407,6 +426,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--lease", type=float, default=LEASE, help="lease_timeout in seconds")
     ap.add_argument("--kills", type=int, default=6, help="consumer SIGKILLs per configuration")
+    ap.add_argument("--work", type=float, default=0.05, help="seconds of work per message")
     ap.add_argument("--partitions", type=int, default=1,
                     help="hosts cut off (veth link down for two leases) per configuration")
     ap.add_argument("--folders", nargs="+", default=None,
@@ -419,7 +439,7 @@ def main() -> int:
         logs = tempfile.mkdtemp(prefix="pympx-hosts-logs-")
         try:
             r = run_workload(a.folders, _local_spawn, logs, 100 * a.size, a.consumers, rng,
-                             lease=a.lease, kills=a.kills, partitions=0)
+                             lease=a.lease, kills=a.kills, partitions=0, work=a.work)
         finally:
             shutil.rmtree(logs, ignore_errors=True)
         print(_summary(r, seed, "fs=given "), flush=True)
@@ -449,7 +469,7 @@ def main() -> int:
                       f"{(e.stderr or '').strip()})")
                 return 2
             r = run_config(hosts, n, 100 * a.size, a.consumers, rng, lease=a.lease,
-                           kills=a.kills, partitions=a.partitions)
+                           kills=a.kills, partitions=a.partitions, work=a.work)
         finally:
             hosts.close()
             shutil.rmtree(base, ignore_errors=True)
