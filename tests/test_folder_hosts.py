@@ -387,7 +387,7 @@ def test_hosts_script_small_run_has_no_violation():
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "hosts.py"), "--size", "1",
-         "--hosts", "2", "--consumers", "2", "--seed", "7", "--partition"],
+         "--hosts", "2", "--consumers", "2", "--seed", "7", "--partitions", "1"],
         capture_output=True, text=True, timeout=220, env=env)
     if proc.returncode == 2 and "skipped" in proc.stdout:
         pytest.skip(proc.stdout.strip())

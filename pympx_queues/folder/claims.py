@@ -121,6 +121,8 @@ class _Claims(_Leases):
 
     def _claim_name(self, name: str) -> Optional[str]:
         dst = self._claim_prefix() + name
+        if self._network:
+            self._start_lease(self._root_slash + name)
         if dst not in self._claims:
             # dst carries this object's owner tag and no claim of ours has that name:
             # nothing can be clobbered, a plain rename claims (G3).
@@ -136,8 +138,6 @@ class _Claims(_Leases):
             except FileExistsError:
                 return None
         self._claims[dst] = name  # atomic under the GIL (heartbeat copies)
-        if self._network:
-            self._start_lease(dst)
         if self._hb_thread is None and self.heartbeat_interval:
             self._start_heartbeat()
         return dst

@@ -41,11 +41,14 @@ class _Leases(_ReaderState):
         return ok
 
     def _start_lease(self, path: str) -> None:
-        """Start the lease of a claim just made: its mtime set to the server clock's now.
+        """Start the lease of a claim about to be made: the ready file's mtime set to
+        the server clock's now, *before* the claiming rename (which keeps the mtime).
 
         On a local file system the claim's rename sets its ctime, which leases count; on
-        sshfs no ctime is reported and a message that waited longer than the lease
-        would look abandoned to another host the moment it is claimed."""
+        sshfs no ctime is reported, and a message that waited longer than the lease
+        would look abandoned to another host's recovery the moment it is claimed (a
+        touch after the rename left that window open: hosts.py caught fresh claims
+        being taken over).  A lost race only touched the winner's message."""
         _fs.touch_at(path, self._clock.now())
 
     def _start_heartbeat(self) -> None:

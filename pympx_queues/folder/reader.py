@@ -332,12 +332,12 @@ class ReadableFolderQueue(_Recovery):
                 dst = self._wip_prefix + name
                 claims = self._claims
                 if dst not in claims:
+                    if self._network:
+                        self._start_lease(self._root_slash + name)
                     # dst carries this object's owner tag and no claim of ours has that
                     # name: a plain rename claims, nothing can be clobbered (G3).
                     if _fs.claim_unique(self._root_slash + name, dst):
                         claims[dst] = name  # atomic under the GIL (heartbeat copies)
-                        if self._network:
-                            self._start_lease(dst)
                         if self._hb_thread is None and self.heartbeat_interval:
                             self._start_heartbeat()
                         return dst
