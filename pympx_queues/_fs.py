@@ -293,6 +293,28 @@ def _renameat2_noreplace(src: str, dst: str) -> bool:
     raise OSError(err, os.strerror(err), src, None, dst)
 
 
+def _link_checked(src: str, dst: str) -> None:
+    """``link(src, dst)``, where an ENOENT with ``src`` still in place means "made".
+
+    FUSE (libfuse's high-level API, so sshfs) looks the new name up after a successful
+    link to answer the kernel; when another process renamed the new name away in between
+    (a consumer on another host claimed the message just published), the caller gets
+    ENOENT for a link that was made.  Retrying would publish a second copy (measured:
+    scripts/hosts.py, issue 14).  So: ENOENT while ``src`` is still there (asked of the
+    server, not of this mount's cache) and ``dst``'s folder exists counts as made.
+    ENOENT because ``src`` is gone is raised as it is.
+    """
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileNotFoundError:
+        folder = os.path.dirname(dst) or "."
+        if not os.path.isdir(folder) or fresh_lstat(src, os.path.dirname(src) or ".") is None:
+            raise
+        log.info("link(%s, %s) said ENOENT with the file still there: made, and the new "
+                 "name already taken by another process (FUSE looks it up after linking)",
+                 src, dst)
+
+
 def rename_noreplace(src: PathLike, dst: PathLike) -> None:
     """Atomically move ``src`` to ``dst``; raise ``FileExistsError`` if ``dst`` exists (G2).
 
@@ -307,7 +329,14 @@ def rename_noreplace(src: PathLike, dst: PathLike) -> None:
     if _renameat2_noreplace(src, dst):
         _trace("rename", src, dst)
         return
-    os.link(src, dst, follow_symlinks=False)
+    try:
+        _link_checked(src, dst)
+    except PermissionError:
+        # sshfs answers a losing link() with EPERM rather than EEXIST (issue 14).
+        if lstat(dst) is not None:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None,
+                                  dst) from None
+        raise
     _trace("link", src, dst)
     # G1: make the new name durable before the old one goes, or a power cut could keep
     # the unlink and drop the link (the two names may live in different directories).
@@ -1200,3 +1229,166 @@ def network_fs_kind(path: PathLike, override: Optional[str] = None) -> Optional[
                              "polling wake-ups and link publish; set %s=local to override",
                              path, kind, ftype, NETWORK_FS_ENV)
     return kind
+
+
+# ------------------------------------------------------------- several hosts
+# Several hosts sharing one folder over a network file system (docs/several-hosts.md).
+# Three things differ from one host: each host's clock may be off (lease ages must be
+# measured on one clock: the file server's), each host caches attributes and listings
+# (a heartbeat or a new file may reach another host's ``stat``/``readdir`` late), and
+# advisory locks are not coherent (``flock`` on sshfs), so no correctness may rest on
+# them.  The primitives below are the only places that know.
+
+#: Prefix of the probe files below (a leading dot: litter to every listing of the queue).
+PROBE_PREFIX = ".pympx-probe-"
+
+
+def _probe_name(directory: str) -> str:
+    return os.path.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{random_id()}")
+
+
+def server_time(directory: PathLike) -> float:
+    """The file server's clock now, as the mtime of a file just created in ``directory``.
+
+    On a local file system that is this kernel's clock; on NFS or sshfs the server sets
+    the mtime of a new file, so the answer does not depend on this host's clock (sshfs:
+    whole seconds).  Creating and removing a file in ``directory`` also drops this
+    mount's cached listing of it (sshfs, NFS), see :func:`refresh_listing`.
+    """
+    path = _probe_name(os.fspath(directory))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        when = os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        _unlink_probe(path)
+    return when
+
+
+def _unlink_probe(path: str) -> None:
+    """Remove a probe file (not traced: probes are no part of any queue's history)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def refresh_listing(directory: PathLike) -> None:
+    """Make this mount's next listing of ``directory`` come from the file server.
+
+    sshfs keeps a listing for ``dcache_timeout`` (20 s) and NFS for up to ``acdirmax``
+    (60 s), so a file another host published may be missing from it; a change made in
+    the directory through this mount (here: a probe file created and removed) drops the
+    cached listing on both (measured on sshfs; the NFS client invalidates a directory's
+    page cache when it changes it).  A no-op in effect on a local file system.
+    """
+    try:
+        server_time(directory)
+    except OSError:  # read-only folder, quota: the listing may be stale, never wrong
+        log.debug("could not refresh the listing of %s", directory, exc_info=True)
+
+
+def fresh_lstat(path: PathLike, probe_dir: PathLike) -> Optional[os.stat_result]:
+    """``lstat(path)`` that this mount cannot answer from its attribute cache.
+
+    sshfs answers ``stat`` from a cache for up to 20 s, so another host's heartbeat
+    (an mtime change) may not show: a live claim would look abandoned.  A hard link made
+    under a fresh name in ``probe_dir`` has no cache entry: its ``lstat`` comes from the
+    server (the link leaves the file's mtime and content alone and is removed at once;
+    the owner may settle the file meanwhile, that only removes its own name).  Where
+    hard links are refused, the plain ``lstat``.  None when ``path`` is gone.
+    """
+    path = os.fspath(path)
+    probe = _probe_name(os.fspath(probe_dir))
+    try:
+        os.link(path, probe, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return lstat(path)
+    try:
+        return os.lstat(probe)
+    finally:
+        _unlink_probe(probe)
+
+
+def last_change(fresh: os.stat_result, before: os.stat_result) -> float:
+    """When a file held under a lease last changed: the mtime of :func:`fresh_lstat`'s
+    answer, or the ctime of the plain ``lstat`` made before it if later (a rename into
+    ``wip/`` sets the ctime; the probe's own link would set it too, so its ctime is not
+    used)."""
+    return max(fresh.st_mtime, before.st_ctime)
+
+
+class ServerClock:
+    """This host's estimate of the file server's clock: ``time.time()`` plus an offset
+    measured with :func:`server_time` in ``directory`` and refreshed every ``refresh``
+    seconds.
+
+    Leases are mtimes: a heartbeat writes ``now()`` into a claim's mtime and a recovery
+    pass on any host compares ``now()`` with it, so a host whose clock is minutes off
+    neither steals live claims nor keeps dead ones (error: the probe's round trip plus the
+    server's timestamp granularity, 1 s on sshfs).  If the probe cannot be made, the
+    local clock is used (offset 0) and the next call tries again.
+    """
+
+    def __init__(self, directory: PathLike, refresh: float = 60.0) -> None:
+        self.directory = os.fspath(directory)
+        self.refresh = refresh
+        self._offset = 0.0
+        self._next = 0.0  # monotonic time of the next measurement
+        self._pid = os.getpid()
+
+    def offset(self) -> float:
+        import time
+
+        mono = time.monotonic()
+        if mono >= self._next or self._pid != os.getpid():
+            self._pid = os.getpid()
+            try:
+                before = time.time()
+                server = server_time(self.directory)
+                after = time.time()
+            except OSError:
+                self._next = mono + 1.0
+                return self._offset
+            self._offset = server - (before + after) / 2
+            self._next = mono + self.refresh
+        return self._offset
+
+    def now(self) -> float:
+        import time
+
+        return time.time() + self.offset()
+
+
+def touch_at(path: PathLike, when: float) -> bool:
+    """Renew a lease with an explicit time (the server clock's, see :class:`ServerClock`),
+    never following a symlink.  False if ``path`` is gone."""
+    try:
+        os.utime(os.fspath(path), (when, when), follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def move_aside(src: PathLike, directory: PathLike, mode: int = DEFAULT_DIR_MODE) -> Optional[str]:
+    """Move ``src`` into ``directory`` (made if missing) under its own name, or a name
+    with a random suffix when that is taken; never deletes, never overwrites.
+
+    For files that look abandoned but might still be someone's data (a temp file of a
+    producer on another host).  Returns the new path, or None when ``src`` is gone.
+    """
+    src, directory = os.fspath(src), os.fspath(directory)
+    makedirs(directory, mode, what="folder")
+    base = os.path.basename(src)
+    for attempt in range(20):
+        dst = os.path.join(directory, base if attempt == 0 else f"{base}.{random_id()}")
+        try:
+            rename_noreplace(src, dst)
+            return dst
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None
+    raise FileExistsError(errno.EEXIST, "no free name to move a file aside", src)

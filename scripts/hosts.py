@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
-"""Several hosts, one queue folder: a first version of the issue-14 proof (root only).
+"""Several hosts, one queue folder: the issue-14 proof (root only).
 
 Builds N "hosts" on one machine: a network namespace each (``ip netns``), a veth pair to
 the root namespace, an ``sshfs -o directport=PORT`` mount of one export folder made from
 inside the namespace (``nsenter --net=...``; the mount itself is shared), served by a small
 TCP wrapper around ``/usr/lib/openssh/sftp-server`` in the root namespace (no sshd, no
-keys).  Every worker runs inside its host's namespace with its own UTS host name, so the
-folder queue treats claims of the other hosts by lease, not by pid.
+keys).  sshfs keeps its default caching (listings and attributes up to 20 s old), which
+is the hard case.  Every worker runs inside its host's namespace with its own UTS host
+name, so the folder queue judges the other hosts' claims by lease, not by pid.
 
-Runs one producer and ``--consumers`` consumers per host, kills consumers and whole hosts
-(all consumers of one host) at random with SIGKILL, and checks the consumers' local logs:
+Runs one producer and ``--consumers`` consumers per host (lease ``--lease`` seconds,
+heartbeats every lease/5), SIGKILLs single consumers and whole hosts (all consumers of
+one host) at random, cuts ``--partitions`` hosts off the file server for two leases each
+(their veth link down: their consumers hang, their claims expire and are taken over, and
+when the link comes back their acknowledgements of those claims are fenced), then checks
+the consumers' local logs and prints one line per configuration:
 
-    mode=hosts hosts=2 messages=... acked=... lost=0 corrupt=0 redelivered_done=0 \
-dup_beyond_lease=0 early_done=0 kills=... host_kills=... secs=...
+    mode=hosts fs=sshfs hosts=2 messages=... acked=... lost=0 corrupt=0 \
+redelivered_done=0 dup_beyond_lease=0 early_done=0 fenced=... kills=... host_kills=... \
+partitions=... secs=... seed=...
 
-Not yet done (see docs/several-hosts.md): partitions (dropping a host's veth link),
-fencing of a returning host, clock skew, ``--nfs``.
+and exits 1 on any violation (2: skipped, with the reason: not root, no FUSE, a tool
+missing).  The workload itself is :func:`run_workload` (folders, a spawn function, a log
+folder): ``--folders A B`` runs it on mounts someone else made (no set-up, no
+partitions), and scripts/_nfs_guest.py (``--nfs``) runs it over real NFS.
 
 Everything started is ended by pid and every mount, veth and namespace removed at the end,
 also on error or Ctrl-C.
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -37,7 +46,7 @@ import zlib
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SUBNET = "10.231"
-LEASE = 3.0
+LEASE = 5.0
 
 _SERVER = """
 import socket, subprocess, sys
@@ -64,6 +73,7 @@ class Hosts:
         self.export = os.path.join(base, "export")
         os.makedirs(self.export, mode=0o700)
         self.tag = f"pq{os.getpid() % 100000}"
+        self.subnet = f"10.{200 + os.getpid() % 50}"  # two runs at once do not collide
         self.netns, self.links, self.mounts, self.procs = [], [], [], []
         self.server = None
 
@@ -79,16 +89,16 @@ class Hosts:
             _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "n"])
             self.links.append(veth)
             _run(["ip", "link", "set", veth + "n", "netns", ns])
-            _run(["ip", "addr", "add", f"{SUBNET}.{i}.1/24", "dev", veth])
+            _run(["ip", "addr", "add", f"{self.subnet}.{i}.1/24", "dev", veth])
             _run(["ip", "link", "set", veth, "up"])
             nse = ["ip", "netns", "exec", ns]
-            _run(nse + ["ip", "addr", "add", f"{SUBNET}.{i}.2/24", "dev", veth + "n"])
+            _run(nse + ["ip", "addr", "add", f"{self.subnet}.{i}.2/24", "dev", veth + "n"])
             _run(nse + ["ip", "link", "set", veth + "n", "up"])
             _run(nse + ["ip", "link", "set", "lo", "up"])
             mnt = os.path.join(self.base, f"mnt{i}")
             os.makedirs(mnt)
             _run(["nsenter", f"--net=/run/netns/{ns}", "sshfs", "-o", f"directport={port}",
-                  f"{SUBNET}.{i}.1:{self.export}", mnt])
+                  f"{self.subnet}.{i}.1:{self.export}", mnt])
             self.mounts.append(mnt)
 
     def spawn(self, i: int, args: list) -> subprocess.Popen:
@@ -98,6 +108,10 @@ class Hosts:
         p = subprocess.Popen(cmd, start_new_session=True)
         self.procs.append(p)
         return p
+
+    def partition(self, i: int, down: bool) -> None:
+        """Cut host ``i`` off the file server (its veth link down), or heal it."""
+        _run(["ip", "link", "set", self.links[i], "down" if down else "up"])
 
     def close(self) -> None:
         for p in self.procs:
@@ -110,8 +124,9 @@ class Hosts:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
+        fusermount = shutil.which("fusermount3") or "fusermount"
         for m in self.mounts:
-            _run(["fusermount", "-u", "-z", m], check=False)
+            _run([fusermount, "-u", "-z", m], check=False)
         for link in self.links:
             _run(["ip", "link", "del", link], check=False)
         for ns in self.netns:
@@ -124,23 +139,39 @@ def _payload(name: str) -> bytes:
     return b"%08x " % zlib.crc32(body) + body
 
 
-def producer(folder: str, name: str, count: int) -> None:
+def producer(folder: str, name: str, count: int, lease: float = LEASE,
+             run_id: str = "") -> None:
     from pympx_queues import WritableFolderQueue
 
-    q = WritableFolderQueue(folder, lease_timeout=LEASE)
+    q = WritableFolderQueue(folder, lease_timeout=lease, run_id=run_id or None)
     for k in range(count):
         msg = f"{name}-{k:06d}"
-        q.put_data(msg + ".tsv", _payload(msg))
+        try:
+            q.put_data(msg + ".tsv", _payload(msg))
+        except OSError as e:
+            tmp = os.path.join(folder, "tmp")
+            print(f"producer {name}: put of {msg} failed: {e!r}; tmp/ holds "
+                  f"{sorted(os.listdir(tmp))[:20]}", file=sys.stderr, flush=True)
+            raise
     q.close()
 
 
-def consumer(folder: str, log_path: str, producers: int) -> None:
+def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
+             deadline: float = 0.0, run_id: str = "", work: float = 0.0) -> None:
+    """Consume until DONE, logging every claim, acknowledgement and fenced ack.
+
+    A ``task_done`` that raises ``FileNotFoundError`` is a fenced acknowledgement: the
+    lease ran out (this host was partitioned) and another host took the claim over; the
+    message is not counted as acknowledged here."""
     from pympx_queues import ReadableFolderQueue
+    from pympx_queues.errors import Empty
     from pympx_queues.sentinels import DONE, FAILED
 
-    q = ReadableFolderQueue(folder, expected_producers=producers,
-                            lease_timeout=LEASE, heartbeat_interval=LEASE / 4,
-                            wakeups="poll", poll_interval=0.2, recover_interval=LEASE / 2)
+    # run_id: a consumer started after the run ended (a replacement for a killed one)
+    # still follows it; without it that run would be history to it (G6).
+    q = ReadableFolderQueue(folder, expected_producers=producers, run_id=run_id or None,
+                            lease_timeout=lease, heartbeat_interval=lease / 5,
+                            wakeups="poll", poll_interval=0.2, recover_interval=lease / 4)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def note(**rec):
@@ -148,78 +179,171 @@ def consumer(folder: str, log_path: str, producers: int) -> None:
         os.write(fd, (json.dumps(rec) + "\n").encode())
 
     while True:
-        path = q.get(timeout=30)
+        try:
+            path = q.get(timeout=5)
+        except Empty:
+            if deadline and time.time() > deadline:
+                note(ev="end", what="gave-up")
+                break
+            continue
         if path is DONE or path is FAILED:
             note(ev="end", what="done" if path is DONE else "failed")
             break
-        with open(path, "rb") as f:
-            data = f.read()
+        # The claim, logged before anything touches the network again: the order of
+        # deliveries is the order of claims (a host cut off while reading logs "got"
+        # only after it comes back, long after another host took the claim over).
+        claimed = os.path.basename(path).split("__", 1)[-1][:-len(".tsv")]
+        claimed = re.sub(r"~[0-9a-f]{8}$", "", claimed)  # requeued under a unique name
+        note(ev="claim", name=claimed)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:  # fenced before we could read it
+            note(ev="fenced", name=claimed)
+            continue
         body = data[9:]
         name = body[:len(body) // 8].decode("ascii", "replace")
-        ok = data == _payload(name)
-        note(ev="got", name=name, ok=ok, host=socket.gethostname())
-        q.task_done(path)
+        ok = data == _payload(name) and name == claimed
+        if ok:
+            note(ev="got", name=name, ok=ok, host=socket.gethostname())
+        else:
+            note(ev="got", name=name, ok=ok, host=socket.gethostname(), claimed=claimed,
+                 size=len(data), head=data[:40].decode("ascii", "replace"))
+        if work:
+            time.sleep(work)  # the task: a cut-off host is caught holding claims
+        try:
+            q.task_done(path)
+        except FileNotFoundError:
+            note(ev="fenced", name=name)
+            continue
         note(ev="ack", name=name)
     q.close()
 
 
 # ------------------------------------------------------------------------- the driver
-def run_config(hosts: Hosts, n_hosts: int, per_host: int, consumers: int, rng) -> dict:
-    folder0 = os.path.join(hosts.mounts[0], "q")
-    os.makedirs(os.path.join(hosts.export, "q"), mode=0o700, exist_ok=True)
-    logs = os.path.join(hosts.base, "logs")
+class Faults:
+    """What the driver may do to a host: ``partition(i, down)`` cuts host ``i`` off the
+    file server (or heals it); None where the set-up cannot (then no partitions)."""
+
+    def __init__(self, partition=None):
+        self.partition = partition
+
+
+def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
+                 kills=6, partitions=1, faults=None, timeout=600.0, work=0.05) -> dict:
+    """The several-hosts workload, for any set-up that gives each host a folder.
+
+    ``folders[i]``: the queue folder as host ``i`` sees it (its mount of the shared
+    folder); ``spawn(i, argv)``: start ``hosts.py argv`` inside host ``i`` and return the
+    ``subprocess.Popen`` (its own process group); ``logs``: a local folder for the
+    consumers' logs.  Runs one producer and ``consumers`` consumers per host, SIGKILLs
+    single consumers and whole hosts (all of a host's consumers) at random up to
+    ``kills`` times, cuts ``partitions`` hosts off for two leases each (when
+    ``faults.partition`` exists), then checks the logs; returns the summary dict.
+    Used by the sshfs set-up below and by the NFS set-up (scripts/_nfs_guest.py).
+    """
+    n_hosts = len(folders)
     os.makedirs(logs, exist_ok=True)
+    run_id = f"hosts-{os.getpid()}-{rng.randrange(1 << 30):08x}"  # one run, all producers
     t0 = time.time()
+    stop_at = t0 + timeout
     cons, seq = [], 0
 
     def start_consumer(i):
         nonlocal seq
         seq += 1
-        log = os.path.join(logs, f"c{seq}.jsonl")
-        folder = os.path.join(hosts.mounts[i], "q")
-        cons.append((i, hosts.spawn(i, ["consumer", folder, log, str(n_hosts)]), log))
+        log = os.path.join(logs, f"c{seq}-h{i}.jsonl")
+        argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at), run_id,
+                str(work)]
+        cons.append((i, spawn(i, argv), log))
 
     for i in range(n_hosts):
         for _ in range(consumers):
             start_consumer(i)
-    prods = [hosts.spawn(i, ["producer", os.path.join(hosts.mounts[i], "q"), f"h{i}", str(per_host)])
+    prods = [spawn(i, ["producer", folders[i], f"h{i}", str(per_host), str(lease), run_id])
              for i in range(n_hosts)]
-    kills = host_kills = 0
-    deadline = time.time() + 600
-    killed_pids = set()
-    while time.time() < deadline:
+    n_kills = host_kills = n_parts = 0
+    killed_logs = set()
+    cut = {}  # host -> (monotonic time to heal, wall time of the cut)
+    part_windows = []  # (host, wall start, wall end)
+    can_cut = faults is not None and faults.partition is not None
+    next_cut = t0 + rng.uniform(1.5, 3)  # while messages flow, so claims are held
+    while time.time() < stop_at:
+        if any(p.poll() not in (None, 0) for p in prods):
+            break  # a producer failed: reported below
         live = [c for c in cons if c[1].poll() is None]
-        if all(p.poll() is not None for p in prods) and not live:
-            break
-        if not live and all(p.poll() is not None for p in prods):
+        if all(p.poll() is not None for p in prods) and not live and not cut:
             break
         time.sleep(0.3)
-        if live and rng.random() < 0.1 and kills < 6:
+        for h, (heal, started) in list(cut.items()):
+            if time.monotonic() >= heal:
+                faults.partition(h, False)
+                part_windows.append((h, started, time.time()))
+                del cut[h]
+        if can_cut and n_parts < partitions and not cut and live \
+                and time.time() >= next_cut:
+            h = rng.randrange(n_hosts)
+            next_cut = time.time() + 3 * lease + rng.uniform(0, 3)
+            faults.partition(h, True)
+            cut[h] = (time.monotonic() + 2 * lease, time.time())
+            n_parts += 1
+        if live and rng.random() < 0.1 and n_kills < kills:
             if rng.random() < 0.3:
                 h = rng.randrange(n_hosts)
-                victims = [c for c in live if c[0] == h]
-                host_kills += 1
+                victims = [c for c in live if c[0] == h and c[0] not in cut]
+                host_kills += 1 if victims else 0
             else:
-                victims = [rng.choice(live)]
-            for i, p, _ in victims:
+                victims = [c for c in [rng.choice(live)] if c[0] not in cut]
+            for i, p, log in victims:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
-                killed_pids.add(p.pid)
-                kills += 1
+                killed_logs.add(log)
+                n_kills += 1
                 start_consumer(i)
+    for h, (_, started) in cut.items():
+        faults.partition(h, False)
+        part_windows.append((h, started, time.time()))
     for p in prods:
         if p.poll() is None or p.returncode != 0:
-            raise RuntimeError(f"producer {p.pid} did not finish cleanly")
-    del folder0
-    return _check(logs, n_hosts, per_host, kills, host_kills, time.time() - t0)
+            raise RuntimeError(f"producer {p.pid} did not finish cleanly (rc={p.poll()})")
+    for _, p, _ in cons:
+        if p.poll() is None:
+            raise RuntimeError(f"consumer {p.pid} still running after {timeout} s")
+    r = check_logs(logs, n_hosts, per_host, killed_logs, part_windows)
+    r.update(kills=n_kills, host_kills=host_kills, partitions=n_parts,
+             secs=round(time.time() - t0, 1))
+    return r
 
 
-def _check(logs, n_hosts, per_host, kills, host_kills, secs) -> dict:
+def run_config(hosts, n_hosts: int, per_host: int, consumers: int, rng, **kw) -> dict:
+    """Run the workload on a set-up object with ``mounts``, ``base`` and ``spawn`` (and
+    optionally ``partition(i, down)``): the sshfs :class:`Hosts` or the NFS guest's."""
+    folders = [os.path.join(m, "q") for m in hosts.mounts[:n_hosts]]
+    os.makedirs(folders[0], mode=0o700, exist_ok=True)
+    faults = Faults(getattr(hosts, "partition", None))
+    return run_workload(folders, hosts.spawn, os.path.join(hosts.base, "logs"), per_host,
+                        consumers, rng, faults=faults, **kw)
+
+
+def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict:
+    """Read the consumers' logs; count every violation of G1..G6 across hosts.
+
+    * lost: a message never acknowledged (G1).
+    * corrupt: a delivery whose bytes are not what was put (G2).
+    Deliveries are ordered by their claims (logged right after ``get`` returned).
+    * redelivered_done: a delivery after an acknowledgement of the same message (G4).
+    * dup_beyond_lease: a second delivery although the earlier holder was neither
+      killed nor on a host cut off at the time (G3 with leases).
+    * early_done: a message first delivered after some consumer had seen DONE, or never
+      delivered although one had (G6).
+    """
     expected = {f"h{i}-{k:06d}" for i in range(n_hosts) for k in range(per_host)}
-    got, acked, corrupt, redelivered_done, ends = {}, {}, 0, 0, 0
-    dup = 0
+    gets, acked = {}, {}
+    corrupt = fenced = 0
+    corrupt_names = set()
+    first_done = None
     for fn in sorted(os.listdir(logs)):
-        seen_here = []
+        host = int(fn.rsplit("-h", 1)[1].split(".")[0]) if "-h" in fn else -1
         for line in open(os.path.join(logs, fn)):
             try:
                 rec = json.loads(line)
@@ -228,41 +352,101 @@ def _check(logs, n_hosts, per_host, kills, host_kills, secs) -> dict:
             if rec["ev"] == "got":
                 if not rec["ok"]:
                     corrupt += 1
-                if rec["name"] in acked and acked[rec["name"]] < rec["t"]:
-                    redelivered_done += 1
-                got.setdefault(rec["name"], []).append((fn, rec["t"]))
-                seen_here.append(rec["name"])
+                    corrupt_names.add(rec.get("claimed", rec["name"]))
+            elif rec["ev"] == "claim":
+                gets.setdefault(rec["name"], []).append((rec["t"], fn, host))
             elif rec["ev"] == "ack":
-                acked.setdefault(rec["name"], rec["t"])
-            elif rec["ev"] == "end":
-                ends += 1
-    for name, gets in got.items():
-        # A second delivery is allowed only when the first getter never acknowledged
-        # (killed while holding it: its lease expired).
-        if len(gets) > 1 and name in acked and all(acked[name] > t for _, t in gets[1:]) is False:
-            dup += 1
+                acked[rec["name"]] = min(acked.get(rec["name"], rec["t"]), rec["t"])
+            elif rec["ev"] == "fenced":
+                fenced += 1
+            elif rec["ev"] == "end" and rec.get("what") == "done":
+                first_done = rec["t"] if first_done is None else min(first_done, rec["t"])
+    killed = {os.path.basename(k) for k in killed_logs}
+    redelivered_done = dup = early = 0
+    bad = set()
+    for name, gl in gets.items():
+        gl.sort()
+        for k, (t, _fn, _host) in enumerate(gl):
+            if name in acked and acked[name] < t:
+                redelivered_done += 1
+                bad.add(name)
+            elif k:
+                _, pfn, phost = gl[k - 1]
+                cut_off = any(h == phost and s <= t for h, s, _ in part_windows)
+                if pfn not in killed and not cut_off:
+                    dup += 1
+                    bad.add(name)
+        if first_done is not None and gl[0][0] > first_done:
+            early += 1
+            bad.add(name)
     lost = len(expected - set(acked))
-    early_done = lost if ends else 0
+    bad |= expected - set(acked)
+    bad |= corrupt_names
+    if first_done is not None:
+        early += len(expected - set(gets))
+    if bad:  # the story of each message involved, for the report
+        for fn in sorted(os.listdir(logs)):
+            for line in open(os.path.join(logs, fn)):
+                if any(f'"{n}"' in line for n in bad) or '"end"' in line:
+                    print(f"  {fn}{' (killed)' if fn in killed else ''}: {line.strip()}",
+                          file=sys.stderr)
     return dict(hosts=n_hosts, messages=len(expected), acked=len(set(acked) & expected),
                 lost=lost, corrupt=corrupt, redelivered_done=redelivered_done,
-                dup_beyond_lease=dup, early_done=early_done, kills=kills,
-                host_kills=host_kills, secs=round(secs, 1))
+                dup_beyond_lease=dup, early_done=early, fenced=fenced)
+
+
+def _local_spawn(i: int, argv: list) -> subprocess.Popen:
+    """``workload`` mode: host ``i`` is a process with its own UTS host name where
+    ``unshare`` is permitted (root), else just a process (same host name)."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        cmd = ["unshare", "--uts", "sh", "-c", f'hostname host{i} && exec "$@"', "sh"] + cmd
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def _summary(r: dict, seed: int, extra: str = "") -> str:
+    return "mode=hosts " + extra + " ".join(f"{k}={v}" for k, v in r.items()) + f" seed={seed}"
+
+
+VIOLATIONS = ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_done")
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "producer":
-        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "consumer":
-        consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
+                 float(sys.argv[6]), sys.argv[7], float(sys.argv[8]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1, help="scale: messages per host = 100 * size")
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--consumers", type=int, default=2, help="consumers per host")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--lease", type=float, default=LEASE, help="lease_timeout in seconds")
+    ap.add_argument("--kills", type=int, default=6, help="consumer SIGKILLs per configuration")
+    ap.add_argument("--work", type=float, default=0.05, help="seconds of work per message")
+    ap.add_argument("--partitions", type=int, default=1,
+                    help="hosts cut off (veth link down for two leases) per configuration")
+    ap.add_argument("--folders", nargs="+", default=None,
+                    help="workload only: run it on these folders, one per host (mounts of "
+                    "one shared folder made by someone else, e.g. NFS), no set-up")
     a = ap.parse_args()
-    missing = [t for t in ("sshfs", "fusermount", "ip", "nsenter", "unshare") if not shutil.which(t)]
+    seed = a.seed if a.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    if a.folders:
+        logs = tempfile.mkdtemp(prefix="pympx-hosts-logs-")
+        try:
+            r = run_workload(a.folders, _local_spawn, logs, 100 * a.size, a.consumers, rng,
+                             lease=a.lease, kills=a.kills, partitions=0, work=a.work)
+        finally:
+            shutil.rmtree(logs, ignore_errors=True)
+        print(_summary(r, seed, "fs=given "), flush=True)
+        return 1 if any(r[k] for k in VIOLATIONS) else 0
+    missing = [t for t in ("sshfs", "ip", "nsenter", "unshare") if not shutil.which(t)]
+    if not (shutil.which("fusermount3") or shutil.which("fusermount")):
+        missing.append("fusermount")
     if missing or not os.path.exists(SFTP_SERVER):
         print(f"mode=hosts skipped: missing {missing or [SFTP_SERVER]} "
               "(apt-get install sshfs openssh-sftp-server iproute2)")
@@ -270,21 +454,27 @@ def main() -> int:
     if os.geteuid() != 0:
         print("mode=hosts skipped: needs root (network namespaces)")
         return 2
-    seed = a.seed if a.seed is not None else random.randrange(1 << 30)
-    rng = random.Random(seed)
+    if not os.path.exists("/dev/fuse"):
+        print("mode=hosts skipped: no /dev/fuse (FUSE not permitted)")
+        return 2
     bad = False
     for n in a.hosts:
         base = tempfile.mkdtemp(prefix="pympx-hosts-")
         hosts = Hosts(n, base)
         try:
-            hosts.start()
-            r = run_config(hosts, n, 100 * a.size, a.consumers, rng)
+            try:
+                hosts.start()
+            except subprocess.CalledProcessError as e:
+                print(f"mode=hosts skipped: set-up failed ({' '.join(e.cmd)}: "
+                      f"{(e.stderr or '').strip()})")
+                return 2
+            r = run_config(hosts, n, 100 * a.size, a.consumers, rng, lease=a.lease,
+                           kills=a.kills, partitions=a.partitions, work=a.work)
         finally:
             hosts.close()
             shutil.rmtree(base, ignore_errors=True)
-        line = "mode=hosts " + " ".join(f"{k}={v}" for k, v in r.items()) + f" seed={seed}"
-        print(line, flush=True)
-        if any(r[k] for k in ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_done")):
+        print(_summary(r, seed, "fs=sshfs "), flush=True)
+        if any(r[k] for k in VIOLATIONS):
             bad = True
     return 1 if bad else 0
 

@@ -52,6 +52,17 @@ def _format_error(error: Any) -> str:
 class _FolderQueue:
     """Shared plumbing: paths, modes, names, pickling."""
 
+    #: Seconds a temp file of a producer on *another host* must stay unchanged (judged
+    #: on the file server's clock) before a recovery pass moves it aside into
+    #: ``tmp/abandoned/`` (never deletes it).  Only the producer's own host can tell by
+    #: its pid that a writer is gone; from elsewhere a slow or partitioned producer
+    #: looks exactly like a dead one, so this is long: a day.  A producer whose temp
+    #: file was moved aside fails its ``put`` with a clear error, nothing is published.
+    TMP_ABANDON_AGE = 24 * 3600.0
+    #: Probe files (``.pympx-probe-*``, see ``_fs.server_time``) left in ``tmp/`` by a
+    #: process killed mid-probe are removed after this many seconds.
+    PROBE_MAX_AGE = 3600.0
+
     def __init__(
         self,
         path: PathLike,
@@ -107,6 +118,8 @@ class _FolderQueue:
         if self.task_done_directory:
             _fs.makedirs(self.task_done_directory, dir_mode, what="task_done_directory")
         self._rid = _fs.random_id()
+        # The file server's clock (leases are compared on it, never on this host's own).
+        self._clock = _fs.ServerClock(self._tmp)
         self._warned: Set[str] = set()
         self._tmp_prefix: Optional[Tuple[int, str, List[int]]] = None
 
@@ -225,26 +238,58 @@ class _FolderQueue:
 
     # ------------------------------------------------------------------ maintenance
     def _clean_tmp(self) -> List[str]:
-        """Remove partial writes of crashed producers (never a live writer's)."""
+        """Clear crashed producers' partial writes; never touch a live writer's.
+
+        A temp file names its owner (host, pid, process start time).  On the owner's
+        host, a file whose process is gone is removed (G2: a crashed put is never
+        published).  A file of another host is left alone unless it has been unchanged
+        for ``TMP_ABANDON_AGE`` seconds on the file server's clock (a fresh ``stat``, not
+        this mount's cached one); then it is moved aside into ``tmp/abandoned/``, never
+        deleted.  Returns the paths removed or moved.
+        """
         removed: List[str] = []
-        now = _now()
+        moved = 0
+        now = None
         for entry in _fs.scandir(self._tmp):
             name = entry.name
             if not _fs.entry_is_regular(entry):
                 continue
             parsed = L.parse_owned(name)
             if parsed is None:
-                if not _fs.is_litter(name):
+                if name.startswith(_fs.PROBE_PREFIX):
+                    now = self._clock.now() if now is None else now
+                    st = _fs.lstat(entry.path)
+                    if st is not None and now - st.st_mtime > self.PROBE_MAX_AGE:
+                        _fs.unlink_quiet(entry.path)  # our own probe or extra link
+                elif not _fs.is_litter(name):
                     self._warn_once("tmp:" + name, "leaving unexpected file %s in %s",
                                     name, self._tmp)
                 continue
-            if not parsed.owner.abandoned(entry.path, self.lease_timeout, now):
+            alive = parsed.owner.alive()
+            if alive is None:  # another host's: only after a long, server-clock age
+                now = self._clock.now() if now is None else now
+                st = _fs.lstat(entry.path)
+                if st is None or now - max(st.st_mtime, st.st_ctime) <= self.TMP_ABANDON_AGE:
+                    continue
+                fresh = _fs.fresh_lstat(entry.path, self._tmp)  # not the cached attributes
+                if fresh is None or now - _fs.last_change(fresh, st) <= self.TMP_ABANDON_AGE:
+                    continue
+                target = _fs.move_aside(entry.path, os.path.join(self._tmp, L.ABANDONED_DIR),
+                                        self.dir_mode)
+                if target is not None:
+                    log.warning("moved %s aside to %s: a temp file of host %s unchanged for "
+                                "more than %.0f s", entry.path, target, parsed.owner.host,
+                                self.TMP_ABANDON_AGE)
+                    removed.append(entry.path)
+                    moved += 1
+                continue
+            if alive:
                 continue
             if _fs.unlink_quiet(entry.path):  # G2: a crashed put is never published
                 removed.append(entry.path)
-        if removed:
+        if len(removed) > moved:
             log.info("removed %d partial write(s) of crashed producers in %s",
-                     len(removed), self._tmp)
+                     len(removed) - moved, self._tmp)
         return removed
 
     def _lock(self):
@@ -294,6 +339,7 @@ class _ReaderState(_FolderQueue):
     rescan_interval: float
     recover_interval: float
     _wakeups: Wakeups
+    _network: bool
     _claims: Dict[str, str]  # wip path -> original message name
     _claims_lock: threading.Lock
     _runtime_pid: int

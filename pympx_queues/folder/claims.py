@@ -39,7 +39,9 @@ class _Claims(_Leases):
             except OSError:
                 continue
             if not regular:
-                if not entry.is_dir(follow_symlinks=False):
+                if not entry.is_dir(follow_symlinks=False) and _fs.lstat(entry.path) is not None:
+                    # (gone since the listing: claimed by another consumer; a network file
+                    # system's listing may be seconds old)
                     self._warn_once("ready:" + name, "skipping non-regular entry %r in %s "
                                     "(symlink, FIFO or device)", name, self.path)
                 continue
@@ -119,6 +121,8 @@ class _Claims(_Leases):
 
     def _claim_name(self, name: str) -> Optional[str]:
         dst = self._claim_prefix() + name
+        if self._network:
+            self._start_lease(self._root_slash + name)
         if dst not in self._claims:
             # dst carries this object's owner tag and no claim of ours has that name:
             # nothing can be clobbered, a plain rename claims (G3).

@@ -211,9 +211,19 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
                     return got
             if closed:
                 self._auto_recover(wait=True)
+                if self._network:
+                    _fs.refresh_listing(self.path)  # G6: not this mount's cached listing
                 got = self._try_groups(self._group_listing(fresh=True))  # final (G6)
                 if got is not None:
                     return got
+                if self._closed_at is None:
+                    self._closed_at = time.monotonic()
+                if time.monotonic() - self._closed_at < self.listing_delay:
+                    if not block:
+                        raise Empty(f"no complete group in {self.path}")
+                    self._wait_budget(deadline, timeout, "no complete group")
+                    wake.wait(self.poll_interval)
+                    continue
                 self._end_of_stream(DONE, runs)
                 self.incomplete_groups = dict(self._last_incomplete)
                 if self.incomplete_groups:

@@ -5,6 +5,8 @@ A person must be able to read a queue folder with ``ls`` after a failure::
     myqueue/
       20261122-0001.tsv                      ready message (any file with the extension)
       tmp/   <owner>__<name>                 partial writes of a producer (never a message)
+      tmp/abandoned/<owner>__<name>          another host's partial write, moved aside
+                                             after TMP_ABANDON_AGE (never deleted)
       wip/   <owner>__<name>                 claimed message: owner + original name kept
       done/  <name>                          task_done files when kept
       failed/<name>, <name>.error.json       dead letters and the error beside each
@@ -44,10 +46,15 @@ CONTROL_DIR = "control"
 #: the claim here and returns; unlinking a file whose blocks were written costs ~1 ms on
 #: ext4 with ``discard``).  Everything in it is acknowledged: never requeued, safe to delete.
 TRASH_DIR = "trash"
+#: Under ``tmp/``: temp files of producers on *other* hosts found unchanged for
+#: ``_FolderQueue.TMP_ABANDON_AGE`` are moved here, never deleted (the owner's host
+#: alone can tell by its pid that a writer is gone; see docs/several-hosts.md).
+ABANDONED_DIR = "abandoned"
 #: Sub-folders created in every queue folder (the root holds the ready messages).
 SUBDIRS = (TMP_DIR, WIP_DIR, DONE_DIR, FAILED_DIR, RETRIES_DIR, CONTROL_DIR, TRASH_DIR)
 
-#: Lock file serialising recovery sweeps and producer start-up (filelock; never claims).
+#: Lock file of the same-host filelock around recovery passes: it only saves redundant
+#: work (flock is not coherent across hosts on sshfs); correctness never rests on it.
 LOCK_NAME = ".lock"
 
 # --------------------------------------------------------------------------- owners
@@ -89,6 +96,17 @@ class Owner(NamedTuple):
             if st is None:
                 return False  # gone meanwhile: nothing is abandoned
         return now - max(st.st_mtime, st.st_ctime) > lease_timeout
+
+
+#: A recovery pass takes a claim over under a rid of this many random bytes (12 hex
+#: digits; every other rid has 8), so that a takeover its process abandoned (the pass
+#: raised midway) is told apart from that process's live claims.
+TAKEOVER_RID_BYTES = 6
+
+
+def is_takeover(owner: Owner) -> bool:
+    """True for the owner tag of a claim taken over by a recovery pass."""
+    return len(owner.rid) == 2 * TAKEOVER_RID_BYTES
 
 
 def new_owner(rid: Optional[str] = None) -> Owner:

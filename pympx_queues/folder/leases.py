@@ -1,5 +1,12 @@
 """Leases: a claim's mtime is its lease, renewed by heartbeats (:meth:`.layout.Owner.abandoned`
-judges it)."""
+judges it).
+
+Across hosts the lease is an mtime on the *file server's* clock: heartbeats write
+``ServerClock.now()`` (this host's clock plus the offset measured by a probe file) and a
+recovery pass compares it with its own ``ServerClock.now()``, so hosts whose clocks
+disagree judge the same age.  Fencing needs no token: recovery first renames a claim to a
+name of its own, after which the old owner's ``task_done``/``nack`` fail with
+``FileNotFoundError`` ("claim no longer held") and its heartbeats return False."""
 
 from __future__ import annotations
 
@@ -30,8 +37,19 @@ class _Leases(_ReaderState):
             ap = os.path.abspath(os.fspath(p))
             if os.path.dirname(ap) != self._wip or L.parse_owned(os.path.basename(ap)) is None:
                 raise ValueError(f"{os.fspath(p)!r} is not a claim of {self.path}")
-            ok = _fs.touch(ap) and ok
+            ok = _fs.touch_at(ap, self._clock.now()) and ok
         return ok
+
+    def _start_lease(self, path: str) -> None:
+        """Start the lease of a claim about to be made: the ready file's mtime set to
+        the server clock's now, *before* the claiming rename (which keeps the mtime).
+
+        On a local file system the claim's rename sets its ctime, which leases count; on
+        sshfs no ctime is reported, and a message that waited longer than the lease
+        would look abandoned to another host's recovery the moment it is claimed (a
+        touch after the rename left that window open: hosts.py caught fresh claims
+        being taken over).  A lost race only touched the winner's message."""
+        _fs.touch_at(path, self._clock.now())
 
     def _start_heartbeat(self) -> None:
         self._hb_stop.clear()
@@ -45,5 +63,7 @@ class _Leases(_ReaderState):
         while not self._hb_stop.wait(interval):
             with self._claims_lock:
                 paths = list(self._claims)
-            for p in paths:
-                _fs.touch(p)
+            if paths:
+                now = self._clock.now()
+                for p in paths:
+                    _fs.touch_at(p, now)

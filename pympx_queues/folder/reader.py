@@ -8,6 +8,7 @@ This module holds the stream: ``get``, the end of the stream, ``close``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -76,6 +77,12 @@ class ReadableFolderQueue(_Recovery):
     :param rescan_interval: seconds between full rescans while messages are flowing (at
         least 20x the last scan's duration, so the cost of ``get()`` stays flat).
     :param recover_interval: seconds between automatic :meth:`recover` passes.
+    :param listing_delay: seconds to keep looking after every producer closed before
+        DONE is returned (default 0).  Before DONE a consumer always makes its listing
+        come from the file server (``_fs.refresh_listing``) and checks the last names each
+        producer's DONE file lists by ``stat``; set this to the mount's listing-cache time
+        on a network file system where a change through the mount does not drop its
+        cached listing (docs/several-hosts.md).
     :param create: create the queue folder when it does not exist.  By default a consumer
         of a missing folder raises ``FileNotFoundError`` (a typo in the path would
         otherwise wait forever on a queue no producer writes to); producers always create
@@ -114,6 +121,7 @@ class ReadableFolderQueue(_Recovery):
         dir_mode: int = _fs.DEFAULT_DIR_MODE,
         file_mode: int = _fs.DEFAULT_FILE_MODE,
         create: bool = False,
+        listing_delay: Optional[float] = None,
     ) -> None:
         super().__init__(path, message_extension, task_done_directory, sorting_function,
                          durability=durability, lease_timeout=lease_timeout,
@@ -136,6 +144,13 @@ class ReadableFolderQueue(_Recovery):
         self.poll_interval = _fs.check_timeout(poll_interval) or 0.001
         self.rescan_interval = _fs.check_timeout(rescan_interval) or 0.0
         self.recover_interval = _fs.check_timeout(recover_interval) or 0.0
+        if listing_delay is None:
+            listing_delay = 0.0
+        self.listing_delay = _fs.check_timeout(listing_delay) or 0.0
+        # On a network file system other hosts judge our claims by lease (mtime), and a
+        # rename does not renew the mtime there (sshfs reports no separate ctime): each
+        # claim's lease is started explicitly (see _Leases._start_lease).
+        self._network = _fs.network_fs_kind(self.path) is not None
         if wakeups is None:
             wakeups = _auto_wakeups(self.path)
         self._wakeups = Wakeups(self.path, self._control, self.message_extension,
@@ -145,6 +160,8 @@ class ReadableFolderQueue(_Recovery):
         self._saw_failed: Optional[List[str]] = None
         # (run, producer) -> HELO / DONE / FAILED / GONE, as this consumer has seen them
         self._seen_producers: Dict[Tuple[str, str], str] = {}
+        self._done_names: Dict[str, List[str]] = {}  # DONE file -> the last names it lists
+        self._closed_at: Optional[float] = None  # monotonic: when all were first closed
         _, ended = self._scan_control()
         # Runs already ended when this consumer was created are history (G6).
         self._history: Set[str] = set(ended) if self.run_id is None else set()
@@ -237,6 +254,38 @@ class ReadableFolderQueue(_Recovery):
         self._next_control = time.monotonic() + self.poll_interval
         return state
 
+    def _claim_announced(self) -> Optional[str]:
+        """Claim a message named in a DONE file that is waiting but was not listed.
+
+        Each producer's DONE file names its last published messages; a listing that
+        came from a cache (another host's mount) may not show them yet, a ``stat`` by
+        name does (G6: a stale listing never ends the stream early).
+        """
+        for (run, prod), state in list(self._seen_producers.items()):
+            if state != L.DONE:
+                continue
+            owner = L.parse_owner(prod)
+            if owner is None:
+                continue
+            key = L.format_control(L.DONE, run, owner)
+            names = self._done_names.get(key)
+            if names is None:
+                try:
+                    data = json.loads(_fs.read_bytes(os.path.join(self._control, key)))
+                    last = data.get("last", []) if isinstance(data, dict) else []
+                    names = [n for n in last if isinstance(n, str) and self.is_message_name(n)]
+                except (OSError, ValueError):
+                    names = []
+                self._done_names[key] = names
+            for name in names:
+                if _fs.lstat(self._root_slash + name) is not None:
+                    path = self._claim_name(name)
+                    if path is not None:
+                        log.info("claimed %s by name after a listing of %s missed it",
+                                 name, self.path)
+                        return path
+        return None
+
     def _end_of_stream(self, sentinel: Any, runs: List[str]) -> Any:
         if sentinel is FAILED:
             self._saw_failed = runs  # sticky: every later get() returns FAILED too
@@ -283,6 +332,8 @@ class ReadableFolderQueue(_Recovery):
                 dst = self._wip_prefix + name
                 claims = self._claims
                 if dst not in claims:
+                    if self._network:
+                        self._start_lease(self._root_slash + name)
                     # dst carries this object's owner tag and no claim of ours has that
                     # name: a plain rename claims, nothing can be clobbered (G3).
                     if _fs.claim_unique(self._root_slash + name, dst):
@@ -332,14 +383,27 @@ class ReadableFolderQueue(_Recovery):
             failed, closed, runs = state
             if failed:
                 return self._end_of_stream(FAILED, runs)
-            if closed:
+            if not closed:
+                self._closed_at = None
+            else:
                 # Stale claims of dead consumers go back before we decide (G1, G6).
                 self._auto_recover(wait=True)
+                if self._network:
+                    # G6 across hosts: this mount's cached listing may be ~20 s old
+                    # (sshfs, NFS); a change made through it drops the cache.
+                    _fs.refresh_listing(self.path)
                 self._rescan()  # final rescan after seeing every DONE (G6)
                 path = self._claim_next()
                 if path is not None:
                     return path
-                return self._end_of_stream(DONE, runs)
+                path = self._claim_announced()  # by name: a stale listing misses them
+                if path is not None:
+                    return path
+                if self._closed_at is None:
+                    self._closed_at = time.monotonic()
+                if time.monotonic() - self._closed_at >= self.listing_delay:
+                    return self._end_of_stream(DONE, runs)
+                self._next_rescan = 0.0  # keep listing until listing_delay has passed
             if not block:
                 raise Empty(f"no message in {self.path}")
             wait = self._wait_budget(deadline, timeout, "no message")

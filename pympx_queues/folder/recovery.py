@@ -6,14 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import List, NamedTuple, Set
+from typing import List, NamedTuple, Optional, Set
 
 from .. import _fs
 from . import layout as L
 from .ack import _Acknowledgement
-from .base import _now
 
 log = logging.getLogger("pympx_queues.folder")
+
+
+#: Claims this process's recovery passes have taken over and are moving right now (a
+#: takeover claim of this process not in it was left by a pass that raised: recovered).
+_TAKING: Set[str] = set()
 
 
 class RecoveryReport(NamedTuple):
@@ -51,6 +55,11 @@ class _Recovery(_Acknowledgement):
         from filelock import Timeout
 
         self._kick_trash()
+        # The filelock only keeps this host's consumers from doing the same pass at once
+        # (flock is not coherent across hosts on sshfs).  Correctness never rests on it:
+        # every claim is first taken over by one atomic rename to a name of our own, so
+        # of two passes on two hosts exactly one moves each claim, the other gets ENOENT
+        # (at worst redundant work; tests/test_folder_hosts.py runs two at once).
         lock = self._lock()
         try:
             # filelock polls a held lock every 50 ms by default: a consumer reaching the
@@ -63,7 +72,7 @@ class _Recovery(_Acknowledgement):
             requeued: List[str] = []
             dead: List[str] = []
             live = 0
-            now = _now()
+            now = self._clock.now()  # lease ages on the file server's clock
             for entry in list(_fs.scandir(self._wip)):
                 name = entry.name
                 if not _fs.entry_is_regular(entry):
@@ -81,6 +90,17 @@ class _Recovery(_Acknowledgement):
                 if st is None:
                     continue
                 abandoned = parsed.owner.abandoned(entry.path, self.lease_timeout, now, st)
+                if not abandoned and L.is_takeover(parsed.owner) \
+                        and parsed.owner.pid == os.getpid() and parsed.owner.is_local() \
+                        and entry.path not in _TAKING:
+                    abandoned = True  # a pass of this very process took it and failed
+                if abandoned and not parsed.owner.is_local():
+                    # Judged by lease: this mount's cached attributes may miss the
+                    # owner's latest heartbeat (sshfs: up to 20 s); ask the server.
+                    fresh = _fs.fresh_lstat(entry.path, self._tmp)
+                    if fresh is None:
+                        continue
+                    abandoned = now - _fs.last_change(fresh, st) > self.lease_timeout
                 if not include_live and not abandoned:
                     live += 1
                     continue
@@ -95,25 +115,24 @@ class _Recovery(_Acknowledgement):
                                 _fs.fsync_dir(self._wip)  # G5: the half claim is gone for good
                             requeued.append(os.path.join(self.path, parsed.name))
                         continue
-                prev = self._read_retry(parsed.name, st.st_dev, st.st_ino)
-                if prev.get("claim") == name:  # a crashed recovery already counted it (G5)
-                    attempts = int(prev.get("attempts", 1))
-                else:
-                    attempts = int(prev.get("attempts", 0)) + 1
-                why = ("forced requeue" if not abandoned
-                       else "owner died" if parsed.owner.is_local() else "lease expired")
-                text = f"claim by {parsed.owner.format()} recovered: {why}"
+                # Take the claim over first: one atomic rename to a name of ours.  From
+                # here its owner's task_done/heartbeat fail (fencing: a host back after
+                # its lease expired cannot acknowledge it), and a second recovery pass
+                # (another host's) gets ENOENT instead of publishing a second copy
+                # through the link() fallback (G3).
+                entry_path = self._take_over(entry.path, parsed.name)
+                if entry_path is None:
+                    continue  # settled, or taken over by another pass meanwhile
                 try:
-                    if self.max_retries is not None and attempts >= self.max_retries \
-                            and why != "forced requeue":
-                        # A message whose consumers keep dying is poison: stop the loop.
-                        dead.append(self._dead_letter(entry.path, parsed.name, attempts, text))
-                        continue
-                    target = self._requeue(entry.path, parsed.name, st, attempts, text, why,
-                                           claim_rid=name)
-                except FileNotFoundError:
-                    continue  # settled or recovered meanwhile
-                requeued.append(target)
+                    target = self._recover_claim(entry_path, name, parsed, st, abandoned)
+                finally:
+                    _TAKING.discard(entry_path)
+                if target is None:
+                    continue
+                if target.startswith(self._failed + os.sep):
+                    dead.append(target)
+                else:
+                    requeued.append(target)
             temp_removed = self._clean_tmp()
             self._sweep_retry_sidecars()
             if requeued:
@@ -122,6 +141,42 @@ class _Recovery(_Acknowledgement):
             return RecoveryReport(requeued, live, temp_removed, False, dead)
         finally:
             lock.release()
+
+    def _recover_claim(self, entry_path: str, name: str, parsed: L.OwnedName,
+                       st: os.stat_result, abandoned: bool) -> Optional[str]:
+        """Requeue (or dead-letter) a claim taken over as ``entry_path`` (listed as
+        ``name``); None when it was settled meanwhile."""
+        prev = self._read_retry(parsed.name, st.st_dev, st.st_ino)
+        # A crashed recovery (which had taken this claim over as ``name``)
+        # already counted this attempt (G5).
+        if prev.get("claim") == name:
+            attempts = int(prev.get("attempts", 1))
+        else:
+            attempts = int(prev.get("attempts", 0)) + 1
+        why = ("forced requeue" if not abandoned
+               else "owner died" if parsed.owner.is_local() else "lease expired")
+        text = f"claim by {parsed.owner.format()} recovered: {why}"
+        try:
+            if self.max_retries is not None and attempts >= self.max_retries \
+                    and why != "forced requeue":
+                # A message whose consumers keep dying is poison: stop the loop.
+                return self._dead_letter(entry_path, parsed.name, attempts, text)
+            return self._requeue(entry_path, parsed.name, st, attempts, text, why,
+                                 claim_rid=os.path.basename(entry_path))
+        except FileNotFoundError:
+            return None  # settled or recovered meanwhile
+
+    def _take_over(self, wip_path: str, name: str) -> Optional[str]:
+        """Move another owner's claim to a fresh claim name of this process (one plain
+        rename to a name nobody else makes) and renew its lease; None if it is gone."""
+        rid = _fs.random_id(L.TAKEOVER_RID_BYTES)
+        dst = os.path.join(self._wip, L.format_owned(self._owner(rid), name))
+        _TAKING.add(dst)
+        if not _fs.claim_unique(wip_path, dst):
+            _TAKING.discard(dst)
+            return None
+        _fs.touch_at(dst, self._clock.now())  # our lease, so no third pass takes it
+        return dst
 
     def _wip_names(self) -> Set[str]:
         out = set()

@@ -86,8 +86,12 @@ class _Retries(_Claims):
 
     def _requeue(self, wip_path: str, name: str, st: os.stat_result, attempts: int,
                  error: str, why: str, claim_rid: str = "") -> str:
-        """Return a claim to the ready folder, sidecar first (count survives a crash)."""
-        target_name = self._free_name(self.path, name)
+        """Return a claim to the ready folder, sidecar first (count survives a crash).
+
+        The original name is tried first and taken only if free (no-clobber rename);
+        no ``lstat`` decides it beforehand: on a network file system that answer may come
+        from a cache seconds old and rename a message for nothing."""
+        target_name = name
         payload = {"attempts": attempts, "last_error": error, "reason": why,
                    "time": _now(), "by": self._owner().format(), "dev": st.st_dev,
                    "ino": st.st_ino, "claim": claim_rid or os.path.basename(wip_path)}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
-from typing import Any, Iterable, List, Optional, Tuple, Union
+from typing import Any, Deque, Iterable, List, Optional, Tuple, Union
 
 from .. import _fs
 from ..errors import QueueClosed
@@ -48,6 +49,9 @@ class WritableFolderQueue(_FolderQueue):
     Raises ``QueueClosed`` for puts after ``close()``/``fail()``.
     """
 
+    #: How many of the last published names the DONE file lists (see ``close``).
+    DONE_RECENT = 32
+
     def __init__(
         self,
         path: PathLike,
@@ -74,6 +78,11 @@ class WritableFolderQueue(_FolderQueue):
         self.run_id = L.check_run_id(run_id) if run_id is not None else L.new_run_id()
         self.producer = self._owner(_fs.random_id())
         self._closed: Optional[str] = None
+        # Counted for DONE: how many messages this producer published, and the names of
+        # the last few (a consumer checks those by name before it concludes DONE: a
+        # listing on a network file system may not show them yet; G6).
+        self._published = 0
+        self._recent: Deque[str] = collections.deque(maxlen=self.DONE_RECENT)
         self._clean_tmp()
         if self.register:
             self._supersede_failed_runs()
@@ -128,10 +137,28 @@ class WritableFolderQueue(_FolderQueue):
 
     def _publish(self, tmp: str, name: str) -> str:
         """Publish a complete temp file as message ``name``; returns the final path."""
+        return self._publish_tmp(tmp, name)
+
+    def _count(self, final: str) -> str:
+        self._published += 1
+        self._recent.append(os.path.basename(final))
+        return final
+
+    def _vanished(self, tmp: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            errno.ENOENT, "this producer's temp file vanished before it was published "
+            f"(moved aside into {L.TMP_DIR}/{L.ABANDONED_DIR}/ by a recovery pass, or "
+            "removed by hand?); the message was NOT published: put it again", tmp)
+
+    def _publish_tmp(self, tmp: str, name: str) -> str:
         final = self._root_slash + name
         try:
             _fs.rename_noreplace(tmp, final)  # G2: atomic, no-clobber publish
             return final
+        except FileNotFoundError:
+            if _fs.lstat(tmp) is None:
+                raise self._vanished(tmp) from None
+            raise
         except FileExistsError:
             if self.if_exists == "error":
                 _fs.unlink_quiet(tmp)
@@ -143,6 +170,10 @@ class WritableFolderQueue(_FolderQueue):
             raise
         try:
             return self._move_noclobber(tmp, self.path, L.unique_variant(name, self.message_extension))
+        except FileNotFoundError:
+            if _fs.lstat(tmp) is None:
+                raise self._vanished(tmp) from None
+            raise
         except BaseException:
             _fs.unlink_quiet(tmp)
             raise
@@ -217,7 +248,7 @@ class WritableFolderQueue(_FolderQueue):
         half-published.
         """
         self._check_open()
-        final = self._put_one(msg, copy, self._durable)
+        final = self._count(self._put_one(msg, copy, self._durable))
         if self._durable:
             _fs.fsync_dir(self.path)  # G1: the published name survives power loss
         return final
@@ -230,7 +261,7 @@ class WritableFolderQueue(_FolderQueue):
         Raises like :meth:`put`.
         """
         self._check_open()
-        final = self._put_one((name, data), False, self._durable)
+        final = self._count(self._put_one((name, data), False, self._durable))
         if self._durable:
             _fs.fsync_dir(self.path)  # G1
         return final
@@ -286,9 +317,9 @@ class WritableFolderQueue(_FolderQueue):
             for i, (path, name, is_temp) in enumerate(staged):
                 try:
                     if is_temp:
-                        published.append(self._publish(path, name))
+                        published.append(self._count(self._publish(path, name)))
                     else:
-                        published.append(self._put_one(path, False, durable))
+                        published.append(self._count(self._put_one(path, False, durable)))
                 except BaseException:
                     for rest, _, rest_temp in staged[i + 1:]:
                         if rest_temp:
@@ -305,8 +336,12 @@ class WritableFolderQueue(_FolderQueue):
         if self._closed is not None:
             return
         if self.register:
+            # G6 across hosts: the DONE file says how many messages this producer
+            # published and names the last ones, which consumers check by name (a
+            # listing may lag on a network file system; a stat by name does not).
             self._write_control(L.format_control(L.DONE, self.run_id, self.producer),
-                                self._control_payload(L.DONE))
+                                self._control_payload(L.DONE, published=self._published,
+                                                      last=list(self._recent)))
         self._closed = "closed"
         log.info("producer %s closed %s", self.producer_id, self.path)
 
