@@ -261,7 +261,12 @@ def main() -> int:
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--consumers", type=int, default=2, help="consumers per host")
     ap.add_argument("--seed", type=int, default=None)
+    import _nfs_guest  # the --nfs options: real NFS in a QEMU guest
+
+    _nfs_guest.add_arguments(ap)
     a = ap.parse_args()
+    if a.nfs:
+        return _nfs_guest.main_nfs(a)
     missing = [t for t in ("sshfs", "fusermount", "ip", "nsenter", "unshare") if not shutil.which(t)]
     if missing or not os.path.exists(SFTP_SERVER):
         print(f"mode=hosts skipped: missing {missing or [SFTP_SERVER]} "
