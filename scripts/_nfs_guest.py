@@ -328,7 +328,7 @@ def main_nfs(a) -> int:
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
     configs = [dict(vers=v, opts="" if o == "default" else o)
                for v in a.nfs_vers for o in a.nfs_opts]
-    job = dict(configs=configs, hosts=a.hosts, size=a.size, consumers=a.consumers, seed=seed,
+    job = dict(rpcdebug=os.environ.get("PQNFS_RPCDEBUG", ""), configs=configs, hosts=a.hosts, size=a.size, consumers=a.consumers, seed=seed,
                probe=not a.nfs_no_probe, workload=not a.nfs_no_workload)
     timeout = a.nfs_timeout or (180 + len(configs) * (
         (120 if job["probe"] else 0) + (len(a.hosts) * (120 + 120 * a.size)
@@ -365,6 +365,8 @@ def main_nfs(a) -> int:
         elif kind == "error":
             print("nfs guest error: " + json.dumps(res), flush=True)
             bad = True
+        else:
+            print(f"nfs guest {kind}: " + json.dumps(res), flush=True)
     print(f"nfs guest: stages (s after QEMU start) {r['stages']}, total {r['secs']}s, "
           f"console log {r['log']}", flush=True)
     expected = len(configs) * len(a.hosts) if job["workload"] else 0
@@ -425,11 +427,21 @@ def guest_server(job: dict) -> None:
     _g(["rpc.statd", "--no-notify"])
     _g(["rpc.nfsd", "--lease-time", "10", "--grace-time", "10", "8"])
     _g(["rpc.mountd"])
+    # The kernel registers a network namespace's lockd with rpcbind through the AF_LOCAL
+    # socket /run/rpcbind.sock, found by path, not per namespace: a client's lockd in a
+    # host namespace would overwrite the server's nlockmgr port in this rpcbind and every
+    # NFSv3 lock would hang.  Without the socket file the kernel (and libtirpc) fall back
+    # to 127.0.0.1 of the caller's own namespace, where each host runs its own rpcbind.
+    for sock in ("/run/rpcbind.sock",):
+        if os.path.exists(sock):
+            os.unlink(sock)
     # The NFSv4 pseudo root: /tmp (a tmpfs; the guest's "/" is the read-only 9p share,
     # which knfsd cannot export).  Every configuration exports a folder below it.
     _g(["exportfs", "-o", "rw,sync,no_root_squash,no_subtree_check,insecure,fsid=0",
         f"*:{V4ROOT}"])
     job["_grace_until"] = time.monotonic() + 11
+    for mod in filter(None, job.get("rpcdebug", "").split(",")):  # e.g. PQNFS_RPCDEBUG=nlm
+        _g(["rpcdebug", "-m", mod, "-s", "all"], check=False)
 
 
 _STATD = ("mount -t tmpfs t /run && mount -t tmpfs t /var/lib/nfs && "
@@ -710,9 +722,43 @@ def probe(a: str, b: str, limit: float = 65.0) -> dict:
     return facts
 
 
+def _lock_debug(nh: "_Nfs") -> dict:
+    """What the RPC side looks like when an NFS lock hangs (for the docs and a bug hunt)."""
+    out = {"dmesg": _g(["dmesg"], check=False).stdout.splitlines()[-60:],
+           "rpcinfo_server": _g(["rpcinfo", "-p", "127.0.0.1"], check=False).stdout.split("\n")}
+    for ns in nh.netns:
+        out[f"rpcinfo_{ns}"] = _g(["ip", "netns", "exec", ns, "rpcinfo", "-p", "127.0.0.1"],
+                                  check=False).stdout.split("\n")
+    return out
+
+
 def _workload(nh: "_Nfs", n: int, job: dict, rng) -> dict:
     hosts = nh.hosts_mod
-    return hosts.run_config(nh, n, 100 * job["size"], job["consumers"], rng)
+    stop = threading.Event()
+
+    def progress():  # one console line every 30 s: how far the workload has got
+        q, logs = os.path.join(nh.export, "q"), os.path.join(nh.base, "logs")
+        while not stop.wait(30):
+            try:
+                ready = sum(1 for e in os.scandir(q) if e.name.endswith(".tsv"))
+                wip = len(os.listdir(os.path.join(q, "wip")))
+                acks = ends = 0
+                for fn in os.listdir(logs):
+                    with open(os.path.join(logs, fn), "rb") as f:
+                        text = f.read()
+                    acks += text.count(b'"ack"')
+                    ends += text.count(b'"end"')
+                _step(f"workload: ready={ready} wip={wip} acks={acks} ends={ends} "
+                      f"live={sum(1 for p in nh.procs if p.poll() is None)}")
+            except OSError as e:
+                _step(f"workload: progress unknown ({e})")
+
+    th = threading.Thread(target=progress, daemon=True)
+    th.start()
+    try:
+        return hosts.run_config(nh, n, 100 * job["size"], job["consumers"], rng)
+    finally:
+        stop.set()
 
 
 def guest_main(job_path: str) -> int:
@@ -748,6 +794,8 @@ def guest_main(job_path: str) -> int:
                 mount_s = round(time.monotonic() - t, 2)
                 facts = probe(nh.mounts[0], nh.mounts[1])
                 _emit("probe", **label, mount_s=mount_s, **facts)
+                if any("hang" in str(v) for v in facts.values()):
+                    _emit("lock-debug", **label, **_lock_debug(nh))
             except Exception as e:  # noqa: BLE001
                 _emit("error", stage="probe", **label, error=f"{type(e).__name__}: {e}")
                 rc = 1
