@@ -518,6 +518,11 @@ class _Nfs:
         self.procs.append(p)
         return p
 
+    def partition(self, i: int, down: bool) -> None:
+        """Cut host ``i`` off the file server (its veth link down), or heal it (used by
+        hosts.py's workload where it partitions hosts)."""
+        _g(["ip", "link", "set", self.links[i], "down" if down else "up"])
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
