@@ -38,6 +38,7 @@ import gzip
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -124,8 +125,8 @@ def _cpio_newc(entries) -> bytes:
     """A newc cpio archive from (name, mode, data) entries (data None for a folder)."""
     out, ino = [], 1
     for name, mode, data in entries:
+        nlink = 2 if data is None else 1
         data = data or b""
-        nlink = 2 if data is None or (mode & 0o170000) == 0o040000 else 1
         fields = [ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
         head = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
         out.append(head + b"\0" * (-len(head) % 4))
@@ -236,7 +237,10 @@ def run_guest(job: dict, cache: str = DEFAULT_CACHE, timeout: float = 900.0,
     jobs = os.path.join(cache, "jobs")
     os.makedirs(jobs, exist_ok=True)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    job = dict(job, modules=info["modules"], worktree=WORKTREE)
+    # PQNFS_WORKTREE: run another checkout's scripts/hosts.py and pympx_queues in the
+    # guest (to try a branch's workload before merging); this worktree's venv is used.
+    job = dict(job, modules=info["modules"],
+               worktree=os.path.abspath(os.environ.get("PQNFS_WORKTREE", WORKTREE)))
     job_path = os.path.join(jobs, f"job-{stamp}.json")
     with open(job_path, "w") as f:
         json.dump(job, f)
@@ -589,12 +593,8 @@ def _lock_check(kind: str, path_a: str, path_b: str, limit: float):
             os.write(w, b"%d\n" % code)
             os._exit(0)
     os.close(w)
-    t0 = time.monotonic()
-    import select
-
     ready, _, _ = select.select([r], [], [], limit)
     if not ready:
-        os.killpg(0, 0)  # (no-op check that our group exists)
         os.kill(pid, signal.SIGKILL)
         os.close(r)
         os.waitpid(pid, 0)
@@ -602,7 +602,6 @@ def _lock_check(kind: str, path_a: str, path_b: str, limit: float):
     code = int(os.read(r, 16) or b"3")
     os.close(r)
     os.waitpid(pid, 0)
-    del t0
     if code == 0:
         return False
     if code in (100 + errno.EAGAIN, 100 + errno.EACCES):
@@ -754,7 +753,7 @@ def _workload(nh: "_Nfs", n: int, job: dict, rng) -> dict:
                     acks += text.count(b'"ack"')
                     ends += text.count(b'"end"')
                 _step(f"workload: ready={ready} wip={wip} acks={acks} ends={ends} "
-                      f"live={sum(1 for p in nh.procs if p.poll() is None)}")
+                      f"processes={sum(1 for p in nh.procs if p.poll() is None)}")
             except OSError as e:
                 _step(f"workload: progress unknown ({e})")
 
@@ -769,7 +768,9 @@ def _workload(nh: "_Nfs", n: int, job: dict, rng) -> dict:
 def guest_main(job_path: str) -> int:
     with open(job_path) as f:
         job = json.load(f)
-    sys.path.insert(0, HERE)
+    tree = job.get("worktree", WORKTREE)
+    sys.path[:0] = [os.path.join(tree, "scripts"), tree]
+    os.environ["PYTHONPATH"] = tree  # the workers import the same pympx_queues
     import faulthandler
 
     faulthandler.dump_traceback_later(job.get("stack_dump_every", 120), repeat=True)
