@@ -432,7 +432,12 @@ def main() -> int:
     ap.add_argument("--folders", nargs="+", default=None,
                     help="workload only: run it on these folders, one per host (mounts of "
                     "one shared folder made by someone else, e.g. NFS), no set-up")
+    import _nfs_guest  # the --nfs options: real NFS in a QEMU guest
+
+    _nfs_guest.add_arguments(ap)
     a = ap.parse_args()
+    if a.nfs:
+        return _nfs_guest.main_nfs(a)
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     if a.folders:
