@@ -360,6 +360,37 @@ def test_a_claim_on_a_network_file_system_starts_its_lease_when_claimed(tmp_path
     r.close()
 
 
+def test_recovery_on_a_network_file_system_never_waits_for_a_file_lock(tmp_path, monkeypatch):
+    # NFS's lock manager may not answer (firewall, no lockd): flock then blocks in the
+    # kernel.  The lock only saves redundant work there, so recovery does not take it.
+    monkeypatch.setenv(_fs.NETWORK_FS_ENV, "network")
+    w = WritableFolderQueue(tmp_path)
+    w.put_data("a.tsv", b"x")
+    r = reader(tmp_path, lease_timeout=60.0)
+    lock_path = os.path.join(str(tmp_path), L.CONTROL_DIR, L.LOCK_NAME)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(60)\n", lock_path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = []
+        t = threading.Thread(target=lambda: done.append(r.recover()), daemon=True)
+        t.start()
+        wait_for(lambda: done, timeout=10, message="recovery returned despite a held flock")
+        assert not done[0].skipped
+        p = r.get(timeout=5)
+        r.task_done(p)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    w.close()
+    r.close()
+
+
 # ------------------------------------------------------------ 6. the several-hosts script
 def _hosts_unavailable():
     missing = [t for t in ("sshfs", "ip", "nsenter", "unshare") if shutil.which(t) is None]

@@ -20,6 +20,19 @@ log = logging.getLogger("pympx_queues.folder")
 _TAKING: Set[str] = set()
 
 
+
+class _NoLock:
+    """Stands in for the recovery filelock where locks must not be used."""
+
+    def acquire(self, timeout: float = -1, poll_interval: float = 0.05) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+_NO_LOCK = _NoLock()
+
 class RecoveryReport(NamedTuple):
     """What one :meth:`ReadableFolderQueue.recover` pass did."""
 
@@ -60,7 +73,11 @@ class _Recovery(_Acknowledgement):
         # every claim is first taken over by one atomic rename to a name of our own, so
         # of two passes on two hosts exactly one moves each claim, the other gets ENOENT
         # (at worst redundant work; tests/test_folder_hosts.py runs two at once).
-        lock = self._lock()
+        # On a network file system the lock is skipped altogether: flock there goes to the
+        # server's lock manager (NFS: NLM), and where that does not answer (a firewall, a
+        # server without lockd) flock blocks in the kernel even with a zero timeout, so
+        # every consumer would hang at start for a lock that only saves redundant work.
+        lock = _NO_LOCK if getattr(self, "_network", False) else self._lock()
         try:
             # filelock polls a held lock every 50 ms by default: a consumer reaching the
             # end of the stream right after another would idle that long for a pass
