@@ -1215,6 +1215,20 @@ def network_fs_kind(path: PathLike, override: Optional[str] = None) -> Optional[
         dev = os.stat(path).st_dev
     except OSError:
         dev = None
+    if dev is not None and os.major(dev) == 0:
+        # Anonymous device numbers (FUSE, NFS, tmpfs, overlay) are reused after an
+        # unmount: a cached answer could belong to another file system.  statfs is one
+        # system call; ask again (logged once per device still).
+        ftype = statfs_type(path)
+        kind = NETWORK_FS_TYPES.get(ftype) if ftype is not None else None
+        with _fs_kind_lock:
+            if _fs_kind_cache.get(dev) != kind:
+                _fs_kind_cache[dev] = kind
+                if kind:
+                    log.info("%s is on a network file system (%s, statfs type %#x): "
+                             "polling wake-ups and link publish; set %s=local to override",
+                             path, kind, ftype, NETWORK_FS_ENV)
+        return kind
     with _fs_kind_lock:
         if dev is not None and dev in _fs_kind_cache:
             return _fs_kind_cache[dev]
