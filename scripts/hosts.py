@@ -330,7 +330,9 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
 
     * lost: a message never acknowledged (G1).
     * corrupt: a delivery whose bytes are not what was put (G2).
-    Deliveries are ordered by their claims (logged right after ``get`` returned).
+    Deliveries are ordered by their claims (logged right after ``get`` returned); a claim
+    fenced before the consumer read the message (taken over while its host was cut off)
+    is not a delivery.
     * redelivered_done: a delivery after an acknowledgement of the same message (G4).
     * dup_beyond_lease: a second delivery although the earlier holder was neither
       killed nor on a host cut off at the time (G3 with leases).
@@ -344,6 +346,7 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
     first_done = None
     for fn in sorted(os.listdir(logs)):
         host = int(fn.rsplit("-h", 1)[1].split(".")[0]) if "-h" in fn else -1
+        unread = None  # this consumer's last claim, until it reads the message
         for line in open(os.path.join(logs, fn)):
             try:
                 rec = json.loads(line)
@@ -354,11 +357,21 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
                     corrupt += 1
                     corrupt_names.add(rec.get("claimed", rec["name"]))
             elif rec["ev"] == "claim":
-                gets.setdefault(rec["name"], []).append((rec["t"], fn, host))
+                unread = (rec["name"], (rec["t"], fn, host))
+                gets.setdefault(rec["name"], []).append(unread[1])
             elif rec["ev"] == "ack":
                 acked[rec["name"]] = min(acked.get(rec["name"], rec["t"]), rec["t"])
             elif rec["ev"] == "fenced":
                 fenced += 1
+                if unread is not None and unread[0] == rec["name"]:
+                    # Fenced before it read a byte: get() returned a claim that another
+                    # host had already taken over while this one was cut off (its lease
+                    # expired).  Nothing was delivered; the claim is not a delivery.
+                    gets[rec["name"]].remove(unread[1])
+                    if not gets[rec["name"]]:
+                        del gets[rec["name"]]
+            if rec["ev"] in ("got", "fenced"):
+                unread = None
             elif rec["ev"] == "end" and rec.get("what") == "done":
                 first_done = rec["t"] if first_done is None else min(first_done, rec["t"])
     killed = {os.path.basename(k) for k in killed_logs}

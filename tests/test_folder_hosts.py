@@ -486,3 +486,47 @@ def test_a_pickup_journal_on_a_shared_folder_is_requeued_by_its_own_host_only(tm
     assert on_a["requeued"] == 2 and on_a["items"] == [1, 2]
     again = _run_as(_REQUEUE_ON, shared, "host-a")
     assert again["requeued"] == 0  # done stays done (G4)
+
+
+def _hosts_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "hosts_script", os.path.join(ROOT, "scripts", "hosts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    return mod
+
+
+def _write_log(path, *recs):
+    import json
+    with open(path, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_hosts_checker_a_claim_fenced_before_its_read_is_not_a_delivery(tmp_path):
+    # The CI run of seed 7: host 0 was cut off holding h1-000029; host 1 took it over,
+    # read and acknowledged it; host 0's get() returned after the link came back and its
+    # read was fenced.  Nothing was delivered twice.
+    hosts = _hosts_module()
+    _write_log(tmp_path / "c8-h1.jsonl",
+               {"ev": "claim", "name": "h1-000000", "t": 10.0},
+               {"ev": "got", "name": "h1-000000", "ok": True, "t": 10.1},
+               {"ev": "ack", "name": "h1-000000", "t": 10.2},
+               {"ev": "end", "what": "done", "t": 30.0})
+    _write_log(tmp_path / "c6-h0.jsonl",
+               {"ev": "claim", "name": "h1-000000", "t": 18.0},
+               {"ev": "fenced", "name": "h1-000000", "t": 18.01},
+               {"ev": "end", "what": "done", "t": 29.0})
+    r = hosts.check_logs(str(tmp_path), 2, 1, part_windows=[(0, 5.0, 15.0)])
+    assert r["redelivered_done"] == 0 and r["fenced"] == 1
+    # ... but a read after the acknowledgement is a redelivery.
+    _write_log(tmp_path / "c6-h0.jsonl",
+               {"ev": "claim", "name": "h1-000000", "t": 18.0},
+               {"ev": "got", "name": "h1-000000", "ok": True, "t": 18.01},
+               {"ev": "end", "what": "done", "t": 29.0})
+    assert hosts.check_logs(str(tmp_path), 2, 1)["redelivered_done"] == 1
