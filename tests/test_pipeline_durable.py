@@ -46,7 +46,7 @@ def test_a_stopped_run_resumes_at_the_stage_each_item_was_in(tmp_path):
     def second(t, ctx):
         calls.add("second", ctx.key)
         if int(ctx.key) >= 5:
-            gate.wait(0.5)  # the stop abandons these
+            gate.wait(30)  # the stop abandons these (released before the rerun)
         return {"n": t[0], "sq": t[1]}
 
     def build():
