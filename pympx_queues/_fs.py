@@ -1215,28 +1215,20 @@ def network_fs_kind(path: PathLike, override: Optional[str] = None) -> Optional[
         dev = os.stat(path).st_dev
     except OSError:
         dev = None
-    if dev is not None and os.major(dev) == 0:
-        # Anonymous device numbers (FUSE, NFS, tmpfs, overlay) are reused after an
-        # unmount: a cached answer could belong to another file system.  statfs is one
-        # system call; ask again (logged once per device still).
-        ftype = statfs_type(path)
-        kind = NETWORK_FS_TYPES.get(ftype) if ftype is not None else None
+    # Anonymous device numbers (FUSE, NFS, tmpfs, overlay) are reused after an unmount:
+    # a cached answer could belong to another file system, so those ask statfs again
+    # (one system call); every answer is still logged once per device and kind.
+    anonymous = dev is not None and os.major(dev) == 0
+    if not anonymous:
         with _fs_kind_lock:
-            if _fs_kind_cache.get(dev) != kind:
-                _fs_kind_cache[dev] = kind
-                if kind:
-                    log.info("%s is on a network file system (%s, statfs type %#x): "
-                             "polling wake-ups and link publish; set %s=local to override",
-                             path, kind, ftype, NETWORK_FS_ENV)
-        return kind
-    with _fs_kind_lock:
-        if dev is not None and dev in _fs_kind_cache:
-            return _fs_kind_cache[dev]
+            if dev is not None and dev in _fs_kind_cache:
+                return _fs_kind_cache[dev]
     ftype = statfs_type(path)
     kind = NETWORK_FS_TYPES.get(ftype) if ftype is not None else None
     if dev is not None:
         with _fs_kind_lock:
-            if dev not in _fs_kind_cache:
+            known = dev in _fs_kind_cache
+            if not known or (anonymous and _fs_kind_cache[dev] != kind):
                 _fs_kind_cache[dev] = kind
                 if kind:
                     log.info("%s is on a network file system (%s, statfs type %#x): "
