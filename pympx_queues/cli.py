@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import click
 
@@ -554,12 +554,26 @@ def put(path: str, files: Sequence[str], data: Optional[str], name: Optional[str
               help="Also take claims whose owner is alive (requires --force).")
 @click.option("--force", is_flag=True, help="Confirm --all.")
 @click.option("--dry-run", is_flag=True, help="Show what would move; change nothing.")
+@click.option("--dead-host", "dead_hosts", multiple=True, metavar="HOST",
+              help="Pickup dirs on a shared folder: treat journals written on HOST as "
+              "abandoned (you know that host is down for good); repeatable. Sets "
+              "PYMPX_QUEUES_DEAD_HOSTS for this command.")
 @json_option
 @queue_options
-def requeue(path: str, include_live: bool, force: bool, dry_run: bool, as_json: bool) -> None:
+def requeue(path: str, include_live: bool, force: bool, dry_run: bool,
+            dead_hosts: Tuple[str, ...], as_json: bool) -> None:
     """Return stale claims to the queue (folder) or requeue earlier runs' work (pickup)."""
     if include_live and not force:
         raise CliError("--all also takes claims whose owner is alive; add --force", EXIT_USAGE)
+    if dead_hosts:
+        from .journal.scan import DEAD_HOSTS_ENV
+        from ._fs import hostname
+
+        if hostname() in dead_hosts:
+            raise CliError(f"--dead-host {hostname()!r} is this host; its own journals are "
+                           "judged by their writers' processes", EXIT_USAGE)
+        declared = [h for h in os.environ.get(DEAD_HOSTS_ENV, "").split(",") if h]
+        os.environ[DEAD_HOSTS_ENV] = ",".join(declared + list(dead_hosts))
     with ProgressBar("requeue", enabled=None if not as_json else False) as bar:
         result = admin.requeue(path, include_live=include_live, dry_run=dry_run, progress=bar,
                                **_opts())

@@ -488,6 +488,41 @@ def test_a_pickup_journal_on_a_shared_folder_is_requeued_by_its_own_host_only(tm
     assert again["requeued"] == 0  # done stays done (G4)
 
 
+_CLI_ON = """
+import sys
+from pympx_queues import _fs
+_fs._HOST = sys.argv[1]
+from pympx_queues.cli import main
+main(sys.argv[2:], prog_name="pympx-queues")
+"""
+
+
+def test_a_dead_hosts_pickup_journal_is_requeued_from_another_host_when_declared_dead(
+        tmp_path):
+    shared = str(tmp_path / "pickup")
+    _run_as(_WRITE_ON_HOST_A, shared)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", _CLI_ON, *args], capture_output=True,
+                              text=True, timeout=60, env=env)
+
+    # Declaring this very host dead is refused, and writes nothing.
+    before = sorted(os.listdir(shared))
+    refused = cli("host-b", "requeue", shared, "--dead-host", "host-b")
+    assert refused.returncode != 0 and "this host" in refused.stderr
+    assert sorted(os.listdir(shared)) == before
+    # Host B, told that host A is down for good, requeues host A's outstanding work once.
+    out = cli("host-b", "requeue", shared, "--dead-host", "host-a", "--json")
+    assert out.returncode == 0, out.stderr
+    code = _REQUEUE_ON.replace("rep = pickup.requeue(sys.argv[1])",
+                               "rep = pickup.requeue(sys.argv[1], dry_run=True)")
+    on_b = _run_as(code, shared, "host-b")
+    assert on_b["requeued"] == 2 and on_b["items"] == [1, 2]
+    # ... and once only: host A, back, finds nothing left (done stays done, G4).
+    assert _run_as(_REQUEUE_ON, shared, "host-a")["requeued"] == 0
+
+
 def _hosts_module():
     import importlib.util
     spec = importlib.util.spec_from_file_location(

@@ -140,7 +140,12 @@ def compact(directory: str, prefix: str, *, extra_dirs: Sequence[str] = (),
                          directory, prefix, len(dead_local))
             return History(), actions
         carried = any(os.path.dirname(s.path) != directory for s in history.scans)
-        if len(dead_local) > 1 or carried:
+        # A journal of another host reaches this point only when an operator declared
+        # that host dead (PYMPX_QUEUES_DEAD_HOSTS): a snapshot of ours takes it over, so
+        # later runs here need no declaration, and host A, back, sees its work merged.
+        foreign = any(s.header.get("host", _fs.hostname()) != _fs.hostname()
+                      for s in counted + superseded)
+        if len(dead_local) > 1 or carried or foreign:
             # The snapshot takes the earliest merged run id: it sorts first, so the order
             # of first requests (requeue order) survives, also beside leftovers of an
             # interrupted compaction.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from .. import _fs
 from ..errors import JournalCorruptError
@@ -63,12 +63,26 @@ class JournalScan:
         return self.locked_at_read or writer_alive(self.path, self.header, self.name)
 
 
+#: Environment variable: comma-separated host names an operator declares dead, so that
+#: journals their writers left on a shared folder can be requeued from another host.
+DEAD_HOSTS_ENV = "PYMPX_QUEUES_DEAD_HOSTS"
+
+
+def dead_hosts() -> FrozenSet[str]:
+    """The host names declared dead in ``PYMPX_QUEUES_DEAD_HOSTS`` (never this host)."""
+    raw = os.environ.get(DEAD_HOSTS_ENV, "")
+    return frozenset(h.strip() for h in raw.split(",") if h.strip()) - {_fs.hostname()}
+
+
 def writer_alive(path: str, header: Dict[str, Any], name: JournalName) -> bool:
     """True while the journal's writer holds it open (its ``flock``), or on another host."""
     if name.is_snapshot:
         return False
-    if header.get("host", _fs.hostname()) != _fs.hostname():
-        return True  # another host: we cannot tell, so never treat it as dead
+    host = header.get("host", _fs.hostname())
+    if host != _fs.hostname():
+        # Another host: we cannot tell, so never treat it as dead, unless an operator
+        # declared that host dead (PYMPX_QUEUES_DEAD_HOSTS, `requeue --dead-host`).
+        return host not in dead_hosts()
     try:
         return bool(_fs.is_flocked(path))
     except OSError:
