@@ -528,16 +528,7 @@ class _Nfs:
         _g(["ip", "link", "set", self.links[i], "down" if down else "up"])
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    p.kill()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        self.hosts_mod.end_processes(self.procs)
         for m in self.mounts:
             _g(["umount", "-f", "-l", m], check=False)
         for link in self.links:

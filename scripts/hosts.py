@@ -65,6 +65,21 @@ def _run(cmd, check=True):
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60)
 
 
+def end_processes(procs: list) -> None:
+    """SIGKILL every process group we started that still runs, and reap each (30 s at
+    most per process: a process stuck in the kernel on a dead mount is left behind)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                p.kill()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class Hosts:
     """The set-up: namespaces, links, server, mounts; ``close`` undoes all of it."""
 
@@ -114,16 +129,7 @@ class Hosts:
         _run(["ip", "link", "set", self.links[i], "down" if down else "up"])
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    p.kill()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        end_processes(self.procs)
         fusermount = shutil.which("fusermount3") or "fusermount"
         for m in self.mounts:
             _run([fusermount, "-u", "-z", m], check=False)
