@@ -774,7 +774,7 @@ class Pipeline:
                 self._pump_due or not self._idle_stages() or not self._source_waits():
             return
         j = self._journal
-        if j is not None and j.fsync and (j._inflight is not None or j._buf):
+        if j is not None and j.syncing():
             j.after_sync(self._pump)  # look again once the callbacks of the sync ran
             return
         for sr in self._runs:
