@@ -527,7 +527,7 @@ class PipelineJournal:
         w, self._writer = self._writer, None
         after: List[Any] = []
         if w is not None:
-            after = self._flush_now()
+            after = self._flush_now(writer=w)  # into this writer: it is no longer ours
             w.close()
         return after
 
