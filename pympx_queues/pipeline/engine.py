@@ -712,6 +712,7 @@ class Pipeline:
         if self._halted:
             return
         runs = self._runs
+        started = False
         for sr in reversed(runs):
             # pull finished items of the previous stage into this stage's buffer
             if sr.index > 0:
@@ -732,10 +733,11 @@ class Pipeline:
                 for group in groups:
                     if group:
                         self._start(sr, group)
+                        started = True
         if self._room():
             self._wake_feeder()
-        if self._report.in_flight and not self._stall_check_due and self._idle_stages() \
-                and self._source_waits():
+        if not started and self._report.in_flight and not self._stall_check_due and \
+                self._idle_stages() and self._source_waits():
             self._stall_check_due = True
             self._soon(self._check_stall)
 

@@ -451,8 +451,10 @@ class PipelineJournal:
     """The coordinator's side: replay at open, then one record per step.
 
     ``flush`` durability: each record is in the page cache when the call returns
-    (survives kill -9).  ``fsync``: records of one event-loop turn share one fsync (group
-    commit); results are released to the user only after it (:meth:`after_sync`).
+    (survives kill -9).  ``fsync``: records share fsyncs (group commit: the records that
+    come while one fsync runs, and while they keep coming for up to ``SETTLE_SECONDS``
+    after it, go in the next one); results are released to the user only after the fsync
+    that covers them (:meth:`after_sync`).
     """
 
     def __init__(self, directory: str, name: str, *, durability: str = "flush",
@@ -560,10 +562,11 @@ class PipelineJournal:
             if self._bytes > self.compact_bytes:
                 self.rotate()
 
-    # fsync mode: group commit.  Records wait in a buffer; one thread writes and fsyncs
-    # each buffer in order while the loop goes on collecting the next one, and work that
-    # must not happen before the records are durable (a result to the user, a sink's side
-    # effect) waits in after_sync() callbacks for the batch that covers them.
+    # fsync mode: group commit.  Records wait in a buffer; the loop writes each buffer
+    # (one write(2)) and one thread fsyncs it while the loop goes on collecting the next
+    # one, and work that must not happen before the records are durable (a result to the
+    # user, a sink's side effect) waits in after_sync() callbacks for the batch that
+    # covers them.
     def _get_loop(self) -> Any:
         if self._loop is None:
             import asyncio
