@@ -628,7 +628,7 @@ class PipelineJournal:
             fn()
         if self._bytes > self.compact_bytes:
             self.rotate()  # writes and syncs what waits first: a long run stays bounded
-        elif self._buf:
+        elif self._buf and self._loop is not None:  # (None: closing, close() writes them)
             # Records came while the disk synced.  While more keep coming, let them join
             # this batch (up to SETTLE_SECONDS): an fsync costs the whole machine CPU (the
             # file system's journal commit), and back-to-back fsyncs of a few items each
