@@ -37,7 +37,7 @@ from .. import _fs
 from .. import journal as jr
 from ..errors import JournalCorruptError
 from ..journal.history import split_superseded
-from ._keys import KeySet
+from . import _keys
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -100,13 +100,15 @@ class Saved:
 class Replay:
     """The fold of a pipeline's journals."""
 
-    def __init__(self, track_done: bool = True, compact: bool = False) -> None:
+    def __init__(self, track_done: bool = True, compact: bool = False,
+                 spill_dir: Optional[str] = None, name: str = "") -> None:
         self.track_done = track_done
         self.done_count = 0
         self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
         # key -> enc output (None unless keep_results); ``compact`` (a run without
-        # keep_results): a KeySet of fingerprints, 16-32 bytes per done key, not a dict
-        self.done: Any = KeySet() if compact else {}
+        # keep_results): a KeySet of fingerprints in bounded memory (P4), spilled to
+        # scratch files in ``spill_dir`` past its budget, not a dict
+        self.done: Any = _keys.KeySet(spill_dir=spill_dir, name=name) if compact else {}
         self.states: Dict[str, Any] = {}
         self.stages: List[str] = []
         self.failed_attempts: Dict[int, int] = {}
@@ -177,6 +179,10 @@ class Replay:
             self.states[p["n"]] = p.get("v")
         elif kind == KIND_RESET:
             self.states.pop(p["n"], None)
+
+    def close(self) -> None:
+        """Free the done keys' scratch files (the fold is not asked about them again)."""
+        _keys.close_keys(self.done)
 
     @property
     def dead(self) -> Dict[str, Saved]:
@@ -419,7 +425,9 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
                 f"pipeline {name!r} in {directory}: a run is live (journal "
                 f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
                 "coordinator per pipeline")
-    replay = Replay(track_done=track_done, compact=not keep_results)
+    _keys.remove_dead(directory, name)  # scratch files of a run that was killed
+    replay = Replay(track_done=track_done, compact=not keep_results,
+                    spill_dir=directory, name=name)
     for st in counted:
         meta = st.header.get(HEADER_FIELD) or {}
         if meta.get("stages"):
@@ -505,6 +513,7 @@ class PipelineJournal:
                 return
             self._close_writer()
             _fs.makedirs(self.directory)
+            self.replay.close()
             with jr.directory_lock(self.directory, self.name):
                 self.replay = compact_dead(self.directory, self.name, self.header,
                                            keep_results=self.keep_results,
@@ -533,6 +542,7 @@ class PipelineJournal:
     def end_run(self, finished: bool) -> None:
         self._loop = None
         self.close()
+        self.replay.close()
 
     # -- appends
     def _append(self, kind: str, payload: str) -> None:
