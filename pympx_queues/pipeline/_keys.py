@@ -214,12 +214,13 @@ class KeySet:
         elif budget < MIN_BUDGET:
             raise ValueError(f"a key set's budget is at least {MIN_BUDGET} bytes, not "
                              f"{budget}")
-        # budget: 1/8 for the Bloom filter, 1/8 for the fences and merge buffers
-        # beyond them, 3/4 for the table and the sort of a spill (12 bytes a slot, plus
-        # at most 3/4 * slots / _SLICES Python ints of ~48 bytes while sorting).
-        per_slot = 12 + (3 * 48) // (4 * _SLICES)
+        # budget: 1/8 for the Bloom filter, 1/8 for the fences and a merge's buffers,
+        # 3/8 for the table and the sort of a spill (12 bytes a slot, plus 3/4 * slots /
+        # _SLICES Python ints of ~50 bytes while sorting), 3/8 for the allocator's slack
+        # (measured: peak RSS, not only the objects, stays within the budget).
+        per_slot = 12 + (3 * 50) // (4 * _SLICES)
         max_slots = 64
-        while max_slots * 2 * per_slot <= budget * 3 // 4:
+        while max_slots * 2 * per_slot <= budget * 3 // 8:
             max_slots *= 2
         self._max_slots = max_slots
         bloom_bits = 1 << 10
@@ -409,7 +410,10 @@ class KeySet:
         self._runs.append(run)
         self._spilled += self._n
         self._n = 0
-        self._alloc(len(hs))
+        slots = len(hs)
+        del hs, cs
+        self._h = self._c = array("Q")  # the full table is freed before a new one
+        self._alloc(slots)
         self._compact()
 
     def _compact(self) -> None:
@@ -434,7 +438,7 @@ class KeySet:
         that have more, and sort them (timsort merges the sorted pieces)."""
         total = sum(r.count for r in group)
         w = self._new_run(total, max(r.level for r in group) + 1)
-        chunk = max(1024, 16384 // len(group))
+        chunk = max(512, 8192 // len(group))
         try:
             feeds = [r.records(chunk) for r in group]
             bufs: List[List[bytes]] = [[] for _ in group]

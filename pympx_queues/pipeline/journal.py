@@ -334,22 +334,36 @@ def read_header(path: str) -> Dict[str, Any]:
     return payload if kind == jr.KIND_HEADER and isinstance(payload, dict) else {}
 
 
-def _snapshot_stream(streams: Sequence[StreamScan], replay: Replay, keep_results: bool):
-    """Records of a snapshot: done keys read again from the journals (never all held in
-    memory), then the unfinished items, dead letters and states of ``replay``."""
+def _fold_streams(streams: Sequence[StreamScan], replay: Replay, keep_results: bool,
+                  durable: bool, snapshot: bool):
+    """Fold ``streams`` into ``replay`` (each journal read once, its torn tail cut after
+    it); with ``snapshot``, yield the records of a snapshot as it goes: the done keys as
+    they are read (never all held in memory), then the unfinished items, dead letters
+    and states of ``replay``.  Without it, a generator that yields nothing."""
     dumps = jr.dumps
+    apply = replay.apply
     for st in streams:
+        meta = st.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
         for kind, p in st:
+            apply(kind, p, keep_results)
+            if not snapshot:
+                continue
             if kind == KIND_DONE:
-                if keep_results or "o" not in p:
+                if keep_results and "o" in p:
                     yield KIND_DONE, dumps(p)
                 else:
-                    yield KIND_DONE, dumps({"k": p["k"]})
+                    yield KIND_DONE, '{"k":%s}' % _dumps_key(p["k"])
             elif kind == KIND_BATCH and p.get("y"):
                 outs = p.get("o") if keep_results else None
                 for n, key in enumerate(p["k"]):
-                    yield KIND_DONE, dumps({"k": key} if outs is None
-                                           else {"k": key, "o": outs[n]})
+                    yield KIND_DONE, ('{"k":%s}' % _dumps_key(key) if outs is None
+                                      else dumps({"k": key, "o": outs[n]}))
+        if st.problem is not None or st.reserved:
+            st.cut(durable)
+    if not snapshot:
+        return
     for key, saved in replay.unfinished.items():
         yield KIND_ACCEPT, dumps({"k": key, "i": saved.index, "d": saved.data,
                                   "s": saved.stage})
@@ -428,19 +442,15 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
     _keys.remove_dead(directory, name)  # scratch files of a run that was killed
     replay = Replay(track_done=track_done, compact=not keep_results,
                     spill_dir=directory, name=name)
-    for st in counted:
-        meta = st.header.get(HEADER_FIELD) or {}
-        if meta.get("stages"):
-            replay.stages = list(meta["stages"])
-        for kind, payload in st:
-            replay.apply(kind, payload, keep_results)
-        if st.problem is not None or st.reserved:
-            st.cut(durable)
-    if len(counted) > 1 or superseded:
+    if not (len(counted) > 1 or superseded):
+        for _ in _fold_streams(counted, replay, keep_results, durable, False):
+            pass
+    else:
+        # One pass: the snapshot is written while the journals are folded.
         runs = [st.name.run for st in counted]
         snap = write_snapshot(directory, name, min(runs),
-                              _snapshot_stream(counted, replay, keep_results), header,
-                              [st.path for st in counted])
+                              _fold_streams(counted, replay, keep_results, durable, True),
+                              header, [st.path for st in counted])
         for path in [st.path for st in counted] + superseded:
             _fs.unlink_regular(path)  # P1: the snapshot above is durable already
         _fs.fsync_dir(directory)
