@@ -74,8 +74,11 @@ _SLICES = 4
 DIR_PREFIX = ".pympx-keys"
 
 
+_crc32 = zlib.crc32
+
+
 def _fingerprint(key: str) -> "tuple[int, int]":
-    return (hash(key) & _MASK64) or 1, zlib.crc32(key.encode("utf-8", "surrogatepass"))
+    return (hash(key) & _MASK64) or 1, _crc32(key.encode("utf-8", "surrogatepass"))
 
 
 def default_budget() -> int:
@@ -123,7 +126,7 @@ class _Run:
         end = fence[t + 1]
         if start == end:
             return False
-        data = _fs.read_at(self.fd, (end - start) * REC, start * REC)
+        data = os.pread(self.fd, (end - start) * REC, start * REC)  # _fs.read_at
         pos = data.find(rec)
         while pos >= 0 and pos % REC:
             pos = data.find(rec, pos + 1)
@@ -205,7 +208,7 @@ class KeySet:
 
     __slots__ = ("_h", "_c", "_mask", "_n", "_max_slots", "_bloom", "_bmask", "_runs",
                  "_spilled", "_spill_dir", "_name", "_state", "_final", "_hit", "_seq",
-                 "_closed", "__weakref__")
+                 "_closed", "_loading", "__weakref__")
 
     def __init__(self, size: int = 1024, *, budget: Optional[int] = None,
                  spill_dir: Optional[str] = None, name: str = "") -> None:
@@ -242,6 +245,7 @@ class KeySet:
         self._hit: Optional[str] = None
         self._seq = 0
         self._closed = False
+        self._loading = False
 
     def _alloc(self, n: int) -> None:
         self._h = array("Q", bytes(8 * n))  # 0: empty slot
@@ -252,7 +256,8 @@ class KeySet:
     def add(self, key: str) -> bool:
         if self._closed:
             raise ValueError("this key set is closed")
-        h, c = _fingerprint(key)
+        h = (hash(key) & _MASK64) or 1  # _fingerprint(key), inline: the hot path
+        c = _crc32(key.encode("utf-8", "surrogatepass"))
         hs, cs, mask = self._h, self._c, self._mask
         i = h & mask
         while True:
@@ -262,7 +267,7 @@ class KeySet:
             if v == h and cs[i] == c:
                 return False
             i = (i + 1) & mask
-        if self._runs and self._spilled_has(h, c):
+        if self._runs and not self._loading and self._spilled_has(h, c):
             return False
         hs[i] = h
         cs[i] = c
@@ -276,7 +281,8 @@ class KeySet:
             return False
         if self._closed:
             raise ValueError("this key set is closed")
-        h, c = _fingerprint(key)
+        h = (hash(key) & _MASK64) or 1  # _fingerprint(key), inline: the hot path
+        c = _crc32(key.encode("utf-8", "surrogatepass"))
         hs, cs, mask = self._h, self._c, self._mask
         i = h & mask
         while True:
@@ -343,6 +349,19 @@ class KeySet:
     def directory(self) -> Optional[str]:
         """The private directory of the run files (None before the first spill)."""
         return self._state["dir"]
+
+    def load(self) -> None:
+        """Bulk load: the keys added from now on until :meth:`freeze` are known to be
+        distinct (the done keys of a journal), so an add checks only the table, not the
+        run files.  (A key added twice would still be found, and counted twice.)"""
+        self._loading = True
+
+    def freeze(self) -> None:
+        """End a bulk load; merge the run files into one: for a set that is only looked
+        up from now on (done keys of a resumed run: a key found costs one read)."""
+        self._loading = False
+        if len(self._runs) > 1:
+            self._merge(list(self._runs))
 
     def close(self) -> None:
         """Remove the run files; the set cannot be used afterwards."""

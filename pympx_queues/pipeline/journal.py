@@ -442,6 +442,8 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
     _keys.remove_dead(directory, name)  # scratch files of a run that was killed
     replay = Replay(track_done=track_done, compact=not keep_results,
                     spill_dir=directory, name=name)
+    if isinstance(replay.done, _keys.KeySet):
+        replay.done.load()  # a key is done once in the journals: adds skip the runs
     if not (len(counted) > 1 or superseded):
         for _ in _fold_streams(counted, replay, keep_results, durable, False):
             pass
@@ -456,6 +458,8 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
         _fs.fsync_dir(directory)
         log.info("pipeline %s/%s: %d journal(s) compacted into %s", directory, name,
                  len(counted), os.path.basename(snap))
+    if isinstance(replay.done, _keys.KeySet):
+        replay.done.freeze()  # looked up only from now on
     return replay
 
 
