@@ -267,8 +267,22 @@ class KeySet:
             if v == h and cs[i] == c:
                 return False
             i = (i + 1) & mask
-        if self._runs and not self._loading and self._spilled_has(h, c):
-            return False
+        bloom = self._bloom
+        if bloom:  # since the first spill: look in the runs, and mark the key
+            m = self._bmask
+            p1 = h & m
+            p2 = (h >> 24) & m
+            p3 = ((h >> 48) ^ c) & m
+            b1, b2, b3 = 1 << (p1 & 7), 1 << (p2 & 7), 1 << (p3 & 7)
+            p1 >>= 3
+            p2 >>= 3
+            p3 >>= 3
+            if (not self._loading and bloom[p1] & b1 and bloom[p2] & b2 and
+                    bloom[p3] & b3 and self._runs_have(h, c)):
+                return False
+            bloom[p1] |= b1
+            bloom[p2] |= b2
+            bloom[p3] |= b3
         hs[i] = h
         cs[i] = c
         self._n += 1
@@ -309,6 +323,9 @@ class KeySet:
         p = ((h >> 48) ^ c) & m
         if not bloom[p >> 3] & (1 << (p & 7)):
             return False
+        return self._runs_have(h, c)
+
+    def _runs_have(self, h: int, c: int) -> bool:
         rec = RECORD.pack(h, c)
         for run in self._runs:  # largest first: most keys are there
             if run.has(h, rec):
@@ -403,15 +420,17 @@ class KeySet:
         """Sort the table's fingerprints into a new run file and empty the table."""
         hs, cs = self._h, self._c
         w = self._new_run(self._n, 0)
-        if not self._bloom:
+        first = not self._bloom  # later keys are marked in the filter by add()
+        if first:
             self._bloom = bytearray((self._bmask + 1) // 8)
         try:
             bloom, m = self._bloom, self._bmask
             pack = RECORD.pack
             for part in range(_SLICES):  # by the top 2 bits: ascending slices
-                fps = [(h << 32) | c for h, c in zip(hs, cs) if h and h >> 62 == part]
+                lo, hi = max(part << 62, 1), (part + 1) << 62
+                fps = [(h << 32) | c for h, c in zip(hs, cs) if lo <= h < hi]
                 fps.sort()
-                for fp in fps:
+                for fp in (fps if first else ()):
                     h = fp >> 32
                     p = h & m
                     bloom[p >> 3] |= 1 << (p & 7)
