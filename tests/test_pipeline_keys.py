@@ -69,6 +69,18 @@ def test_a_frozen_bulk_load_is_one_run_and_finds_every_key(tiny_budget):
     s.close()
 
 
+def test_a_small_frozen_run_is_held_in_memory_and_still_exact(tiny_budget):
+    s = KeySet()
+    s.load()
+    for i in range(250):
+        s.add(f"k{i}")
+    s.freeze()
+    assert s.runs == 1 and s._runs[0].data is not None  # no read per lookup
+    assert all(f"k{i}" in s for i in range(250))
+    assert not any(f"x{i}" in s for i in range(2_000))
+    s.close()
+
+
 def test_a_budget_below_the_minimum_is_refused_naming_the_variable(monkeypatch):
     with pytest.raises(ValueError, match="at least"):
         KeySet(budget=100)

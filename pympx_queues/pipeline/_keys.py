@@ -112,24 +112,29 @@ class _Run:
     whose hash's top ``bits`` bits are below ``t``: the records with top bits ``t`` are
     ``fence[t]`` to ``fence[t + 1]``, found without a search, read with one ``pread``."""
 
-    __slots__ = ("path", "fd", "count", "shift", "fence", "level")
+    __slots__ = ("path", "fd", "count", "shift", "fence", "level", "data")
 
     def __init__(self, path: str, fd: int, count: int, shift: int, fence: array,
                  level: int) -> None:
         self.path, self.fd, self.count, self.shift = path, fd, count, shift
         self.fence, self.level = fence, level
+        self.data: Optional[bytes] = None  # the whole run, when it is held in memory
 
     def has(self, h: int, rec: bytes) -> bool:
         t = h >> self.shift
         fence = self.fence
-        start = fence[t]
-        end = fence[t + 1]
+        start = fence[t] * REC
+        end = fence[t + 1] * REC
         if start == end:
             return False
-        data = os.pread(self.fd, (end - start) * REC, start * REC)  # _fs.read_at
-        pos = data.find(rec)
-        while pos >= 0 and pos % REC:
-            pos = data.find(rec, pos + 1)
+        data = self.data
+        if data is None:
+            data = os.pread(self.fd, end - start, start)  # _fs.read_at
+            end -= start
+            start = 0
+        pos = data.find(rec, start, end)
+        while pos >= 0 and (pos - start) % REC:
+            pos = data.find(rec, pos + 1, end)
         return pos >= 0
 
     def records(self, chunk: int) -> Iterator[List[bytes]]:
@@ -208,7 +213,7 @@ class KeySet:
 
     __slots__ = ("_h", "_c", "_mask", "_n", "_max_slots", "_bloom", "_bmask", "_runs",
                  "_spilled", "_spill_dir", "_name", "_state", "_final", "_hit", "_seq",
-                 "_closed", "_loading", "__weakref__")
+                 "_closed", "_loading", "_held_max", "__weakref__")
 
     def __init__(self, size: int = 1024, *, budget: Optional[int] = None,
                  spill_dir: Optional[str] = None, name: str = "") -> None:
@@ -229,6 +234,8 @@ class KeySet:
         bloom_bits = 1 << 10
         while bloom_bits * 2 // 8 <= budget // 8:
             bloom_bits *= 2
+        # a frozen run is held in memory up to the share of a spill's sort (unused then)
+        self._held_max = max_slots * 3 * 50 // (4 * _SLICES)
         self._bloom = bytearray()  # allocated at the first spill
         self._bmask = bloom_bits - 1
         n = 64
@@ -353,9 +360,10 @@ class KeySet:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in memory now (table, Bloom filter, fences)."""
+        """Bytes held in memory now (table, Bloom filter, fences, a run held)."""
         return (self._h.itemsize * len(self._h) + self._c.itemsize * len(self._c) +
-                len(self._bloom) + sum(8 * len(r.fence) for r in self._runs))
+                len(self._bloom) + sum(8 * len(r.fence) + len(r.data or b"")
+                                       for r in self._runs))
 
     @property
     def runs(self) -> int:
@@ -379,6 +387,9 @@ class KeySet:
         self._loading = False
         if len(self._runs) > 1:
             self._merge(list(self._runs))
+        if self._runs and self._runs[0].count * REC <= self._held_max:
+            run = self._runs[0]  # small enough: looked up without a read
+            run.data = _fs.read_at(run.fd, run.count * REC, 0)
 
     def close(self) -> None:
         """Remove the run files; the set cannot be used afterwards."""
