@@ -22,7 +22,11 @@ of keys (P4):
   key) without a read; it only fills up slowly (1 MB: 3 % false positives at a million
   spilled keys, 25 % at three million), and a false positive costs one read per run;
 * runs are merged ``FANIN`` at a time when as many of one size class exist (tiered), and
-  all together past :data:`MAX_RUNS`, so a lookup reads at most a few runs.
+  all together past :data:`MAX_RUNS`, so a lookup reads at most a few runs;
+* the done keys of a resume are added in bulk (:meth:`KeySet.load`: known distinct, an
+  add does not look in the runs) and then frozen (:meth:`KeySet.freeze`): merged into one
+  run, held in memory when it fits the share of a spill's sort (about 100,000 keys at the
+  default budget), so a done key found costs one read at most.
 
 Run files live in a private directory (:func:`_fs.make_owned_dir`): in the journal
 directory of a durable run, under the system's temporary directory otherwise.  They hold
