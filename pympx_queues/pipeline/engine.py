@@ -26,7 +26,7 @@ import traceback
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional
 
-from ._keys import KeySet
+from ._keys import KeySet, close_keys
 from ._model import (EncodeError, ErrorInfo, FifoScheduler, ItemContext, ItemResult,
                      PipelineError, PipelineStalled, Refill, RunReport, Stage, StageStats,
                      StageTimeout, _is_async_iterable)
@@ -390,7 +390,9 @@ class Pipeline:
         self._stalled: Optional[PipelineStalled] = None
         self._stall_check_due = False
         self._halted = False
-        self._seen: Optional[KeySet] = KeySet() if self.key is not None else None
+        self._seen: Optional[KeySet] = KeySet(
+            spill_dir=self._journal.directory if self._journal is not None else None,
+            name=self.name) if self.key is not None else None  # P4: bounded, spills
         self._report = rep = RunReport(stages={s.name: StageStats() for s in self.stages},
                                        state="running")
         self._runs = [_StageRun(s, i, i == len(self.stages) - 1)
@@ -459,6 +461,7 @@ class Pipeline:
                         log.exception("pipeline %r: journal drain", self.name)
                 self._journal.end_run(finished=rep.state == "running" and
                                       self._source_done and self._stop_request is None)
+            close_keys(self._seen)  # its scratch files
             if rep.state == "running":
                 rep.state = ("finished" if self._stop_request is None else
                              "stopped" if self._stop_request else "halted")

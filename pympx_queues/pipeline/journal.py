@@ -37,7 +37,7 @@ from .. import _fs
 from .. import journal as jr
 from ..errors import JournalCorruptError
 from ..journal.history import split_superseded
-from ._keys import KeySet
+from . import _keys
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -100,13 +100,15 @@ class Saved:
 class Replay:
     """The fold of a pipeline's journals."""
 
-    def __init__(self, track_done: bool = True, compact: bool = False) -> None:
+    def __init__(self, track_done: bool = True, compact: bool = False,
+                 spill_dir: Optional[str] = None, name: str = "") -> None:
         self.track_done = track_done
         self.done_count = 0
         self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
         # key -> enc output (None unless keep_results); ``compact`` (a run without
-        # keep_results): a KeySet of fingerprints, 16-32 bytes per done key, not a dict
-        self.done: Any = KeySet() if compact else {}
+        # keep_results): a KeySet of fingerprints in bounded memory (P4), spilled to
+        # scratch files in ``spill_dir`` past its budget, not a dict
+        self.done: Any = _keys.KeySet(spill_dir=spill_dir, name=name) if compact else {}
         self.states: Dict[str, Any] = {}
         self.stages: List[str] = []
         self.failed_attempts: Dict[int, int] = {}
@@ -177,6 +179,10 @@ class Replay:
             self.states[p["n"]] = p.get("v")
         elif kind == KIND_RESET:
             self.states.pop(p["n"], None)
+
+    def close(self) -> None:
+        """Free the done keys' scratch files (the fold is not asked about them again)."""
+        _keys.close_keys(self.done)
 
     @property
     def dead(self) -> Dict[str, Saved]:
@@ -328,22 +334,36 @@ def read_header(path: str) -> Dict[str, Any]:
     return payload if kind == jr.KIND_HEADER and isinstance(payload, dict) else {}
 
 
-def _snapshot_stream(streams: Sequence[StreamScan], replay: Replay, keep_results: bool):
-    """Records of a snapshot: done keys read again from the journals (never all held in
-    memory), then the unfinished items, dead letters and states of ``replay``."""
+def _fold_streams(streams: Sequence[StreamScan], replay: Replay, keep_results: bool,
+                  durable: bool, snapshot: bool):
+    """Fold ``streams`` into ``replay`` (each journal read once, its torn tail cut after
+    it); with ``snapshot``, yield the records of a snapshot as it goes: the done keys as
+    they are read (never all held in memory), then the unfinished items, dead letters
+    and states of ``replay``.  Without it, a generator that yields nothing."""
     dumps = jr.dumps
+    apply = replay.apply
     for st in streams:
+        meta = st.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
         for kind, p in st:
+            apply(kind, p, keep_results)
+            if not snapshot:
+                continue
             if kind == KIND_DONE:
-                if keep_results or "o" not in p:
+                if keep_results and "o" in p:
                     yield KIND_DONE, dumps(p)
                 else:
-                    yield KIND_DONE, dumps({"k": p["k"]})
+                    yield KIND_DONE, '{"k":%s}' % _dumps_key(p["k"])
             elif kind == KIND_BATCH and p.get("y"):
                 outs = p.get("o") if keep_results else None
                 for n, key in enumerate(p["k"]):
-                    yield KIND_DONE, dumps({"k": key} if outs is None
-                                           else {"k": key, "o": outs[n]})
+                    yield KIND_DONE, ('{"k":%s}' % _dumps_key(key) if outs is None
+                                      else dumps({"k": key, "o": outs[n]}))
+        if st.problem is not None or st.reserved:
+            st.cut(durable)
+    if not snapshot:
+        return
     for key, saved in replay.unfinished.items():
         yield KIND_ACCEPT, dumps({"k": key, "i": saved.index, "d": saved.data,
                                   "s": saved.stage})
@@ -419,25 +439,27 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
                 f"pipeline {name!r} in {directory}: a run is live (journal "
                 f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
                 "coordinator per pipeline")
-    replay = Replay(track_done=track_done, compact=not keep_results)
-    for st in counted:
-        meta = st.header.get(HEADER_FIELD) or {}
-        if meta.get("stages"):
-            replay.stages = list(meta["stages"])
-        for kind, payload in st:
-            replay.apply(kind, payload, keep_results)
-        if st.problem is not None or st.reserved:
-            st.cut(durable)
-    if len(counted) > 1 or superseded:
+    _keys.remove_dead(directory, name)  # scratch files of a run that was killed
+    replay = Replay(track_done=track_done, compact=not keep_results,
+                    spill_dir=directory, name=name)
+    if isinstance(replay.done, _keys.KeySet):
+        replay.done.load()  # a key is done once in the journals: adds skip the runs
+    if not (len(counted) > 1 or superseded):
+        for _ in _fold_streams(counted, replay, keep_results, durable, False):
+            pass
+    else:
+        # One pass: the snapshot is written while the journals are folded.
         runs = [st.name.run for st in counted]
         snap = write_snapshot(directory, name, min(runs),
-                              _snapshot_stream(counted, replay, keep_results), header,
-                              [st.path for st in counted])
+                              _fold_streams(counted, replay, keep_results, durable, True),
+                              header, [st.path for st in counted])
         for path in [st.path for st in counted] + superseded:
             _fs.unlink_regular(path)  # P1: the snapshot above is durable already
         _fs.fsync_dir(directory)
         log.info("pipeline %s/%s: %d journal(s) compacted into %s", directory, name,
                  len(counted), os.path.basename(snap))
+    if isinstance(replay.done, _keys.KeySet):
+        replay.done.freeze()  # looked up only from now on
     return replay
 
 
@@ -512,6 +534,7 @@ class PipelineJournal:
                 return
             after = self._close_writer()
             _fs.makedirs(self.directory)
+            self.replay.close()
             with jr.directory_lock(self.directory, self.name):
                 self.replay = compact_dead(self.directory, self.name, self.header,
                                            keep_results=self.keep_results,
@@ -546,6 +569,7 @@ class PipelineJournal:
     def end_run(self, finished: bool) -> None:
         self._loop = None
         self.close()
+        self.replay.close()
 
     # -- appends
     def _append(self, kind: str, payload: str) -> None:
