@@ -10,8 +10,10 @@ is the hard case.  Every worker runs inside its host's namespace with its own UT
 name, so the folder queue judges the other hosts' claims by lease, not by pid.
 
 Runs one producer and ``--consumers`` consumers per host (lease ``--lease`` seconds,
-heartbeats every lease/5), SIGKILLs single consumers and whole hosts (all consumers of
-one host) at random, cuts ``--partitions`` hosts off the file server for two leases each
+heartbeats every lease/5), SIGKILLs single consumers and whole hosts (every process of
+one host: its consumers and its producer, which is restarted, resumes at the first put
+its log does not show ended and takes its registration over by ``producer_key``; at
+least ``--host-kills`` of them while the producer runs) at random, cuts ``--partitions`` hosts off the file server for two leases each
 (their veth link down: their consumers hang, their claims expire and are taken over, and
 when the link comes back their acknowledgements of those claims are fenced), then checks
 the consumers' local logs and prints one line per configuration:
@@ -19,6 +21,9 @@ the consumers' local logs and prints one line per configuration:
     mode=hosts fs=sshfs hosts=2 messages=... acked=... lost=0 corrupt=0 \
 redelivered_done=0 dup_beyond_lease=0 early_done=0 fenced=... kills=... host_kills=... \
 partitions=... secs=... seed=...
+
+(plus ``producer_redo``, ``producer_kills`` and, with ``--skew S``, ``skew``: host 0's
+workers then see their wall clock moved by S seconds).
 
 and exits 1 on any violation (2: skipped, with the reason: not root, no FUSE, a tool
 missing).  The workload itself is :func:`run_workload` (folders, a spawn function, a log
@@ -152,6 +157,12 @@ def skew_clock(seconds: float) -> None:
     real, real_ns = time.time, time.time_ns
     time.time = lambda: real() + seconds
     time.time_ns = lambda: real_ns() + int(seconds * 1e9)
+    if os.environ.get("PYMPX_HOSTS_NO_SERVER_CLOCK"):
+        # The negative control: leases on this host's own (skewed) clock, as before
+        # ServerClock; the run should then show violations.
+        from pympx_queues import _fs
+
+        _fs.ServerClock.offset = lambda self: 0.0
 
 def _payload(name: str) -> bytes:
     body = (name * 8).encode()

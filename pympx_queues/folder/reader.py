@@ -241,7 +241,6 @@ class ReadableFolderQueue(_Recovery):
                          else L.HELO)
                 if seen.get(key) in (None, L.HELO):
                     seen[key] = state
-        self._follow_successors(present)
         for key, state in seen.items():
             if key not in present and state == L.HELO:
                 by_name = self._state_by_name(key)  # a stale listing may miss it
@@ -252,6 +251,7 @@ class ReadableFolderQueue(_Recovery):
                 log.warning("control files of producer %s (run %s) disappeared from %s "
                             "(reset or purge?); counting it as closed", key[1], key[0],
                             self._control)
+        self._follow_successors()
         # A producer superseded by a successor (producer_key) is closed and the pair
         # counts as one producer for expected_producers.
         producers = sum(1 for st in seen.values() if st != SUPERSEDED)
@@ -290,7 +290,7 @@ class ReadableFolderQueue(_Recovery):
                 return kind
         return None
 
-    def _follow_successors(self, present: Set[Tuple[str, str]]) -> None:
+    def _follow_successors(self) -> None:
         """A DONE written by a successor for a dead predecessor (``producer_key``):
         the predecessor becomes SUPERSEDED and the successor is followed (G6: the stream
         ends when the successor closes, never on the predecessor's DONE alone).  The
@@ -309,10 +309,9 @@ class ReadableFolderQueue(_Recovery):
             seen[key] = SUPERSEDED
             skey = (key[0], succ)
             if seen.get(skey) in (None, L.HELO):
-                state = self._state_by_name(skey)
-                if state is not None:
-                    present.add(skey)
-                seen[skey] = state or L.HELO  # GONE below if it has no file at all
+                # No file at all: HELO for now (the next look counts it GONE, as for
+                # any producer whose control files were removed by reset or purge).
+                seen[skey] = self._state_by_name(skey) or L.HELO
                 if seen[skey] == L.DONE:
                     todo.append(skey)  # it may have died and been superseded in turn
 
