@@ -291,6 +291,7 @@ def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
                  size=len(data), head=data[:40].decode("ascii", "replace"))
         if work:
             time.sleep(work)  # the task: a cut-off host is caught holding claims
+        note(ev="acking", name=name)  # killed from here on: the ack may have happened
         try:
             q.task_done(path)
         except FileNotFoundError:
@@ -432,7 +433,8 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     for _, p, _ in cons:
         if p.poll() is None:
             raise RuntimeError(f"consumer {p.pid} still running after {timeout} s")
-    r = check_logs(logs, n_hosts, per_host, killed_logs, part_windows)
+    r = check_logs(logs, n_hosts, per_host, killed_logs, part_windows,
+                   leftovers(folders[0]))
     r.update(kills=n_kills, host_kills=host_kills, producer_kills=producer_kills,
              partitions=n_parts, secs=round(time.time() - t0, 1))
     if skew:
@@ -450,7 +452,29 @@ def run_config(hosts, n_hosts: int, per_host: int, consumers: int, rng, **kw) ->
                         consumers, rng, faults=faults, **kw)
 
 
-def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict:
+def leftovers(folder: str) -> dict:
+    """``{message: [where]}`` for every message still in the queue folder at the end
+    (ready, ``wip/``, ``failed/``, ``tmp/``), from fresh listings."""
+    from pympx_queues import _fs
+
+    out: dict = {}
+    for sub in ("", "wip", "failed", "tmp"):
+        d = os.path.join(folder, sub) if sub else folder
+        _fs.refresh_listing(d)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            if not n.endswith(".tsv"):
+                continue
+            base = re.sub(r"~[0-9a-f]{8}$", "", n.split("__", 1)[-1][:-len(".tsv")])
+            out.setdefault(base, []).append(os.path.join(sub, n))
+    return out
+
+
+def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=(),
+               left=None) -> dict:
     """Read the consumers' logs; count every violation of G1..G6 across hosts.
 
     * lost: a message never acknowledged (G1).
@@ -463,13 +487,18 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
       killed nor on a host cut off at the time (G3 with leases).
     * early_done: a message first delivered after some consumer had seen DONE, or never
       delivered although one had (G6).
+    * acked_unlogged (allowed, not a violation): a message whose ``task_done`` was under
+      way (``acking`` logged) when its consumer was killed, that no log shows acknowledged
+      and that is nowhere in the folder at the end (``left``: :func:`leftovers`): the
+      acknowledgement reached the file server (sshfs completes a request after the
+      process that made it was killed).  Without ``left`` it counts as lost.
     * producer_redo (allowed, not a violation): a second delivery of a message whose put
       was in flight when its producer was killed (``begin k`` without ``end k`` in the
       producer's log ``p-h<i>.log``); at most one per kill with that put in flight.
       Any further extra delivery of it counts as a violation above.
     """
     expected = {f"h{i}-{k:06d}" for i in range(n_hosts) for k in range(per_host)}
-    gets, acked = {}, {}
+    gets, acked, acking = {}, {}, {}
     corrupt = fenced = 0
     corrupt_names = set()
     first_done = None
@@ -497,6 +526,8 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
                 gets.setdefault(rec["name"], []).append(unread[1])
             elif rec["ev"] == "ack":
                 acked[rec["name"]] = min(acked.get(rec["name"], rec["t"]), rec["t"])
+            elif rec["ev"] == "acking":
+                acking.setdefault(rec["name"], set()).add(fn)
             elif rec["ev"] == "fenced":
                 fenced += 1
                 if unread is not None and unread[0] == rec["name"]:
@@ -539,8 +570,16 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
         if first_done is not None and gl[0][0] > first_done:
             early += 1
             bad.add(name)
-    lost = len(expected - set(acked))
-    bad |= expected - set(acked)
+    unlogged = set()
+    if left is not None:
+        killed_acks = {n for n, fns in acking.items() if fns & killed}
+        unlogged = (expected - set(acked)) & killed_acks - set(left)
+    lost_names = expected - set(acked) - unlogged
+    lost = len(lost_names)
+    bad |= lost_names
+    for name in sorted(lost_names):
+        if left and name in left:
+            print(f"  lost {name}: still in the folder as {left[name]}", file=sys.stderr)
     bad |= corrupt_names
     if first_done is not None:
         early += len(expected - set(gets))
@@ -550,9 +589,11 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
                 if any(f'"{n}"' in line for n in bad) or '"end"' in line:
                     print(f"  {fn}{' (killed)' if fn in killed else ''}: {line.strip()}",
                           file=sys.stderr)
-    return dict(hosts=n_hosts, messages=len(expected), acked=len(set(acked) & expected),
+    return dict(hosts=n_hosts, messages=len(expected),
+                acked=len((set(acked) | unlogged) & expected),
                 lost=lost, corrupt=corrupt, redelivered_done=redelivered_done,
-                dup_beyond_lease=dup, early_done=early, fenced=fenced, producer_redo=redo)
+                dup_beyond_lease=dup, early_done=early, fenced=fenced, producer_redo=redo,
+                acked_unlogged=len(unlogged))
 
 
 def _local_spawn(i: int, argv: list) -> subprocess.Popen:

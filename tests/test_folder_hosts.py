@@ -594,3 +594,21 @@ def test_hosts_checker_allows_one_extra_delivery_per_put_in_flight_at_a_producer
                {"ev": "claim", "name": "h0-000000", "t": 13.0})
     r = hosts.check_logs(str(tmp_path), 2, 1)
     assert r["producer_redo"] == 1 and r["redelivered_done"] == 2, r
+
+
+def test_hosts_checker_a_killed_consumers_ack_counts_only_if_the_message_is_gone(tmp_path):
+    # A consumer killed inside task_done: sshfs may complete the unlink after the kill.
+    hosts = _hosts_module()
+    _write_log(tmp_path / "c1-h0.jsonl",
+               {"ev": "claim", "name": "h0-000000", "t": 1.0},
+               {"ev": "got", "name": "h0-000000", "ok": True, "t": 1.1},
+               {"ev": "acking", "name": "h0-000000", "t": 1.2})
+    _write_log(tmp_path / "c2-h1.jsonl", {"ev": "claim", "name": "h1-000000", "t": 2.0},
+               {"ev": "ack", "name": "h1-000000", "t": 2.1})
+    killed = [str(tmp_path / "c1-h0.jsonl")]
+    r = hosts.check_logs(str(tmp_path), 2, 1, killed, left={})
+    assert r["lost"] == 0 and r["acked_unlogged"] == 1, r
+    r = hosts.check_logs(str(tmp_path), 2, 1, killed, left={"h0-000000": ["wip/x"]})
+    assert r["lost"] == 1 and r["acked_unlogged"] == 0, r
+    r = hosts.check_logs(str(tmp_path), 2, 1, [], left={})  # not killed: really lost
+    assert r["lost"] == 1, r
