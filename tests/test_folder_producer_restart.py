@@ -144,6 +144,39 @@ def test_a_successor_follows_even_when_the_listing_does_not_show_it_yet(
     r.close()
 
 
+def test_a_done_file_that_cannot_be_read_yet_is_not_taken_for_a_plain_close(
+        tmp_path, monkeypatch):
+    # On NFS a name looked up before it existed stays "absent" for up to a minute: the
+    # predecessor's DONE shows in the listing but cannot be opened.  Whether it was
+    # superseded is unknown, so it must not end the stream.
+    proc, dead_id = start_producer(tmp_path, count=1)
+    wait_for(lambda: proc.stdout.readline().startswith("put"), message="one put")
+    kill(proc)
+    r = reader(tmp_path, expected_producers=1)
+    w = WritableFolderQueue(tmp_path, run_id=RUN, producer_key="p")
+    hidden, blocked = [w.producer_id], [dead_id]
+    real_scandir, real_read = _fs.scandir, _fs.read_bytes
+
+    def stale_scandir(path):
+        entries = list(real_scandir(path))
+        if os.path.basename(str(path)) == "control":
+            entries = [e for e in entries if not any(h in e.name for h in hidden)]
+        return entries
+
+    def read_bytes(path, *a, **kw):
+        if any(b in os.path.basename(str(path)) for b in blocked):
+            raise FileNotFoundError(2, "negative lookup cached", str(path))
+        return real_read(path, *a, **kw)
+
+    monkeypatch.setattr(_fs, "scandir", stale_scandir)
+    monkeypatch.setattr(_fs, "read_bytes", read_bytes)
+    w.close()  # closed, but hidden: only the predecessor's (unreadable) DONE shows
+    assert drain(r) == ["m-000000.tsv"]  # no DONE: superseded or not is unknown
+    blocked.clear()  # readable now: the successor is followed, found closed by name
+    assert r.get(timeout=5) is DONE
+    r.close()
+
+
 def test_a_successor_refuses_while_its_predecessor_runs(tmp_path):
     proc, live_id = start_producer(tmp_path, count=0)
     try:
