@@ -1417,3 +1417,78 @@ def move_aside(src: PathLike, directory: PathLike, mode: int = DEFAULT_DIR_MODE)
         except FileNotFoundError:
             return None
     raise FileExistsError(errno.EEXIST, "no free name to move a file aside", src)
+
+
+# --------------------------------------------------------------------------- owned scratch dirs
+# Added for the pipeline's spilled key sets (pympx_queues/pipeline/_keys.py): scratch
+# files a process writes for itself and nobody else reads.  The directory is named after
+# its owner, so one left by a process killed with SIGKILL is told apart from a live one
+# and removed by the next process that looks (it never holds anything to recover).
+
+
+def make_owned_dir(parent: PathLike, prefix: str) -> str:
+    """Create a new private directory ``{prefix}.{host}.{pid}.{start}.{rand}`` (mode
+    0700) in ``parent``; :func:`remove_dead_owned_dirs` removes it once its owner died."""
+    host, pid, start = owner_tag()
+    path = os.path.join(os.fspath(parent), f"{prefix}.{host}.{pid}.{start}.{random_id(6)}")
+    os.mkdir(path, 0o700)
+    _trace("mkdir", path)
+    return path
+
+
+def owned_dir_owner(name: str, prefix: str) -> Optional[Tuple[str, int, int]]:
+    """(host, pid, start) of a :func:`make_owned_dir` name with ``prefix``, or None."""
+    if not name.startswith(prefix + "."):
+        return None
+    parts = name[len(prefix) + 1:].split(".")
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def remove_dead_owned_dirs(parent: PathLike, prefix: str) -> int:
+    """Remove the :func:`make_owned_dir` directories with ``prefix`` in ``parent`` whose
+    owner (on this host) is gone; returns how many.  Never follows a symlink."""
+    removed = 0
+    try:
+        entries = list(scandir(parent))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        owner = owned_dir_owner(entry.name, prefix)
+        if owner is None or owner[0] != _HOST or process_alive(owner[1], owner[2]):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(entry.path)
+            removed += 1
+    return removed
+
+
+def remove_tree(path: PathLike) -> None:
+    """Remove a scratch directory and its files (gone already: nothing to do)."""
+    import shutil
+
+    shutil.rmtree(os.fspath(path), ignore_errors=True)
+    _trace("unlink", os.fspath(path))
+
+
+def create_scratch(path: PathLike) -> int:
+    """A new file for scratch data (O_EXCL, never synced: it does not outlive its
+    process), open for reading and writing."""
+    fd = _open_new(os.fspath(path), os.O_RDWR, DEFAULT_FILE_MODE)
+    _trace("create", os.fspath(path), fd)
+    return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the file position (a short write continues)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def read_at(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (pread: no file position, no mapping; a mapped
+    file's pages would count in the process's resident memory)."""
+    return os.pread(fd, length, offset)

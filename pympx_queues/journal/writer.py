@@ -198,10 +198,15 @@ class JournalWriter:
                 pass
         log.error("journal %s: write failed (%r); it takes no more records", self.path, exc)
 
-    def append(self, records: Sequence[Tuple[str, str]]) -> None:
-        """Append ``(kind, payload_json)`` records durably (see class doc); blocks on I/O."""
+    def append(self, records: Sequence[Tuple[str, str]], sync: bool = True) -> int:
+        """Append ``(kind, payload_json)`` records durably (see class doc); blocks on I/O.
+
+        ``sync=False`` in fsync mode writes them (one ``write(2)``: in the page cache,
+        not yet durable) and returns a ticket for :meth:`sync`, which another thread may
+        call: the caller keeps the GIL-bound formatting, the syncing thread only waits
+        for the disk.  Returns the ticket either way (0 when ``records`` is empty)."""
         if not records:
-            return
+            return 0
         with self._lock:
             if self._broken is not None:
                 raise JournalBroken(f"journal {self.path} failed earlier: {self._broken!r}")
@@ -217,8 +222,21 @@ class JournalWriter:
             self._written += 1
             ticket = self._written
             fd = self._fd
-        if self.durability == _fs.FSYNC:
+        if sync and self.durability == _fs.FSYNC:
             self._group_commit(ticket, fd)
+        return ticket
+
+    def sync(self, ticket: Optional[int] = None) -> None:
+        """Make the appends up to ``ticket`` (default: all so far) durable: one fsync,
+        shared with callers syncing at the same time (group commit).  A failure is never
+        retried: the journal takes nothing more (:class:`JournalBroken`)."""
+        with self._lock:
+            if ticket is None:
+                ticket = self._written
+            fd = self._fd
+            if fd is None:
+                self._refuse()
+        self._group_commit(ticket, fd)  # type: ignore[arg-type]
 
     def append_one(self, kind: str, payload: str) -> None:
         """:meth:`append` of a single record (the hot path of put and task_done)."""

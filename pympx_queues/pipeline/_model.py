@@ -37,6 +37,25 @@ class EncodeError(PipelineError):
     """A stage's output cannot be journaled by the pipeline's codec."""
 
 
+class PipelineStalled(PipelineError):
+    """A run that can never end: items are held (by a stage's scheduler, or finished and
+    waiting for room in the next stage) while nothing runs, no retry is due, the source
+    has ended (or a ``stop(drain=True)`` waits for them) and no scheduler says what it
+    waits for.  ``stage``: the first stage holding items; ``scheduler``: its scheduler's
+    class name; ``held``: items that stage holds; ``holds``: stage name -> items held,
+    for every stage that holds some.  The held items are not done: a durable run leaves
+    them in the journal and the next run resumes them."""
+
+    def __init__(self, message: str, stage: Optional[str] = None,
+                 scheduler: Optional[str] = None, held: int = 0,
+                 holds: Optional[Dict[str, int]] = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.scheduler = scheduler
+        self.held = held
+        self.holds = dict(holds or {})
+
+
 # --------------------------------------------------------------------------- retries
 @dataclass
 class Retry:

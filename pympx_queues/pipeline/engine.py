@@ -26,10 +26,10 @@ import traceback
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional
 
-from ._keys import KeySet
+from ._keys import KeySet, close_keys
 from ._model import (EncodeError, ErrorInfo, FifoScheduler, ItemContext, ItemResult,
-                     PipelineError, Refill, RunReport, Stage, StageStats, StageTimeout,
-                     _is_async_iterable)
+                     PipelineError, PipelineStalled, Refill, RunReport, Stage, StageStats,
+                     StageTimeout, _is_async_iterable)
 
 log = logging.getLogger("pympx_queues.pipeline")
 
@@ -186,6 +186,18 @@ class Pipeline:
             return
         try:
             loop.call_soon_threadsafe(self._on_stop)
+        except RuntimeError:  # loop closed: the run is over
+            pass
+
+    def wake(self) -> None:
+        """Offer the free workers to the stages' schedulers again.  Thread-safe.  A
+        scheduler whose ``waiting()`` named something it waits for calls this once that
+        happened (else the engine asks it again only when an item ends or arrives)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._pump)
         except RuntimeError:  # loop closed: the run is over
             pass
 
@@ -375,8 +387,12 @@ class Pipeline:
         self._listening = emit is not None or self.on_complete is not None or self.ordered
         self._idle_wait: Optional[asyncio.Future] = None
         self._source_done = False
+        self._stalled: Optional[PipelineStalled] = None
+        self._stall_check_due = False
         self._halted = False
-        self._seen: Optional[KeySet] = KeySet() if self.key is not None else None
+        self._seen: Optional[KeySet] = KeySet(
+            spill_dir=self._journal.directory if self._journal is not None else None,
+            name=self.name) if self.key is not None else None  # P4: bounded, spills
         self._report = rep = RunReport(stages={s.name: StageStats() for s in self.stages},
                                        state="running")
         self._runs = [_StageRun(s, i, i == len(self.stages) - 1)
@@ -437,13 +453,15 @@ class Pipeline:
             if progress is not None:
                 progress.close()
             if self._journal is not None:
-                if rep.state == "running" and not self._halted:
+                if (rep.state == "running" or self._stalled is not None) and \
+                        not self._halted:
                     try:
                         await self._journal.drain()  # results released after their fsync
                     except Exception:  # pragma: no cover - reported by close below
                         log.exception("pipeline %r: journal drain", self.name)
                 self._journal.end_run(finished=rep.state == "running" and
                                       self._source_done and self._stop_request is None)
+            close_keys(self._seen)  # its scratch files
             if rep.state == "running":
                 rep.state = ("finished" if self._stop_request is None else
                              "stopped" if self._stop_request else "halted")
@@ -467,6 +485,10 @@ class Pipeline:
                 return
             if self._halted:
                 return
+            if self._stalled is not None:
+                if self._stop_request:  # a drain ends stopped: the rest waits for a run
+                    return
+                raise self._stalled
             if self._source_done and self._nothing_in_flight():
                 return
             self._idle_wait = loop.create_future()
@@ -693,6 +715,7 @@ class Pipeline:
         if self._halted:
             return
         runs = self._runs
+        started = False
         for sr in reversed(runs):
             # pull finished items of the previous stage into this stage's buffer
             if sr.index > 0:
@@ -713,8 +736,114 @@ class Pipeline:
                 for group in groups:
                     if group:
                         self._start(sr, group)
+                        started = True
         if self._room():
             self._wake_feeder()
+        if not started and self._report.in_flight and not self._stall_check_due and \
+                self._idle_stages() and self._source_waits():
+            self._stall_check_due = True
+            self._soon(self._check_stall)
+
+    # ------------------------------------------------------------------ stalls
+    def _source_waits(self) -> bool:
+        """No item comes from the source unless an item in flight moves: it has ended
+        (or a stop), or it waits for room that only the items in flight can make (stage
+        0 is full, or no result waits for the consumer to take it)."""
+        if self._source_done:
+            return True
+        w = self._feeder_wait
+        if w is None or w.done():
+            return False
+        s0 = self._runs[0]
+        return s0.queued() >= s0.stage.queue_size or self._live <= self._report.in_flight
+
+    def _idle_stages(self) -> bool:
+        """Nothing runs in any stage and no retry is due (no event of ours is coming)."""
+        for sr in self._runs:
+            if sr.running or sr.retrying:
+                return False
+        return True
+
+    def _check_stall(self) -> None:
+        """Items are in flight, yet nothing runs, no retry is due and the source has
+        ended (or it waits for room only they can make, or a drain waits for them).
+        Unless a scheduler says what it waits for, or journal records are still being
+        synced (their callbacks may stop the run: a tripped kill switch), nothing can
+        ever change this state: the run fails with :class:`PipelineStalled` instead of
+        waiting for ever; a draining stop ends the run stopped, the held items left for
+        the next run (a tripped kill switch's scheduler refuses them by design, P7).
+        Checked one loop turn after the pump that found it (completions already queued
+        get their turn first)."""
+        self._stall_check_due = False
+        if self._halted or self._stalled is not None or not self._report.in_flight or \
+                self._pump_due or not self._idle_stages() or not self._source_waits():
+            return
+        j = self._journal
+        if j is not None and j.syncing():
+            j.after_sync(self._pump)  # look again once the callbacks of the sync ran
+            return
+        for sr in self._runs:
+            waiting = getattr(sr.sched, "waiting", None)
+            what = waiting() if waiting is not None else None
+            if what is None or what is False or what == "":
+                continue
+            if isinstance(what, (int, float)) and not isinstance(what, bool):
+                self._loop.call_later(max(float(what), 0.0), self._pump)
+            log.debug("pipeline %r: stage %r's scheduler waits for %r", self.name,
+                      sr.stage.name, what)
+            return
+        self._stalled = self._stall_error()
+        if self._stop_request:
+            log.warning("%s", self._stalled)
+        else:
+            log.error("%s", self._stalled)
+        w = self._idle_wait
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _stall_error(self) -> PipelineStalled:
+        holds: Dict[str, int] = {}
+        parts = []
+        culprit = None  # a scheduler that holds items and starts none with workers free
+        for sr in self._runs:
+            n = sr.sched.buffered()
+            free = max(sr.slots - sr.running - len(sr.blocked), 0)
+            if n or sr.blocked:
+                holds[sr.stage.name] = n + len(sr.blocked)
+            if n and free:
+                parts.append(f"stage {sr.stage.name!r}: its scheduler "
+                             f"{type(sr.sched).__name__} holds {n} item(s) and starts "
+                             f"none of them with {free} worker(s) free")
+                if culprit is None:
+                    culprit = sr
+            if sr.blocked:
+                nxt = self._runs[sr.index + 1].stage.name
+                queued = f"{n} item(s) queued behind " if n and not free else ""
+                parts.append(f"stage {sr.stage.name!r}: {queued}{len(sr.blocked)} finished "
+                             f"item(s) wait for room in stage {nxt!r}")
+        first = culprit
+        if first is None:
+            first = next((sr for sr in self._runs if sr.stage.name in holds), None)
+        in_flight = self._report.in_flight
+        if not parts:
+            parts.append(f"{in_flight} item(s) in flight but no stage holds them")
+        keep = ("they are not done: the journal keeps them and the next run resumes them"
+                if self._journal is not None else "they are not done")
+        if self._stop_request:  # a drain: what can finish has; the run ends stopped
+            msg = (f"pipeline {self.name!r}: stop(drain=True) cannot finish the items "
+                   f"held: " + "; ".join(parts) + f"; nothing runs and no retry is due: "
+                   f"the run ends stopped; {keep}")
+        else:
+            why = ("the source has ended" if self._source_done else
+                   "the source waits for room that only these items can make")
+            msg = (f"pipeline {self.name!r} can never end: " + "; ".join(parts) +
+                   f"; nothing runs, no retry is due and {why}.  A scheduler that waits "
+                   f"for something says so in waiting() (docs/pipelines.md, custom "
+                   f"schedulers); {keep}")
+        return PipelineStalled(msg, first.stage.name if first is not None else None,
+                               type(first.sched).__name__ if first is not None else None,
+                               holds.get(first.stage.name, 0) if first is not None else 0,
+                               holds)
 
     def _enter(self, sr: _StageRun, item: ItemContext) -> None:
         item.stage = sr.stage.name

@@ -37,7 +37,7 @@ from .. import _fs
 from .. import journal as jr
 from ..errors import JournalCorruptError
 from ..journal.history import split_superseded
-from ._keys import KeySet
+from . import _keys
 from ._model import EncodeError, PipelineError
 
 log = logging.getLogger("pympx_queues.pipeline")
@@ -100,13 +100,15 @@ class Saved:
 class Replay:
     """The fold of a pipeline's journals."""
 
-    def __init__(self, track_done: bool = True, compact: bool = False) -> None:
+    def __init__(self, track_done: bool = True, compact: bool = False,
+                 spill_dir: Optional[str] = None, name: str = "") -> None:
         self.track_done = track_done
         self.done_count = 0
         self.unfinished: "OrderedDict[str, Saved]" = OrderedDict()
         # key -> enc output (None unless keep_results); ``compact`` (a run without
-        # keep_results): a KeySet of fingerprints, 16-32 bytes per done key, not a dict
-        self.done: Any = KeySet() if compact else {}
+        # keep_results): a KeySet of fingerprints in bounded memory (P4), spilled to
+        # scratch files in ``spill_dir`` past its budget, not a dict
+        self.done: Any = _keys.KeySet(spill_dir=spill_dir, name=name) if compact else {}
         self.states: Dict[str, Any] = {}
         self.stages: List[str] = []
         self.failed_attempts: Dict[int, int] = {}
@@ -177,6 +179,10 @@ class Replay:
             self.states[p["n"]] = p.get("v")
         elif kind == KIND_RESET:
             self.states.pop(p["n"], None)
+
+    def close(self) -> None:
+        """Free the done keys' scratch files (the fold is not asked about them again)."""
+        _keys.close_keys(self.done)
 
     @property
     def dead(self) -> Dict[str, Saved]:
@@ -328,22 +334,36 @@ def read_header(path: str) -> Dict[str, Any]:
     return payload if kind == jr.KIND_HEADER and isinstance(payload, dict) else {}
 
 
-def _snapshot_stream(streams: Sequence[StreamScan], replay: Replay, keep_results: bool):
-    """Records of a snapshot: done keys read again from the journals (never all held in
-    memory), then the unfinished items, dead letters and states of ``replay``."""
+def _fold_streams(streams: Sequence[StreamScan], replay: Replay, keep_results: bool,
+                  durable: bool, snapshot: bool):
+    """Fold ``streams`` into ``replay`` (each journal read once, its torn tail cut after
+    it); with ``snapshot``, yield the records of a snapshot as it goes: the done keys as
+    they are read (never all held in memory), then the unfinished items, dead letters
+    and states of ``replay``.  Without it, a generator that yields nothing."""
     dumps = jr.dumps
+    apply = replay.apply
     for st in streams:
+        meta = st.header.get(HEADER_FIELD) or {}
+        if meta.get("stages"):
+            replay.stages = list(meta["stages"])
         for kind, p in st:
+            apply(kind, p, keep_results)
+            if not snapshot:
+                continue
             if kind == KIND_DONE:
-                if keep_results or "o" not in p:
+                if keep_results and "o" in p:
                     yield KIND_DONE, dumps(p)
                 else:
-                    yield KIND_DONE, dumps({"k": p["k"]})
+                    yield KIND_DONE, '{"k":%s}' % _dumps_key(p["k"])
             elif kind == KIND_BATCH and p.get("y"):
                 outs = p.get("o") if keep_results else None
                 for n, key in enumerate(p["k"]):
-                    yield KIND_DONE, dumps({"k": key} if outs is None
-                                           else {"k": key, "o": outs[n]})
+                    yield KIND_DONE, ('{"k":%s}' % _dumps_key(key) if outs is None
+                                      else dumps({"k": key, "o": outs[n]}))
+        if st.problem is not None or st.reserved:
+            st.cut(durable)
+    if not snapshot:
+        return
     for key, saved in replay.unfinished.items():
         yield KIND_ACCEPT, dumps({"k": key, "i": saved.index, "d": saved.data,
                                   "s": saved.stage})
@@ -419,35 +439,44 @@ def compact_dead(directory: str, name: str, header: dict, *, keep_results: bool,
                 f"pipeline {name!r} in {directory}: a run is live (journal "
                 f"{os.path.basename(st.path)}, pid {st.header.get('pid')}); one "
                 "coordinator per pipeline")
-    replay = Replay(track_done=track_done, compact=not keep_results)
-    for st in counted:
-        meta = st.header.get(HEADER_FIELD) or {}
-        if meta.get("stages"):
-            replay.stages = list(meta["stages"])
-        for kind, payload in st:
-            replay.apply(kind, payload, keep_results)
-        if st.problem is not None or st.reserved:
-            st.cut(durable)
-    if len(counted) > 1 or superseded:
+    _keys.remove_dead(directory, name)  # scratch files of a run that was killed
+    replay = Replay(track_done=track_done, compact=not keep_results,
+                    spill_dir=directory, name=name)
+    if isinstance(replay.done, _keys.KeySet):
+        replay.done.load()  # a key is done once in the journals: adds skip the runs
+    if not (len(counted) > 1 or superseded):
+        for _ in _fold_streams(counted, replay, keep_results, durable, False):
+            pass
+    else:
+        # One pass: the snapshot is written while the journals are folded.
         runs = [st.name.run for st in counted]
         snap = write_snapshot(directory, name, min(runs),
-                              _snapshot_stream(counted, replay, keep_results), header,
-                              [st.path for st in counted])
+                              _fold_streams(counted, replay, keep_results, durable, True),
+                              header, [st.path for st in counted])
         for path in [st.path for st in counted] + superseded:
             _fs.unlink_regular(path)  # P1: the snapshot above is durable already
         _fs.fsync_dir(directory)
         log.info("pipeline %s/%s: %d journal(s) compacted into %s", directory, name,
                  len(counted), os.path.basename(snap))
+    if isinstance(replay.done, _keys.KeySet):
+        replay.done.freeze()  # looked up only from now on
     return replay
 
 
 # --------------------------------------------------------------------------- writing
+def _run_all(callbacks: List[Any]) -> None:
+    for fn in callbacks:
+        fn()
+
+
 class PipelineJournal:
     """The coordinator's side: replay at open, then one record per step.
 
     ``flush`` durability: each record is in the page cache when the call returns
-    (survives kill -9).  ``fsync``: records of one event-loop turn share one fsync (group
-    commit); results are released to the user only after it (:meth:`after_sync`).
+    (survives kill -9).  ``fsync``: records share fsyncs (group commit: the records that
+    come while one fsync runs, and while they keep coming for up to ``SETTLE_SECONDS``
+    after it, go in the next one); results are released to the user only after the fsync
+    that covers them (:meth:`after_sync`).
     """
 
     def __init__(self, directory: str, name: str, *, durability: str = "flush",
@@ -503,8 +532,9 @@ class PipelineJournal:
         with self._lock:
             if self._writer is not None and not fresh:
                 return
-            self._close_writer()
+            after = self._close_writer()
             _fs.makedirs(self.directory)
+            self.replay.close()
             with jr.directory_lock(self.directory, self.name):
                 self.replay = compact_dead(self.directory, self.name, self.header,
                                            keep_results=self.keep_results,
@@ -514,25 +544,32 @@ class PipelineJournal:
                                                 durability=self.durability,
                                                 header=self.header)
             self._bytes = 0
+        _run_all(after)
 
-    def _close_writer(self) -> None:
+    def _close_writer(self) -> List[Any]:
+        """Close the writer after writing (and syncing) what waits; returns the
+        callbacks of those records, to run once the lock is released."""
         w, self._writer = self._writer, None
+        after: List[Any] = []
         if w is not None:
-            self._flush_now()
+            after = self._flush_now(writer=w)  # into this writer: it is no longer ours
             w.close()
+        return after
 
     def close(self) -> None:
         with self._lock:
-            self._flush_now(writer=self._writer)
-            self._close_writer()
+            after = self._flush_now(writer=self._writer)
+            after += self._close_writer()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
             self._loop = None
+        _run_all(after)
 
     def end_run(self, finished: bool) -> None:
         self._loop = None
         self.close()
+        self.replay.close()
 
     # -- appends
     def _append(self, kind: str, payload: str) -> None:
@@ -549,10 +586,11 @@ class PipelineJournal:
             if self._bytes > self.compact_bytes:
                 self.rotate()
 
-    # fsync mode: group commit.  Records wait in a buffer; one thread writes and fsyncs
-    # each buffer in order while the loop goes on collecting the next one, and work that
-    # must not happen before the records are durable (a result to the user, a sink's side
-    # effect) waits in after_sync() callbacks for the batch that covers them.
+    # fsync mode: group commit.  Records wait in a buffer; the loop writes each buffer
+    # (one write(2)) and one thread fsyncs it while the loop goes on collecting the next
+    # one, and work that must not happen before the records are durable (a result to the
+    # user, a sink's side effect) waits in after_sync() callbacks for the batch that
+    # covers them.
     def _get_loop(self) -> Any:
         if self._loop is None:
             import asyncio
@@ -575,7 +613,8 @@ class PipelineJournal:
 
     def _kick(self) -> None:
         self._flush_scheduled = False
-        if self._inflight is not None or not self._buf or self._writer is None:
+        if self._inflight is not None or not self._buf or self._writer is None or \
+                self._failed is not None:
             return
         buf, self._buf = self._buf, []
         after, self._after = self._after, []
@@ -583,7 +622,18 @@ class PipelineJournal:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"journal-{self.name}")
-        fut = self._loop.run_in_executor(self._pool, self._writer.append, buf)
+        # The loop formats and writes the batch (one write(2)); the thread only waits
+        # for its fsync.  Formatting in the thread made it compete for the GIL with the
+        # loop and the stages' threads at every batch (measured: fsync mode ran at half
+        # the flush mode's rate; see docs/benchmarks-pipeline.md).
+        writer = self._writer
+        try:
+            ticket = writer.append(buf, sync=False)
+        except Exception as exc:  # never retried: nothing that waited for them happens
+            self._failed = exc
+            log.error("pipeline %s: journal write failed: %r", self.name, exc)
+            return
+        fut = self._loop.run_in_executor(self._pool, writer.sync, ticket)
         self._inflight = fut
         self._inflight_after = after
         fut.add_done_callback(self._batch_synced)
@@ -600,10 +650,40 @@ class PipelineJournal:
             return
         for fn in after:
             fn()
-        if self._buf:
-            self._kick()
-        elif self._bytes > self.compact_bytes:
-            self.rotate()
+        if self._bytes > self.compact_bytes:
+            self.rotate()  # writes and syncs what waits first: a long run stays bounded
+        elif self._buf and self._loop is not None:  # (None: closing, close() writes them)
+            # Records came while the disk synced.  While more keep coming, let them join
+            # this batch (up to SETTLE_SECONDS): an fsync costs the whole machine CPU (the
+            # file system's journal commit), and back-to-back fsyncs of a few items each
+            # halved the item rate.  When a loop turn or a few bring nothing more (the run
+            # waits for this sync: a small queue, a sink), the batch goes at once.
+            self._flush_scheduled = True
+            self._settle_len = len(self._buf)
+            self._settle_idle = 0
+            self._settle_until = time.monotonic() + self.SETTLE_SECONDS
+            self._loop.call_soon(self._settle)
+
+    #: Group commit under load: the next batch waits for records while they keep coming,
+    #: at most this long after the previous fsync ended ...
+    SETTLE_SECONDS = 0.004
+    #: ... and goes once this many loop turns in a row brought no record.
+    SETTLE_TURNS = 4
+    _settle_len = 0
+    _settle_idle = 0
+    _settle_until = 0.0
+
+    def _settle(self) -> None:
+        loop = self._loop
+        if loop is None or self._writer is None or not self._flush_scheduled:
+            return  # closed, or flushed meanwhile
+        n = len(self._buf)
+        self._settle_idle = 0 if n > self._settle_len else self._settle_idle + 1
+        self._settle_len = n
+        if self._settle_idle < self.SETTLE_TURNS and time.monotonic() < self._settle_until:
+            loop.call_soon(self._settle)
+            return
+        self._kick()
 
     async def drain(self) -> None:
         """Wait until every record appended so far is durable and its callbacks ran."""
@@ -624,9 +704,12 @@ class PipelineJournal:
         """Write (and in fsync mode, sync) the buffered records now, then run their
         callbacks; blocks."""
         with self._lock:
-            self._flush_now(writer=self._writer)
+            after = self._flush_now(writer=self._writer)
+        _run_all(after)
 
-    def _flush_now(self, writer: Optional[jr.JournalWriter] = None) -> None:
+    def _flush_now(self, writer: Optional[jr.JournalWriter] = None) -> List[Any]:
+        """Write and sync the buffered records; returns their callbacks (run by the
+        caller outside ``self._lock``: a callback may journal state, which takes it)."""
         writer = writer or self._writer
         if self._pool is not None and self._inflight is not None:
             self._pool.shutdown(wait=True)  # the batch in flight is written first
@@ -637,8 +720,13 @@ class PipelineJournal:
         after, self._after = self._after, []
         if buf and writer is not None and self._failed is None:
             writer.append(buf)  # P1 across power loss: one fsync for the whole batch
-            for fn in after:
-                fn()
+            return after
+        return []
+
+    def syncing(self) -> bool:
+        """True while records appended in fsync mode wait for their fsync (their
+        :meth:`after_sync` callbacks have not run yet)."""
+        return self.fsync and (self._inflight is not None or bool(self._buf))
 
     def after_sync(self, fn: Any) -> None:
         """Run ``fn`` once the records appended so far are durable (at once in flush
@@ -656,7 +744,7 @@ class PipelineJournal:
         """Start a new journal file and compact the closed ones (a long run's journal
         stays bounded)."""
         with self._lock:
-            self._close_writer()
+            after = self._close_writer()
             with jr.directory_lock(self.directory, self.name):
                 self._run = jr.new_run_id()
                 self._writer = jr.JournalWriter(self.directory, self.name, self._run,
@@ -666,6 +754,7 @@ class PipelineJournal:
                              keep_results=self.keep_results, exclude=[self._writer.path],
                              durable=self.fsync, track_done=False)
             self._bytes = 0
+        _run_all(after)
 
     def accept(self, key: str, index: int, data: Any) -> None:
         enc = self.encode(data, "the source item with key %r", key)
