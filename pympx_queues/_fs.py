@@ -648,6 +648,25 @@ def random_id(nbytes: int = 4) -> str:
     return os.urandom(nbytes).hex()
 
 
+_BOOT_ID: Optional[str] = None
+
+
+def boot_id() -> str:
+    """This boot's id: the first 12 hex digits of ``/proc/sys/kernel/random/boot_id``
+    ("" where there is none).  Temp-file names carry it, so that after a reboot a
+    process that got the same pid (and the same start time in ticks since boot) is never
+    taken for the writer of a file the previous boot left behind."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                text = f.read().strip().replace("-", "").lower()
+        except OSError:
+            text = ""
+        _BOOT_ID = text[:12] if re.fullmatch(r"[0-9a-f]{12,32}", text) else ""
+    return _BOOT_ID
+
+
 def owner_tag() -> Tuple[str, int, int]:
     """(host, pid, start time) of the calling process: who owns a claim or journal."""
     return _HOST, os.getpid(), my_start_time()

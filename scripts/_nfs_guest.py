@@ -332,7 +332,7 @@ def main_nfs(a) -> int:
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
     configs = [dict(vers=v, opts="" if o == "default" else o)
                for v in a.nfs_vers for o in a.nfs_opts]
-    job = dict(rpcdebug=os.environ.get("PQNFS_RPCDEBUG", ""), configs=configs, hosts=a.hosts, size=a.size, consumers=a.consumers, seed=seed,
+    job = dict(rpcdebug=os.environ.get("PQNFS_RPCDEBUG", ""), configs=configs, hosts=a.hosts, size=a.size, consumers=a.consumers, seed=seed, skew=getattr(a, "skew", 0.0),
                probe=not a.nfs_no_probe, workload=not a.nfs_no_workload)
     timeout = a.nfs_timeout or (180 + len(configs) * (
         (120 if job["probe"] else 0) + (len(a.hosts) * (120 + 120 * a.size)
@@ -751,7 +751,8 @@ def _workload(nh: "_Nfs", n: int, job: dict, rng) -> dict:
     th = threading.Thread(target=progress, daemon=True)
     th.start()
     try:
-        return hosts.run_config(nh, n, 100 * job["size"], job["consumers"], rng)
+        return hosts.run_config(nh, n, 100 * job["size"], job["consumers"], rng,
+                                skew=job.get("skew", 0.0))
     finally:
         stop.set()
 

@@ -10,8 +10,10 @@ is the hard case.  Every worker runs inside its host's namespace with its own UT
 name, so the folder queue judges the other hosts' claims by lease, not by pid.
 
 Runs one producer and ``--consumers`` consumers per host (lease ``--lease`` seconds,
-heartbeats every lease/5), SIGKILLs single consumers and whole hosts (all consumers of
-one host) at random, cuts ``--partitions`` hosts off the file server for two leases each
+heartbeats every lease/5), SIGKILLs single consumers and whole hosts (every process of
+one host: its consumers and its producer, which is restarted, resumes at the first put
+its log does not show ended and takes its registration over by ``producer_key``; at
+least ``--host-kills`` of them while the producer runs) at random, cuts ``--partitions`` hosts off the file server for two leases each
 (their veth link down: their consumers hang, their claims expire and are taken over, and
 when the link comes back their acknowledgements of those claims are fenced), then checks
 the consumers' local logs and prints one line per configuration:
@@ -19,6 +21,9 @@ the consumers' local logs and prints one line per configuration:
     mode=hosts fs=sshfs hosts=2 messages=... acked=... lost=0 corrupt=0 \
 redelivered_done=0 dup_beyond_lease=0 early_done=0 fenced=... kills=... host_kills=... \
 partitions=... secs=... seed=...
+
+(plus ``producer_redo``, ``producer_kills`` and, with ``--skew S``, ``skew``: host 0's
+workers then see their wall clock moved by S seconds).
 
 and exits 1 on any violation (2: skipped, with the reason: not root, no FUSE, a tool
 missing).  The workload itself is :func:`run_workload` (folders, a spawn function, a log
@@ -45,6 +50,7 @@ import time
 import zlib
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+_real_time = time.time  # before --skew patches time.time in a worker
 SUBNET = "10.231"
 LEASE = 5.0
 
@@ -140,18 +146,59 @@ class Hosts:
 
 
 # ------------------------------------------------------------------ workers (in a host)
+def skew_clock(seconds: float) -> None:
+    """Move this process's wall clock by ``seconds``: ``time.time`` and ``time.time_ns``
+    are patched before pympx_queues is imported, so every lease computation of the
+    library sees the skewed clock (as on a host whose clock is wrong).  File times the
+    server sets are not moved, nor are C-level clocks (this is not libfaketime).  The
+    logs keep the real clock (``_real_time``): the checker orders events across hosts."""
+    if not seconds:
+        return
+    real, real_ns = time.time, time.time_ns
+    time.time = lambda: real() + seconds
+    time.time_ns = lambda: real_ns() + int(seconds * 1e9)
+    if os.environ.get("PYMPX_HOSTS_NO_SERVER_CLOCK"):
+        # The negative control: leases on this host's own (skewed) clock, as before
+        # ServerClock; the run should then show violations.
+        from pympx_queues import _fs
+
+        _fs.ServerClock.offset = lambda self: 0.0
+
 def _payload(name: str) -> bytes:
     body = (name * 8).encode()
     return b"%08x " % zlib.crc32(body) + body
 
 
 def producer(folder: str, name: str, count: int, lease: float = LEASE,
-             run_id: str = "") -> None:
+             run_id: str = "", log_path: str = "", pace: float = 0.0) -> None:
+    """Put ``name-000000`` .. ``name-<count-1>``, logging ``begin k`` before and ``end k``
+    after each put (``log_path``), and close.
+
+    A producer restarted after its host was killed resumes at the first ``k`` without
+    ``end`` (the put in flight at the kill may have been published: it is put again, under
+    a unique name if the first copy still waits: ``if_exists="rename"``), and takes over
+    its predecessor's registration by its ``producer_key`` (the host's name), so that
+    consumers wait for it and not for ever (G6)."""
     from pympx_queues import WritableFolderQueue
 
-    q = WritableFolderQueue(folder, lease_timeout=lease, run_id=run_id or None)
-    for k in range(count):
+    start = 0
+    if log_path and os.path.exists(log_path):
+        ended = set()
+        for line in open(log_path, errors="replace"):
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "end" and parts[1].isdigit():
+                ended.add(int(parts[1]))
+        while start in ended:
+            start += 1
+    fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, f"start {os.getpid()} {start}\n".encode())
+    q = WritableFolderQueue(folder, lease_timeout=lease, run_id=run_id or None,
+                            producer_key=name, if_exists="rename")
+    if q.superseded:
+        os.write(fd, f"took-over {' '.join(q.superseded)}\n".encode())
+    for k in range(start, count):
         msg = f"{name}-{k:06d}"
+        os.write(fd, f"begin {k}\n".encode())
         try:
             q.put_data(msg + ".tsv", _payload(msg))
         except OSError as e:
@@ -159,7 +206,34 @@ def producer(folder: str, name: str, count: int, lease: float = LEASE,
             print(f"producer {name}: put of {msg} failed: {e!r}; tmp/ holds "
                   f"{sorted(os.listdir(tmp))[:20]}", file=sys.stderr, flush=True)
             raise
+        os.write(fd, f"end {k}\n".encode())
+        if pace:
+            time.sleep(pace)  # a producer that runs as long as the consumers
     q.close()
+    os.write(fd, b"closed\n")
+
+
+def producer_in_flight(log_path: str) -> dict:
+    """``{k: n}``: how many killed instances of a producer had put ``k`` in flight (a
+    ``begin k`` with no ``end k`` before the next ``start``; a torn last line counts as
+    nothing)."""
+    out: dict = {}
+    open_k = None
+    lines = open(log_path, errors="replace").read().split("\n") if os.path.exists(log_path) \
+        else []
+    for line in lines + ["start"]:
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "start":
+            if open_k is not None:
+                out[open_k] = out.get(open_k, 0) + 1
+            open_k = None
+        elif parts[0] == "begin" and len(parts) == 2 and parts[1].isdigit():
+            open_k = int(parts[1])
+        elif parts[0] == "end":
+            open_k = None
+    return out
 
 
 def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
@@ -181,14 +255,14 @@ def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def note(**rec):
-        rec["t"] = time.time()
+        rec["t"] = _real_time()  # the driver's clock, whatever --skew did to this host
         os.write(fd, (json.dumps(rec) + "\n").encode())
 
     while True:
         try:
             path = q.get(timeout=5)
         except Empty:
-            if deadline and time.time() > deadline:
+            if deadline and _real_time() > deadline:
                 note(ev="end", what="gave-up")
                 break
             continue
@@ -217,6 +291,7 @@ def consumer(folder: str, log_path: str, producers: int, lease: float = LEASE,
                  size=len(data), head=data[:40].decode("ascii", "replace"))
         if work:
             time.sleep(work)  # the task: a cut-off host is caught holding claims
+        note(ev="acking", name=name)  # killed from here on: the ack may have happened
         try:
             q.task_done(path)
         except FileNotFoundError:
@@ -236,7 +311,8 @@ class Faults:
 
 
 def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
-                 kills=6, partitions=1, faults=None, timeout=600.0, work=0.05) -> dict:
+                 kills=6, partitions=1, faults=None, timeout=600.0, work=0.05,
+                 skew=0.0, host_kills_min=1, pace=None) -> dict:
     """The several-hosts workload, for any set-up that gives each host a folder.
 
     ``folders[i]``: the queue folder as host ``i`` sees it (its mount of the shared
@@ -255,21 +331,63 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     stop_at = t0 + timeout
     cons, seq = [], 0
 
+    def host_skew(i):
+        return str(skew if i == 0 else 0.0)
+
     def start_consumer(i):
         nonlocal seq
         seq += 1
         log = os.path.join(logs, f"c{seq}-h{i}.jsonl")
         argv = ["consumer", folders[i], log, str(n_hosts), str(lease), str(stop_at), run_id,
-                str(work)]
+                str(work), host_skew(i)]
         cons.append((i, spawn(i, argv), log))
+
+    pace_s = work / max(consumers, 1) if pace is None else pace
+
+    def start_producer(i):
+        return spawn(i, ["producer", folders[i], f"h{i}", str(per_host), str(lease), run_id,
+                         os.path.join(logs, f"p-h{i}.log"), str(pace_s), host_skew(i)])
 
     for i in range(n_hosts):
         for _ in range(consumers):
             start_consumer(i)
-    prods = [spawn(i, ["producer", folders[i], f"h{i}", str(per_host), str(lease), run_id])
-             for i in range(n_hosts)]
-    n_kills = host_kills = n_parts = 0
+    prods = [start_producer(i) for i in range(n_hosts)]
+    n_kills = host_kills = n_parts = producer_kills = 0
     killed_logs = set()
+
+    def kill(victims, prod_host):
+        """SIGKILL consumers ``victims`` (and the producer of ``prod_host``) at once;
+        start replacements; a producer restarted resumes and takes its registration over."""
+        nonlocal n_kills, producer_kills
+        for p in ([prods[prod_host]] if prod_host is not None else []) + [
+                c[1] for c in victims]:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended just now
+        for i, p, log in victims:
+            p.wait(timeout=30)
+            killed_logs.add(log)
+            n_kills += 1
+            start_consumer(i)
+        if prod_host is not None:
+            prods[prod_host].wait(timeout=30)
+            producer_kills += 1
+            prods[prod_host] = start_producer(prod_host)
+
+    def kill_host(h, live):
+        """Every process of host ``h`` (not while it is cut off)."""
+        nonlocal host_kills
+        if h in cut:
+            return
+        victims = [c for c in live if c[0] == h]
+        prod_host = h if prods[h].poll() is None else None
+        if victims or prod_host is not None:
+            host_kills += 1
+            kill(victims, prod_host)
+
+    host_kill_left = host_kills_min
+    next_host_kill = t0 + rng.uniform(0.5, 2.0)
     cut = {}  # host -> (monotonic time to heal, wall time of the cut)
     part_windows = []  # (host, wall start, wall end)
     can_cut = faults is not None and faults.partition is not None
@@ -293,19 +411,19 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
             faults.partition(h, True)
             cut[h] = (time.monotonic() + 2 * lease, time.time())
             n_parts += 1
+        if host_kill_left and time.time() >= next_host_kill:
+            # A whole host while its producer runs: the producer is killed mid-stream
+            up = [h for h in range(n_hosts) if h not in cut and prods[h].poll() is None]
+            if up:
+                kill_host(rng.choice(up), live)
+                host_kill_left -= 1
+                next_host_kill = time.time() + rng.uniform(1.0, 3.0)
+                continue
         if live and rng.random() < 0.1 and n_kills < kills:
-            if rng.random() < 0.3:
-                h = rng.randrange(n_hosts)
-                victims = [c for c in live if c[0] == h and c[0] not in cut]
-                host_kills += 1 if victims else 0
+            if rng.random() < 0.3:  # a whole host: all its consumers and its producer
+                kill_host(rng.randrange(n_hosts), live)
             else:
-                victims = [c for c in [rng.choice(live)] if c[0] not in cut]
-            for i, p, log in victims:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-                killed_logs.add(log)
-                n_kills += 1
-                start_consumer(i)
+                kill([c for c in [rng.choice(live)] if c[0] not in cut], None)
     for h, (_, started) in cut.items():
         faults.partition(h, False)
         part_windows.append((h, started, time.time()))
@@ -315,9 +433,12 @@ def run_workload(folders, spawn, logs, per_host, consumers, rng, *, lease=LEASE,
     for _, p, _ in cons:
         if p.poll() is None:
             raise RuntimeError(f"consumer {p.pid} still running after {timeout} s")
-    r = check_logs(logs, n_hosts, per_host, killed_logs, part_windows)
-    r.update(kills=n_kills, host_kills=host_kills, partitions=n_parts,
-             secs=round(time.time() - t0, 1))
+    r = check_logs(logs, n_hosts, per_host, killed_logs, part_windows,
+                   leftovers(folders[0]))
+    r.update(kills=n_kills, host_kills=host_kills, producer_kills=producer_kills,
+             partitions=n_parts, secs=round(time.time() - t0, 1))
+    if skew:
+        r["skew"] = skew
     return r
 
 
@@ -331,7 +452,29 @@ def run_config(hosts, n_hosts: int, per_host: int, consumers: int, rng, **kw) ->
                         consumers, rng, faults=faults, **kw)
 
 
-def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict:
+def leftovers(folder: str) -> dict:
+    """``{message: [where]}`` for every message still in the queue folder at the end
+    (ready, ``wip/``, ``failed/``, ``tmp/``), from fresh listings."""
+    from pympx_queues import _fs
+
+    out: dict = {}
+    for sub in ("", "wip", "failed", "tmp"):
+        d = os.path.join(folder, sub) if sub else folder
+        _fs.refresh_listing(d)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            if not n.endswith(".tsv"):
+                continue
+            base = re.sub(r"~[0-9a-f]{8}$", "", n.split("__", 1)[-1][:-len(".tsv")])
+            out.setdefault(base, []).append(os.path.join(sub, n))
+    return out
+
+
+def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=(),
+               left=None) -> dict:
     """Read the consumers' logs; count every violation of G1..G6 across hosts.
 
     * lost: a message never acknowledged (G1).
@@ -344,13 +487,29 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
       killed nor on a host cut off at the time (G3 with leases).
     * early_done: a message first delivered after some consumer had seen DONE, or never
       delivered although one had (G6).
+    * acked_unlogged (allowed, not a violation): a message whose ``task_done`` was under
+      way (``acking`` logged) when its consumer was killed, that no log shows acknowledged
+      and that is nowhere in the folder at the end (``left``: :func:`leftovers`): the
+      acknowledgement reached the file server (sshfs completes a request after the
+      process that made it was killed).  Without ``left`` it counts as lost.
+    * producer_redo (allowed, not a violation): a second delivery of a message whose put
+      was in flight when its producer was killed (``begin k`` without ``end k`` in the
+      producer's log ``p-h<i>.log``); at most one per kill with that put in flight.
+      Any further extra delivery of it counts as a violation above.
     """
     expected = {f"h{i}-{k:06d}" for i in range(n_hosts) for k in range(per_host)}
-    gets, acked = {}, {}
+    gets, acked, acking = {}, {}, {}
     corrupt = fenced = 0
     corrupt_names = set()
     first_done = None
-    for fn in sorted(os.listdir(logs)):
+    # Puts in flight when a producer was killed: such a message may have been published
+    # before the kill and again by the restarted producer (two copies, two deliveries).
+    redo_allowed = {}
+    for i in range(n_hosts):
+        for k, n in producer_in_flight(os.path.join(logs, f"p-h{i}.log")).items():
+            redo_allowed[f"h{i}-{k:06d}"] = n
+    consumer_logs = sorted(fn for fn in os.listdir(logs) if fn.startswith("c"))
+    for fn in consumer_logs:
         host = int(fn.rsplit("-h", 1)[1].split(".")[0]) if "-h" in fn else -1
         unread = None  # this consumer's last claim, until it reads the message
         for line in open(os.path.join(logs, fn)):
@@ -367,6 +526,8 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
                 gets.setdefault(rec["name"], []).append(unread[1])
             elif rec["ev"] == "ack":
                 acked[rec["name"]] = min(acked.get(rec["name"], rec["t"]), rec["t"])
+            elif rec["ev"] == "acking":
+                acking.setdefault(rec["name"], set()).add(fn)
             elif rec["ev"] == "fenced":
                 fenced += 1
                 if unread is not None and unread[0] == rec["name"]:
@@ -381,37 +542,58 @@ def check_logs(logs, n_hosts, per_host, killed_logs=(), part_windows=()) -> dict
             elif rec["ev"] == "end" and rec.get("what") == "done":
                 first_done = rec["t"] if first_done is None else min(first_done, rec["t"])
     killed = {os.path.basename(k) for k in killed_logs}
-    redelivered_done = dup = early = 0
+    redelivered_done = dup = early = redo = 0
     bad = set()
     for name, gl in gets.items():
         gl.sort()
+        allowed = redo_allowed.get(name, 0)  # one extra copy per kill with it in flight
         for k, (t, _fn, _host) in enumerate(gl):
             if name in acked and acked[name] < t:
-                redelivered_done += 1
-                bad.add(name)
+                kind = "redelivered_done"
             elif k:
                 _, pfn, phost = gl[k - 1]
                 cut_off = any(h == phost and s <= t for h, s, _ in part_windows)
-                if pfn not in killed and not cut_off:
-                    dup += 1
-                    bad.add(name)
+                if pfn in killed or cut_off:
+                    continue
+                kind = "dup"
+            else:
+                continue
+            if allowed:
+                allowed -= 1
+                redo += 1  # the second copy of a put in flight at a producer kill
+            elif kind == "dup":
+                dup += 1
+                bad.add(name)
+            else:
+                redelivered_done += 1
+                bad.add(name)
         if first_done is not None and gl[0][0] > first_done:
             early += 1
             bad.add(name)
-    lost = len(expected - set(acked))
-    bad |= expected - set(acked)
+    unlogged = set()
+    if left is not None:
+        killed_acks = {n for n, fns in acking.items() if fns & killed}
+        unlogged = (expected - set(acked)) & killed_acks - set(left)
+    lost_names = expected - set(acked) - unlogged
+    lost = len(lost_names)
+    bad |= lost_names
+    for name in sorted(lost_names):
+        if left and name in left:
+            print(f"  lost {name}: still in the folder as {left[name]}", file=sys.stderr)
     bad |= corrupt_names
     if first_done is not None:
         early += len(expected - set(gets))
     if bad:  # the story of each message involved, for the report
-        for fn in sorted(os.listdir(logs)):
+        for fn in consumer_logs:
             for line in open(os.path.join(logs, fn)):
                 if any(f'"{n}"' in line for n in bad) or '"end"' in line:
                     print(f"  {fn}{' (killed)' if fn in killed else ''}: {line.strip()}",
                           file=sys.stderr)
-    return dict(hosts=n_hosts, messages=len(expected), acked=len(set(acked) & expected),
+    return dict(hosts=n_hosts, messages=len(expected),
+                acked=len((set(acked) | unlogged) & expected),
                 lost=lost, corrupt=corrupt, redelivered_done=redelivered_done,
-                dup_beyond_lease=dup, early_done=early, fenced=fenced)
+                dup_beyond_lease=dup, early_done=early, fenced=fenced, producer_redo=redo,
+                acked_unlogged=len(unlogged))
 
 
 def _local_spawn(i: int, argv: list) -> subprocess.Popen:
@@ -431,12 +613,14 @@ VIOLATIONS = ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "producer":
-        producer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
-        return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "consumer":
-        consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
-                 float(sys.argv[6]), sys.argv[7], float(sys.argv[8]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("producer", "consumer"):
+        skew_clock(float(sys.argv[-1]))  # before pympx_queues is imported
+        if sys.argv[1] == "producer":
+            producer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
+                     sys.argv[6], sys.argv[7], float(sys.argv[8]))
+        else:
+            consumer(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
+                     float(sys.argv[6]), sys.argv[7], float(sys.argv[8]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1, help="scale: messages per host = 100 * size")
@@ -448,6 +632,14 @@ def main() -> int:
     ap.add_argument("--work", type=float, default=0.05, help="seconds of work per message")
     ap.add_argument("--partitions", type=int, default=1,
                     help="hosts cut off (veth link down for two leases) per configuration")
+    ap.add_argument("--host-kills", type=int, default=1,
+                    help="whole hosts (consumers and producer) killed while their producer "
+                    "runs, besides the random kills")
+    ap.add_argument("--pace", type=float, default=None,
+                    help="seconds between a producer's puts (default work / consumers)")
+    ap.add_argument("--skew", type=float, default=0.0,
+                    help="seconds added to the wall clock (time.time) of host 0's workers; "
+                    "leases must still hold (they are measured on the file server's clock)")
     ap.add_argument("--folders", nargs="+", default=None,
                     help="workload only: run it on these folders, one per host (mounts of "
                     "one shared folder made by someone else, e.g. NFS), no set-up")
@@ -463,7 +655,8 @@ def main() -> int:
         logs = tempfile.mkdtemp(prefix="pympx-hosts-logs-")
         try:
             r = run_workload(a.folders, _local_spawn, logs, 100 * a.size, a.consumers, rng,
-                             lease=a.lease, kills=a.kills, partitions=0, work=a.work)
+                             lease=a.lease, kills=a.kills, partitions=0, work=a.work,
+                             skew=a.skew, host_kills_min=a.host_kills, pace=a.pace)
         finally:
             shutil.rmtree(logs, ignore_errors=True)
         print(_summary(r, seed, "fs=given "), flush=True)
@@ -493,7 +686,8 @@ def main() -> int:
                       f"{(e.stderr or '').strip()})")
                 return 2
             r = run_config(hosts, n, 100 * a.size, a.consumers, rng, lease=a.lease,
-                           kills=a.kills, partitions=a.partitions, work=a.work)
+                           kills=a.kills, partitions=a.partitions, work=a.work,
+                           skew=a.skew, host_kills_min=a.host_kills, pace=a.pace)
         finally:
             hosts.close()
             shutil.rmtree(base, ignore_errors=True)

@@ -412,13 +412,17 @@ def _hosts_unavailable():
 
 @pytest.mark.timeout(240)
 def test_hosts_script_small_run_has_no_violation():
+    """Two hosts over sshfs: consumers, whole hosts (a producer killed mid-stream and
+    restarted), a partition, and host 0's clock 10 s ahead (twice the lease)."""
     why = _hosts_unavailable()
     if why:
         pytest.skip(why)
     env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("PYMPX_HOSTS_NO_SERVER_CLOCK", None)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "hosts.py"), "--size", "1",
-         "--hosts", "2", "--consumers", "2", "--seed", "7", "--partitions", "1"],
+         "--hosts", "2", "--consumers", "2", "--seed", "7", "--partitions", "1",
+         "--host-kills", "1", "--pace", "0.05", "--skew", "10"],
         capture_output=True, text=True, timeout=220, env=env)
     if proc.returncode == 2 and "skipped" in proc.stdout:
         pytest.skip(proc.stdout.strip())
@@ -428,6 +432,7 @@ def test_hosts_script_small_run_has_no_violation():
     for ln in lines:
         for key in ("lost", "corrupt", "redelivered_done", "dup_beyond_lease", "early_done"):
             assert f" {key}=0 " in ln, ln
+        assert " producer_kills=0 " not in ln, ln  # a producer was killed and restarted
 
 
 # ------------------------------------------------------------ 5. PersistentQueue, two hosts
@@ -565,3 +570,45 @@ def test_hosts_checker_a_claim_fenced_before_its_read_is_not_a_delivery(tmp_path
                {"ev": "got", "name": "h1-000000", "ok": True, "t": 18.01},
                {"ev": "end", "what": "done", "t": 29.0})
     assert hosts.check_logs(str(tmp_path), 2, 1)["redelivered_done"] == 1
+
+
+def test_hosts_checker_allows_one_extra_delivery_per_put_in_flight_at_a_producer_kill(
+        tmp_path):
+    hosts = _hosts_module()
+    # Producer of host 0 killed with put 1 in flight (begin, no end), restarted, put 1
+    # again: two published copies of h0-000001, both delivered and acknowledged.
+    (tmp_path / "p-h0.log").write_text(
+        "start 100 0\nbegin 0\nend 0\nbegin 1\nstart 200 1\nbegin 1\nend 1\nclosed\n")
+    assert hosts.producer_in_flight(str(tmp_path / "p-h0.log")) == {1: 1}
+    recs = [{"ev": "claim", "name": n, "t": t} for n, t in
+            (("h0-000000", 1.0), ("h0-000001", 2.0), ("h1-000000", 3.0))]
+    acks = [{"ev": "ack", "name": r["name"], "t": r["t"] + 0.5} for r in recs]
+    _write_log(tmp_path / "c1-h0.jsonl", *recs, *acks)
+    second = [{"ev": "claim", "name": "h0-000001", "t": 9.0},
+              {"ev": "ack", "name": "h0-000001", "t": 9.5}]
+    _write_log(tmp_path / "c2-h1.jsonl", *second)
+    r = hosts.check_logs(str(tmp_path), 2, 1)  # expects h0-000000 and h1-000000
+    assert r["producer_redo"] == 1 and r["redelivered_done"] == 0, r
+    # A third copy, or a second delivery of a message not in flight, is a violation.
+    _write_log(tmp_path / "c3-h1.jsonl", {"ev": "claim", "name": "h0-000001", "t": 12.0},
+               {"ev": "claim", "name": "h0-000000", "t": 13.0})
+    r = hosts.check_logs(str(tmp_path), 2, 1)
+    assert r["producer_redo"] == 1 and r["redelivered_done"] == 2, r
+
+
+def test_hosts_checker_a_killed_consumers_ack_counts_only_if_the_message_is_gone(tmp_path):
+    # A consumer killed inside task_done: sshfs may complete the unlink after the kill.
+    hosts = _hosts_module()
+    _write_log(tmp_path / "c1-h0.jsonl",
+               {"ev": "claim", "name": "h0-000000", "t": 1.0},
+               {"ev": "got", "name": "h0-000000", "ok": True, "t": 1.1},
+               {"ev": "acking", "name": "h0-000000", "t": 1.2})
+    _write_log(tmp_path / "c2-h1.jsonl", {"ev": "claim", "name": "h1-000000", "t": 2.0},
+               {"ev": "ack", "name": "h1-000000", "t": 2.1})
+    killed = [str(tmp_path / "c1-h0.jsonl")]
+    r = hosts.check_logs(str(tmp_path), 2, 1, killed, left={})
+    assert r["lost"] == 0 and r["acked_unlogged"] == 1, r
+    r = hosts.check_logs(str(tmp_path), 2, 1, killed, left={"h0-000000": ["wip/x"]})
+    assert r["lost"] == 1 and r["acked_unlogged"] == 0, r
+    r = hosts.check_logs(str(tmp_path), 2, 1, [], left={})  # not killed: really lost
+    assert r["lost"] == 1, r

@@ -360,7 +360,8 @@ def close_producer(path: Any, producer_id: str, failed: bool = False, reason: An
     payload = {"type": kind.lower(), "run": match.run, "producer": producer_id,
                "written_by": "pympx_queues.folder.admin.close_producer",
                "reason": "" if reason is None else str(reason), "time": time.time()}
-    tmp = os.path.join(p, L.TMP_DIR, L.format_owned(L.new_owner(), name))
+    tmp = os.path.join(p, L.TMP_DIR,
+                       L.format_owned(L.new_owner()._replace(boot=_fs.boot_id()), name))
     final = os.path.join(ctrl, name)
     try:
         _fs.publish_bytes(tmp, final, (json.dumps(payload, indent=2) + "\n").encode(),

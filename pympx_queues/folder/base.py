@@ -167,14 +167,15 @@ class _FolderQueue:
         log.warning(msg, *args)
 
     def _tmp_path(self, name: str) -> str:
-        """A fresh ``tmp/`` name: this process's owner tag with a rid of this object's
-        random id plus a counter (unique without a random draw per file), then ``name``."""
+        """A fresh ``tmp/`` name: this process's owner tag (with the boot id) with a rid
+        of this object's random id plus a counter (unique without a random draw per file), then ``name``."""
         pid = os.getpid()
         cached = self._tmp_prefix
         if cached is None or cached[0] != pid:
             host, _, start = _fs.owner_tag()
-            cached = self._tmp_prefix = (
-                pid, f"{self._tmp}{os.sep}{host}_{pid}_{start}_{_fs.random_id()}", [0])
+            boot = _fs.boot_id()  # a reboot never revives a dead writer (same pid, start)
+            owner = L.Owner(host, pid, start, _fs.random_id(), boot)
+            cached = self._tmp_prefix = (pid, f"{self._tmp}{os.sep}{owner.format()}", [0])
         counter = cached[2]
         counter[0] += 1
         return "%s%x%s%s" % (cached[1], counter[0], L.SEP, name)

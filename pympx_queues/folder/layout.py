@@ -18,7 +18,10 @@ A person must be able to read a queue folder with ``ls`` after a failure::
 
 ``<owner>`` is ``<host>_<pid>_<start>_<rid>``: host name (``_`` and ``.`` replaced by
 ``-``), process id, process start time in clock ticks since boot (pid reuse detection) and
-a random hex id.  ``<producer>`` has the same shape.  A run id is ``[A-Za-z0-9][A-Za-z0-9.-]*``
+a random hex id.  Temp files add the host's boot id: ``<host>_<pid>_<start>-<boot>_<rid>``
+(12 hex digits of ``/proc/sys/kernel/random/boot_id``), so a host that rebooted never
+takes a new process with the same pid and start time for the old writer; names without
+it (earlier versions) are judged by pid and start time.  ``<producer>`` has the same shape.  A run id is ``[A-Za-z0-9][A-Za-z0-9.-]*``
 (no ``_``), so every name splits unambiguously on ``__`` and ``_``.
 
 Every ``parse_*`` returns ``None`` for a name that is not ours (hand-dropped files, litter,
@@ -31,7 +34,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from .. import _fs
 
@@ -58,19 +61,28 @@ SUBDIRS = (TMP_DIR, WIP_DIR, DONE_DIR, FAILED_DIR, RETRIES_DIR, CONTROL_DIR, TRA
 LOCK_NAME = ".lock"
 
 # --------------------------------------------------------------------------- owners
-_OWNER_RE = r"(?P<host>[A-Za-z0-9-]+)_(?P<pid>[0-9]{1,10})_(?P<start>[0-9]{1,20})_(?P<rid>[0-9a-f]{4,32})"
+_OWNER_RE = (r"(?P<host>[A-Za-z0-9-]+)_(?P<pid>[0-9]{1,10})_(?P<start>[0-9]{1,20})"
+             r"(?:-(?P<boot>[0-9a-f]{12}))?_(?P<rid>[0-9a-f]{4,32})")
 SEP = "__"
 
 
 class Owner(NamedTuple):
-    """Who owns a claim, a temp file or a producer registration."""
+    """Who owns a claim, a temp file or a producer registration.
+
+    ``boot``: the boot id of the owner's host when the name carries one (temp files do:
+    ``<host>_<pid>_<start>-<boot>_<rid>``); "" for names without it (claims, control
+    files, and temp files written by earlier versions), which are judged by pid and
+    start time alone."""
 
     host: str
     pid: int
     start: int
     rid: str
+    boot: str = ""
 
     def format(self) -> str:
+        if self.boot:
+            return f"{self.host}_{self.pid}_{self.start}-{self.boot}_{self.rid}"
         return f"{self.host}_{self.pid}_{self.start}_{self.rid}"
 
     def is_local(self) -> bool:
@@ -80,6 +92,8 @@ class Owner(NamedTuple):
         """True/False for a process on this host; None when it runs on another host."""
         if not self.is_local():
             return None
+        if self.boot and _fs.boot_id() and self.boot != _fs.boot_id():
+            return False  # written before this host rebooted: its process is gone
         return _fs.process_alive(self.pid, self.start)
 
     def abandoned(self, path: str, lease_timeout: float, now: float,
@@ -118,7 +132,11 @@ def parse_owner(text: str) -> Optional[Owner]:
     m = re.fullmatch(_OWNER_RE, text)
     if m is None:
         return None
-    return Owner(m["host"], int(m["pid"]), int(m["start"]), m["rid"])
+    return _owner_of(m)
+
+
+def _owner_of(m: "re.Match[str]") -> Owner:
+    return Owner(m["host"], int(m["pid"]), int(m["start"]), m["rid"], m["boot"] or "")
 
 
 # --------------------------------------------------------------------------- names
@@ -175,7 +193,7 @@ def parse_owned(entry: str) -> Optional[OwnedName]:
     name = m["name"]
     if not valid_message_name(name):
         return None
-    return OwnedName(Owner(m["host"], int(m["pid"]), int(m["start"]), m["rid"]), name)
+    return OwnedName(_owner_of(m), name)
 
 
 # --------------------------------------------------------------------------- sidecars
@@ -239,6 +257,12 @@ _CONTROL_RE = re.compile(
 _ENDED_RE = re.compile(ENDED + SEP + r"(?P<run>" + _RUN_RE + r")" + re.escape(CONTROL_EXT))
 
 
+def valid_producer_key(key: Any) -> bool:
+    """True for an acceptable ``producer_key`` (kept in control files' JSON only)."""
+    return isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", key) \
+        is not None
+
+
 def check_run_id(run_id: str) -> str:
     """Validate a user-supplied run id (``ValueError`` if it cannot sit in a file name)."""
     if not isinstance(run_id, str):
@@ -274,8 +298,7 @@ def parse_control(entry: str) -> Optional[ControlName]:
     m = _CONTROL_RE.fullmatch(entry)
     if m is None:
         return None
-    return ControlName(m["kind"], m["run"],
-                       Owner(m["host"], int(m["pid"]), int(m["start"]), m["rid"]))
+    return ControlName(m["kind"], m["run"], _owner_of(m))
 
 
 def format_ended(run: str) -> str:

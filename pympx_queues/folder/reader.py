@@ -25,6 +25,9 @@ from .base import DEFAULT_LEASE_TIMEOUT, DEFAULT_MAX_RETRIES, Message, PathLike
 from .recovery import _Recovery
 from .watch import EVENTS, POLL, Wakeups, check_mode
 
+#: A producer's state once a successor took its registration over (``producer_key``).
+SUPERSEDED = "SUPERSEDED"
+
 log = logging.getLogger("pympx_queues.folder")
 
 
@@ -94,6 +97,10 @@ class ReadableFolderQueue(_Recovery):
     and the heartbeat thread.
     """
 
+    #: Seconds a DONE file seen in a listing may stay unreadable before its producer
+    #: counts as closed anyway (NFS keeps a failed lookup cached for up to acdirmax).
+    DONE_READ_GRACE = 120.0
+
     _RUNTIME_ATTRS = ("_listing", "_cursor", "_hints", "_contention", "_lost_races", "_hb_thread", "_hb_stop", "_claims_lock", "_lock_obj",
                       "_last_scan", "_next_rescan", "_next_recover", "_next_control",
                       "_scan_watched", "_skipped", "_trash_thread", "_trash_wake", "_trash_halt",
@@ -161,6 +168,8 @@ class ReadableFolderQueue(_Recovery):
         # (run, producer) -> HELO / DONE / FAILED / GONE, as this consumer has seen them
         self._seen_producers: Dict[Tuple[str, str], str] = {}
         self._done_names: Dict[str, List[str]] = {}  # DONE file -> the last names it lists
+        self._done_payloads: Dict[str, dict] = {}  # DONE file -> its JSON, read once
+        self._done_unread: Dict[str, float] = {}  # DONE file -> first failed read
         self._closed_at: Optional[float] = None  # monotonic: when all were first closed
         _, ended = self._scan_control()
         # Runs already ended when this consumer was created are history (G6).
@@ -239,20 +248,95 @@ class ReadableFolderQueue(_Recovery):
                     seen[key] = state
         for key, state in seen.items():
             if key not in present and state == L.HELO:
+                by_name = self._state_by_name(key)  # a stale listing may miss it
+                if by_name is not None:
+                    seen[key] = by_name
+                    continue
                 seen[key] = "GONE"
                 log.warning("control files of producer %s (run %s) disappeared from %s "
                             "(reset or purge?); counting it as closed", key[1], key[0],
                             self._control)
-        producers = len(seen)
+        unread = self._follow_successors()
+        # A producer superseded by a successor (producer_key) is closed and the pair
+        # counts as one producer for expected_producers.
+        producers = sum(1 for st in seen.values() if st != SUPERSEDED)
         open_ = sum(1 for st in seen.values() if st == L.HELO)
         failed = any(st == L.FAILED for st in seen.values())
         need = self.expected_producers or 1
-        closed = producers >= need and open_ == 0
+        closed = producers >= need and open_ == 0 and not unread
         state = (failed, closed, sorted({run for run, _ in seen}))
         self._control_state = state
         self._wakeups.control_dirty = False
         self._next_control = time.monotonic() + self.poll_interval
         return state
+
+    def _done_payload(self, run: str, owner: L.Owner) -> Optional[dict]:
+        """The JSON of a producer's DONE file, read once ({} when it is not a JSON
+        object); None, and read again next time, when it could not be read (on NFS a
+        name this mount looked up before it existed stays "absent" for up to a minute),
+        for at most ``DONE_READ_GRACE`` seconds (a DONE removed by ``purge`` never
+        leaves a consumer waiting for ever)."""
+        key = L.format_control(L.DONE, run, owner)
+        data = self._done_payloads.get(key)
+        if data is None:
+            try:
+                data = json.loads(_fs.read_bytes(os.path.join(self._control, key)))
+            except OSError as exc:
+                first = self._done_unread.setdefault(key, time.monotonic())
+                if time.monotonic() - first < self.DONE_READ_GRACE:
+                    return None
+                log.warning("cannot read %s in %s for %.0f s (%s); counting that producer "
+                            "as closed", key, self._control, self.DONE_READ_GRACE, exc)
+                data = None
+            except ValueError:
+                data = None
+            data = data if isinstance(data, dict) else {}
+            self._done_payloads[key] = data
+        return data
+
+    def _state_by_name(self, key: Tuple[str, str]) -> Optional[str]:
+        """A producer's state from its control files looked up by name (``stat`` is
+        never stale the way a listing is); None when it has none."""
+        owner = L.parse_owner(key[1])
+        if owner is None:
+            return None
+        for kind in (L.FAILED, L.DONE, L.HELO):
+            if _fs.lstat(os.path.join(self._control,
+                                      L.format_control(kind, key[0], owner))) is not None:
+                return kind
+        return None
+
+    def _follow_successors(self) -> int:
+        """A DONE written by a successor for a dead predecessor (``producer_key``):
+        the predecessor becomes SUPERSEDED and the successor is followed (G6: the stream
+        ends when the successor closes, never on the predecessor's DONE alone).  The
+        successor registered before it wrote that DONE, so its HELO is found by name
+        even when this mount's listing does not show it yet.  Returns how many DONE
+        files could not be read (their producers do not count as closed yet)."""
+        seen = self._seen_producers
+        todo = [k for k, st in seen.items() if st == L.DONE]
+        unread = 0
+        while todo:
+            key = todo.pop()
+            owner = L.parse_owner(key[1])
+            if owner is None:
+                continue
+            payload = self._done_payload(key[0], owner)
+            if payload is None:
+                unread += 1  # superseded or not is unknown: not closed yet (G6)
+                continue
+            succ = payload.get("superseded_by")
+            if not isinstance(succ, str) or L.parse_owner(succ) is None:
+                continue
+            seen[key] = SUPERSEDED
+            skey = (key[0], succ)
+            if seen.get(skey) in (None, L.HELO):
+                # No file at all: HELO for now (the next look counts it GONE, as for
+                # any producer whose control files were removed by reset or purge).
+                seen[skey] = self._state_by_name(skey) or L.HELO
+                if seen[skey] == L.DONE:
+                    todo.append(skey)  # it may have died and been superseded in turn
+        return unread
 
     def _claim_announced(self) -> Optional[str]:
         """Claim a message named in a DONE file that is waiting but was not listed.
@@ -270,12 +354,12 @@ class ReadableFolderQueue(_Recovery):
             key = L.format_control(L.DONE, run, owner)
             names = self._done_names.get(key)
             if names is None:
-                try:
-                    data = json.loads(_fs.read_bytes(os.path.join(self._control, key)))
-                    last = data.get("last", []) if isinstance(data, dict) else []
-                    names = [n for n in last if isinstance(n, str) and self.is_message_name(n)]
-                except (OSError, ValueError):
-                    names = []
+                payload = self._done_payload(run, owner)
+                if payload is None:
+                    continue  # unreadable now: not closed yet, read again next time
+                last = payload.get("last", [])
+                last = last if isinstance(last, list) else []
+                names = [n for n in last if isinstance(n, str) and self.is_message_name(n)]
                 self._done_names[key] = names
             for name in names:
                 if _fs.lstat(self._root_slash + name) is not None:

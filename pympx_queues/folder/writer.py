@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import logging
 import os
 from typing import Any, Deque, Iterable, List, Optional, Tuple, Union
@@ -38,6 +39,19 @@ class WritableFolderQueue(_FolderQueue):
     :param register: ``False`` publishes without joining a run: no HELO, and
         ``close()``/``fail()`` write no DONE/FAILED (what ``pympx-queues put`` does, like a
         person dropping files in by hand; consumers' end of stream is unaffected).
+    :param producer_key: a name for this producer's *part* of the run (``"loader-eu"``),
+        stable across restarts.  A producer started with a key takes over the
+        registration of a predecessor with the same key and run that died without
+        closing (killed, crashed: its HELO has no DONE or FAILED): it registers itself,
+        then writes the predecessor's DONE with ``superseded_by`` naming itself, so
+        consumers wait for the successor instead of for ever, and count the pair as one
+        producer for ``expected_producers``.  The successor resumes the predecessor's
+        work; which messages to put again is the caller's (a ``put`` in flight at the
+        kill may or may not have been published: ``if_exists="rename"`` puts it again
+        without a name clash).  Raises ``RuntimeError`` if a predecessor with the key is
+        still running on this host, or was registered on another host (this host cannot
+        tell it is gone: close it with ``pympx-queues close`` once sure, then start
+        again).  See docs/several-hosts.md "A producer that died".
     :param writeback: flush mode only: start writing each message's data to disk before
         publishing it (``sync_file_range``), so that after a power cut a message published
         just before is not found empty (zero-filled remains possible: only
@@ -66,6 +80,7 @@ class WritableFolderQueue(_FolderQueue):
         file_mode: int = _fs.DEFAULT_FILE_MODE,
         register: bool = True,
         writeback: bool = False,
+        producer_key: Optional[str] = None,
     ) -> None:
         super().__init__(path, message_extension, task_done_directory, None,
                          durability=durability, lease_timeout=lease_timeout,
@@ -83,10 +98,19 @@ class WritableFolderQueue(_FolderQueue):
         # listing on a network file system may not show them yet; G6).
         self._published = 0
         self._recent: Deque[str] = collections.deque(maxlen=self.DONE_RECENT)
+        if producer_key is not None and not L.valid_producer_key(producer_key):
+            raise ValueError(f"producer_key must match [A-Za-z0-9][A-Za-z0-9._-]* (at most "
+                             f"64 characters), got {producer_key!r}")
+        self.producer_key = producer_key
+        #: producer ids whose registrations this producer took over (``producer_key``)
+        self.superseded: List[str] = []
         self._clean_tmp()
         if self.register:
             self._supersede_failed_runs()
-            self._put_helo()
+            predecessors = self._dead_predecessors() if producer_key is not None else []
+            self._put_helo()  # G6: registered before any predecessor counts as closed
+            for owner in predecessors:
+                self._close_predecessor(owner)
 
     @property
     def producer_id(self) -> str:
@@ -98,10 +122,62 @@ class WritableFolderQueue(_FolderQueue):
 
     # ------------------------------------------------------------------ registry
     def _control_payload(self, kind: str, **extra: Any) -> dict:
-        return {"type": kind.lower(), "run": self.run_id, "producer": self.producer_id,
-                "host": self.producer.host, "pid": self.producer.pid,
-                "start_time": self.producer.start, "time": _now(),
-                "written_by_pid": os.getpid(), **extra}
+        payload = {"type": kind.lower(), "run": self.run_id, "producer": self.producer_id,
+                   "host": self.producer.host, "pid": self.producer.pid,
+                   "start_time": self.producer.start, "time": _now(),
+                   "written_by_pid": os.getpid(), **extra}
+        if self.producer_key is not None:
+            payload["key"] = self.producer_key
+        return payload
+
+    def _dead_predecessors(self) -> List[L.Owner]:
+        """Open registrations of this run with this producer's key, all of dead
+        processes of this host (else ``RuntimeError``: see ``producer_key``)."""
+        if _fs.network_fs_kind(self.path) is not None:
+            _fs.refresh_listing(self._control)  # a HELO missing from a stale listing
+        runs, _ = self._scan_control()
+        found = []
+        for prod, kinds in sorted(runs.get(self.run_id, {}).items()):
+            if L.DONE in kinds or L.FAILED in kinds:
+                continue
+            owner = L.parse_owner(prod)
+            if owner is None:
+                continue
+            try:
+                data = json.loads(_fs.read_bytes(os.path.join(
+                    self._control, L.format_control(L.HELO, self.run_id, owner))))
+            except (OSError, ValueError):
+                continue  # closed or removed meanwhile, or not ours
+            if not isinstance(data, dict) or data.get("key") != self.producer_key:
+                continue
+            alive = owner.alive()
+            if alive is None:
+                raise RuntimeError(
+                    f"producer {prod} of run {self.run_id} with producer_key "
+                    f"{self.producer_key!r} registered on host {owner.host}, which this host "
+                    "cannot see; start the successor on that host, or, once sure it is "
+                    "gone, close it (pympx-queues close, "
+                    "pympx_queues.folder.admin.close_producer) and start again")
+            if alive:
+                raise RuntimeError(
+                    f"producer {prod} with producer_key {self.producer_key!r} is still "
+                    f"running (pid {owner.pid}); two live producers cannot share a key")
+            found.append(owner)
+        return found
+
+    def _close_predecessor(self, owner: L.Owner) -> None:
+        """Write a dead predecessor's DONE, naming this producer as its successor."""
+        pred = owner.format()
+        payload = {"type": "done", "run": self.run_id, "producer": pred,
+                   "host": owner.host, "pid": owner.pid, "start_time": owner.start,
+                   "key": self.producer_key, "superseded_by": self.producer_id,
+                   "published": None, "last": [], "time": _now(),
+                   "written_by_pid": os.getpid()}
+        if self._write_control(L.format_control(L.DONE, self.run_id, owner), payload):
+            self.superseded.append(pred)
+            log.warning("producer %s took over run %s from %s, which died without "
+                        "closing (producer_key %r)", self.producer_id, self.run_id, pred,
+                        self.producer_key)
 
     def _put_helo(self) -> None:
         self._write_control(L.format_control(L.HELO, self.run_id, self.producer),
