@@ -392,6 +392,9 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         self._t0 = time.monotonic()
         self._lots: Optional[_StageRun] = None
+        self._lot_it: Optional[Iterator[Any]] = None
+        self._lot_error: Optional[BaseException] = None
+        self._pull_due = False
         self._emit_fn = emit
         self._live = 0
         # P4 in items (rows): a stage holds up to queue_size buffered items plus workers
@@ -1126,24 +1129,48 @@ class Pipeline:
         return min(self._cap - self._live, sr.stage.queue_size - sr.queued(), LOT_ADMIT)
 
     async def _feed_lots(self, it: Iterator[Any]) -> None:
+        """The feeder of a lot stage: the first lot, then whenever there is room.  A
+        reply that frees room also takes the next lot (``_pull_lot``, soon after
+        ``_release_many``: once per loop turn, no task switch per lot); this task waits
+        for the end."""
+        self._lot_it = it
+        self._lot_index = 0
+        try:
+            while self._lot_it is not None:
+                if not self._room():
+                    await self._wait_room()
+                if self._source_done or self._lot_it is None:
+                    break
+                self._pull_lot()
+                await asyncio.sleep(0)  # completions and dispatch before the next lot
+        finally:
+            self._lot_it = None
+        err, self._lot_error = self._lot_error, None
+        if err is not None:
+            raise err
+
+    def _pull_lot(self) -> None:
+        """Take the next lot from the source, as many items as there is room for; at
+        the source's end (or its error) the feeder task finishes."""
+        self._pull_due = False
+        it = self._lot_it
         sr = self._lots
-        index = 0
-        while True:
-            if not self._room():
-                await self._wait_room()
-            if self._source_done:
-                return
-            k = self._lot_room(sr)
-            if k <= 0:  # pragma: no cover - _room() said there is some
-                await asyncio.sleep(0)
-                continue
+        if it is None or sr is None or self._source_done:
+            return
+        k = self._lot_room(sr)
+        if k <= 0:
+            return
+        try:
             items = list(itertools.islice(it, k))
             if items:
-                self._offer_lot(sr, items, index)
-                index += len(items)
-            if len(items) < k:
-                return  # the source is exhausted
-            await asyncio.sleep(0)  # completions and dispatch before the next lot
+                self._offer_lot(sr, items, self._lot_index)
+                self._lot_index += len(items)
+        except BaseException as exc:  # the source failed: the run fails with it
+            self._lot_error = exc
+            items = []
+        if len(items) < k:  # exhausted (islice stops early only then) or failed
+            self._lot_it = None
+            self._wake_feeder()
 
     def _offer_lot(self, sr: _StageRun, items: List[Any], index0: int) -> None:
         """Admit ``items`` (source positions ``index0...``) as one lot."""
@@ -1284,7 +1311,11 @@ class Pipeline:
 
     def _release_many(self, n: int) -> None:
         self._live -= n
-        if self._feeder_wait is not None and self._room():
+        if self._lot_it is not None:
+            if not self._pull_due:  # the next lot once this turn's replies are in
+                self._pull_due = True
+                self._soon(self._pull_lot)
+        elif self._feeder_wait is not None and self._room():
             self._wake_feeder()
         self._wake_idle()
 

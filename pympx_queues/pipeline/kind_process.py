@@ -416,10 +416,15 @@ class ProcessRunner:
         return max(1, min(CHUNK_MAX, int(CHUNK_SECONDS / avg)))
 
     def _lot_size(self) -> int:
+        """Items per lot message: ``CHUNK_SECONDS`` of work, and at most half of what
+        a worker's share of the stage's queue holds (each worker has the message it
+        runs and the next one; a larger size would leave it idle between them)."""
         avg = self._item_seconds
         if avg <= 0:
             return CHUNK_MAX  # nothing measured yet: as a chunk (the items may be slow)
-        return max(1, min(LOT_MAX, int(CHUNK_SECONDS / avg)))
+        stage = self.stage
+        share = (stage.queue_size + stage.workers) // (2 * stage.workers)
+        return max(1, min(LOT_MAX, int(CHUNK_SECONDS / avg), share))
 
     def _dispatch(self) -> None:
         self._dispatch_due = False
@@ -432,15 +437,18 @@ class ProcessRunner:
             sent = False
             if type(pending[0]) is _Unit:
                 # a lot: bring the least loaded workers up to an even share of what is
-                # held and pending, in messages of up to _lot_size() items
+                # held and pending, in messages of up to _lot_size() items, two messages
+                # per worker at most (the one it runs and the next)
                 size = self._lot_size()
                 total = sum(j.n for j in pending)
                 even = -(-(total + sum(w.items for w in self._all)) // len(self._all))
                 for w in sorted(self._all, key=_load):
                     if not pending or type(pending[0]) is not _Unit:
                         break
-                    k = min(size, 2 * size - w.items, even - w.items)
-                    if k <= 0 or (w.items and k < min(size, total) // 2):
+                    if len(w.jobs) >= 2:
+                        continue  # the message it runs and the next one: enough
+                    k = min(size, even - w.items)
+                    if k <= 0 or (w.items and k < size // 2):
                         continue  # busy: a message this small waits for the next reply
                     if self._send_unit(w, k):
                         sent = True
@@ -504,37 +512,52 @@ class ProcessRunner:
         return True
 
     def _send_unit(self, w: _Worker, k: int) -> bool:
-        """Send up to ``k`` items of the lot unit at the head of the pending jobs."""
+        """Send up to ``k`` items of the lot units at the head of the pending jobs, as
+        one message (items of several lots may share it)."""
         pending = self._pending
-        unit = pending[0]
-        if unit.n > k:
-            part = _Unit(unit.lot, unit.start, unit.start + k)
-            unit.start += k
+        parts: List[_Unit] = []
+        left = k
+        while left and pending and type(pending[0]) is _Unit:
+            unit = pending[0]
+            if unit.n > left:
+                part = _Unit(unit.lot, unit.start, unit.start + left)
+                unit.start += left
+            else:
+                part = pending.popleft()
+            parts.append(part)
+            left -= part.n
+        if not parts:
+            return False
+        if len(parts) == 1:
+            datas = parts[0].lot.datas[parts[0].start:parts[0].stop]
         else:
-            part = pending.popleft()
+            datas = []
+            for part in parts:
+                datas.extend(part.lot.datas[part.start:part.stop])
         try:
-            buf = _dumps(("L", part.lot.datas[part.start:part.stop]))
+            buf = _dumps(("L", datas))
         except Exception:  # some data does not pickle: the engine runs them one by one
-            self.loop.call_soon(self._lot_back, part)  # (and fails just those)
+            for part in parts:  # (and fails just those)
+                self.loop.call_soon(self._lot_back, part)
             return True
         if w.jobs and w.piped + len(buf) > PIPE_BYTES:
-            pending.appendleft(part)
-            if part.n > 1:  # a smaller message; a single big item waits its turn
-                return self._send_unit(w, part.n // 2)
+            pending.extendleft(reversed(parts))
+            if len(datas) > 1:  # a smaller message; a single big item waits its turn
+                return self._send_unit(w, len(datas) // 2)
             return False
         try:
             w.conn.send_bytes(buf)
         except (OSError, EOFError):  # died meanwhile: its EOF handler reaps it
-            pending.appendleft(part)
+            pending.extendleft(reversed(parts))
             self._reap(w, fail=True)
             return True
         self.messages += 1
         if w.state[STATE_ALLOW] != INF:  # sent after a stop: these may start
             w.state[STATE_ALLOW] = INF
-        part.msg_bytes = len(buf)
+        parts[-1].msg_bytes = len(buf)
         w.piped += len(buf)
-        w.jobs.append(part)
-        w.items += part.n
+        w.jobs.extend(parts)
+        w.items += len(datas)
         self._arm(w)
         return True
 
@@ -560,26 +583,7 @@ class ProcessRunner:
         now = time.monotonic()
         jobs = w.jobs
         if type(reply) is tuple:  # a lot message's outputs (or the first of them)
-            outputs, errors, back = reply
-            unit = jobs[0]
-            first = unit.start
-            m = len(outputs)
-            count = m + back
-            unit.start += count
-            w.replied += count
-            w.items -= count
-            if unit.start >= unit.stop:
-                jobs.popleft()
-                w.piped -= unit.msg_bytes
-            self._measure(now, count)
-            if not jobs and w.timer is not None:
-                w.timer.cancel()
-                w.timer = None
-            if not unit.abandoned:
-                if m:
-                    self.lot_done(unit.lot, first, outputs, errors)  # type: ignore[misc]
-                if back:
-                    self.lot_back(unit.lot, first + m, first + count)  # type: ignore[misc]
+            self._lot_reply(w, reply)
         else:
             ended = []
             for r in reply:
@@ -602,6 +606,50 @@ class ProcessRunner:
         if self._pending and not self._dispatch_due:
             self._dispatch_due = True
             self.loop.call_soon(self._dispatch)
+
+    def _lot_reply(self, w: _Worker, reply: Any) -> None:
+        """``(outputs, errors, back)`` for the next items of ``w``'s lot units (one
+        message may span several units, a partial reply part of one)."""
+        outputs, errors, back = reply
+        jobs = w.jobs
+        m = len(outputs)
+        count = m + back
+        w.replied += count
+        w.items -= count
+        ended = []
+        pos = 0
+        if errors and len(errors) > 1:
+            errors.sort(key=_first)
+        while pos < count and jobs:
+            unit = jobs[0]
+            first = unit.start
+            if pos < m:  # ran
+                take = min(unit.n, m - pos)
+                if pos == 0 and take == m:
+                    outs, errs = outputs, errors
+                else:
+                    outs = outputs[pos:pos + take]
+                    errs = [(p - pos, e) for p, e in errors if pos <= p < pos + take]
+                ended.append((unit, first, outs, errs))
+            else:  # did not start (a stop)
+                take = min(unit.n, count - pos)
+                ended.append((unit, first, None, first + take))
+            unit.start += take
+            pos += take
+            if unit.start >= unit.stop:
+                jobs.popleft()
+                w.piped -= unit.msg_bytes
+        self._measure(time.monotonic(), count)
+        if not jobs and w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
+        for unit, first, outs, rest in ended:
+            if unit.abandoned:
+                continue
+            if outs is not None:
+                self.lot_done(unit.lot, first, outs, rest)  # type: ignore[misc]
+            else:
+                self.lot_back(unit.lot, first, rest)  # type: ignore[misc]
 
     def _measure(self, now: float, count: int) -> None:
         """The stage's seconds per item between replies: the chunk size's guide."""
@@ -762,6 +810,10 @@ INF = float("inf")
 
 def _load(w: _Worker) -> int:
     return w.items
+
+
+def _first(pair: Tuple[int, Any]) -> int:
+    return pair[0]
 
 
 def _dumps(obj: Any) -> bytes:
