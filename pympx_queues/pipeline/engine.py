@@ -1125,8 +1125,10 @@ class Pipeline:
         return None
 
     def _lot_room(self, sr: _StageRun) -> int:
-        """Items admissible now (P4: the same bound as one by one)."""
-        return min(self._cap - self._live, sr.stage.queue_size - sr.queued(), LOT_ADMIT)
+        """Items admissible now (P4: the same bound as one by one; items done here and
+        waiting for room in the next stage hold theirs, as they hold workers there)."""
+        return min(self._cap - self._live,
+                   sr.stage.queue_size - sr.queued() - len(sr.blocked), LOT_ADMIT)
 
     async def _feed_lots(self, it: Iterator[Any]) -> None:
         """The feeder of a lot stage: the first lot, then whenever there is room.  A

@@ -116,7 +116,9 @@ def _run_lot(conn: Any, handler: Callable, datas: List[Any], state: Any, started
     one output per item run (None for a failed one), ``errors`` the failed ones as
     ``(position in outputs, error tuple)``, ``back`` the items at the end not started
     (the run stopped).  A partial reply (``back`` 0, fewer outputs than items) goes
-    every ``PARTIAL_AFTER`` seconds.  Returns the new started count, -1 on EOF."""
+    every ``PARTIAL_AFTER`` seconds and after a failed item (so that a death later in
+    the message does not undo its attempt, nor the outputs before it).  Returns the new
+    started count, -1 on EOF."""
     clock = time.monotonic
     outputs: List[Any] = []
     errors: List[Any] = []
@@ -139,6 +141,7 @@ def _run_lot(conn: Any, handler: Callable, datas: List[Any], state: Any, started
                 raise
             errors.append((len(outputs), error_tuple(exc)))
             append(None)
+            last = 0.0  # a failure is reported at once (a later death keeps it)
         if timed:
             state[STATE_SINCE] = 0.0
         left -= 1
