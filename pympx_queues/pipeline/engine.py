@@ -1121,6 +1121,7 @@ class Pipeline:
             sr.runner.lot_done = functools.partial(self._lot_done, sr)
             sr.runner.lot_fail = functools.partial(self._lot_fail, sr)
             sr.runner.lot_back = functools.partial(self._lot_back, sr)
+            sr.runner.lot_settled = self._lots_settled
             return sr
         return None
 
@@ -1310,6 +1311,11 @@ class Pipeline:
         self._pump()
         if self._source_done or self._halted:
             self._wake_idle()
+
+    def _lots_settled(self) -> None:
+        """The runner handled a reply: the next lot now if its items freed room."""
+        if self._pull_due:
+            self._pull_lot()
 
     def _release_many(self, n: int) -> None:
         self._live -= n
