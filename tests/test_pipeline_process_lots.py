@@ -173,6 +173,34 @@ def test_an_output_of_a_lot_that_cannot_be_sent_back_fails_alone():
     assert all(by_key[str(i)].ok and by_key[str(i)].value == i for i in range(30) if i != 4)
 
 
+class Opaque:
+    """Picklable, but not data a journal can hold."""
+
+
+def first_or_self(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def test_a_durable_lot_journals_in_one_append_and_an_item_it_cannot_journal_is_a_dead_letter(
+        tmp_path):
+    src = list(range(20)) + [Opaque()] + list(range(21, 40))  # not JSON-like data
+    outs = []
+    p = Pipeline(src, [Stage("p", first_or_self, kind="process", workers=2)],
+                 journal_dir=str(tmp_path / "j"), ordered=True, progress=False,
+                 on_complete=outs.append)
+    p.run_all()
+    assert p._lots is not None
+    assert [r.key for r in outs] == [str(i) for i in range(40)]  # source order kept
+    bad = outs[20]
+    assert not bad.ok and bad.error.type == "EncodeError" and "'20'" in bad.error.message
+    assert all(r.ok and r.value == i for i, r in enumerate(outs) if i != 20)
+    assert p.report.done == 39 and p.report.dead == 1
+    again = Pipeline(src, [Stage("p", first_or_self, kind="process", workers=2)],
+                     journal_dir=str(tmp_path / "j"), progress=False)
+    rep = again.run_all()  # P3: the done keys are skipped; the dead one stays dead
+    assert rep.done == 0 and rep.skipped_done == 39
+
+
 def slow_note(x):
     _note(x)
     import time

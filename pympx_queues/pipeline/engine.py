@@ -1188,10 +1188,14 @@ class Pipeline:
         else:
             seen = self._seen
             journal = self._journal
+            # a first run has nothing to skip: no look-up per key then
+            unfinished = replay.unfinished if replay is not None and replay.unfinished \
+                else None
+            done = replay.done if replay is not None and len(replay.done) else None
             datas: List[Any] = []
             keys: List[str] = []
             indices: List[int] = []
-            seqs: List[int] = []
+            seqs: List[int] = []  # admission numbers in source order (ordered results)
             for off, item in enumerate(items):
                 i = index0 + off
                 if key is None:
@@ -1205,26 +1209,29 @@ class Pipeline:
                     log.warning("pipeline %r: duplicate key %r from the source skipped",
                                 self.name, k)
                     continue
-                if replay is not None:
-                    if k in replay.unfinished:
-                        saved = replay.unfinished[k]
-                        if saved.dead is not None:
-                            self._skip_journaled(k, i, None, saved.dead)
-                        continue  # resumed from the journal already (P1)
-                    if k in replay.done:
-                        self._skip_journaled(k, i, replay.done[k], None)
-                        continue
-                if journal is not None:
-                    try:
-                        journal.accept(k, i, item)
-                    except EncodeError:
-                        self._admit(ItemContext(k, i, item), journal=True)  # its dead letter
-                        continue
+                if unfinished is not None and k in unfinished:
+                    saved = unfinished[k]
+                    if saved.dead is not None:
+                        self._skip_journaled(k, i, None, saved.dead)
+                    continue  # resumed from the journal already (P1)
+                if done is not None and k in done:
+                    self._skip_journaled(k, i, done[k], None)
+                    continue
                 datas.append(item)
                 keys.append(k)
                 indices.append(i)
                 seqs.append(self._seq)
                 self._seq += 1
+            if journal is not None and keys:
+                bad = journal.accept_many(keys, indices, datas)  # one append for the lot
+                if bad:  # data that cannot be journaled: a dead letter each, as one by one
+                    next_seq = self._seq
+                    for n, _exc in bad:
+                        self._seq = seqs[n]  # _admit numbers it: its place in the source
+                        self._admit(ItemContext(keys[n], indices[n], datas[n]), journal=True)
+                    self._seq = next_seq
+                    for n, _exc in reversed(bad):
+                        del keys[n], indices[n], datas[n], seqs[n]
             lot = _Lot(datas, keys, indices, seqs)
         m = len(lot.datas)
         if not m:
