@@ -201,6 +201,22 @@ def test_a_durable_lot_journals_in_one_append_and_an_item_it_cannot_journal_is_a
     assert rep.done == 0 and rep.skipped_done == 39
 
 
+def fail_on_7(x):
+    if x == 7:
+        raise KeyError("seven")
+    return x
+
+
+def test_per_item_stage_timings_of_lot_items_go_to_the_callback_without_a_listener():
+    heard = []
+    p = Pipeline(range(30), [Stage("p", fail_on_7, kind="process", workers=2)],
+                 progress=False,
+                 on_stage_complete=lambda key, stage, secs, ok: heard.append((key, ok)))
+    rep = p.run_all()
+    assert p._lots is not None and rep.done == 29 and rep.dead == 1
+    assert sorted(heard) == sorted((str(i), i != 7) for i in range(30))
+
+
 def slow_note(x):
     _note(x)
     import time

@@ -11,6 +11,13 @@ while it has free workers; a finished group's outputs are journaled (``S``, or `
 a batch group, ``Y`` after the last stage) and move to the next stage's buffer when it has
 room, else they wait (holding a worker slot of their stage: backpressure, P4).  A failed
 attempt is journaled (``E``), retried after its backoff, then dead-lettered (``L``).
+
+A process stage first in line (default scheduler, handler without ``ctx``, a plain
+iterable source) takes the source in *lots* instead: a slice of the source admitted in
+one step (``A`` records in one append), handed to the runner as one object, and its
+successes accounted for per reply message (one ``B`` record); an item becomes an
+:class:`ItemContext` only when it fails, comes back on a stop, moves on to a next stage
+or goes to a listener (see ``_offer_lot``).
 """
 
 from __future__ import annotations
@@ -1116,7 +1123,6 @@ class Pipeline:
         st = sr.stage
         if (st.kind == "process" and st.scheduler is None and type(sr.sched) is
                 FifoScheduler and not st.batch and not st.sink and not st.takes_ctx
-                and self.on_stage_complete is None
                 and getattr(sr.runner, "start_lot", None) is not None):
             sr.runner.lot_done = functools.partial(self._lot_done, sr)
             sr.runner.lot_fail = functools.partial(self._lot_fail, sr)
@@ -1276,7 +1282,8 @@ class Pipeline:
                                              outs, sr.last)
                 except EncodeError:  # one by one: only the outputs that cannot fail
                     journaled = False
-            if sr.last and journaled and not self._listening:
+            if sr.last and journaled and not self._listening and \
+                    self.on_stage_complete is None:  # nobody hears of each: in bulk
                 sr.stats.done += g
                 rep = self._report
                 rep.done += g

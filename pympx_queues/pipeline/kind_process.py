@@ -13,6 +13,16 @@ one worker dies.  Here each worker is one process with one pipe to the coordinat
   reaches EOF.  Workers are started from the coordinator's event-loop thread, which lives
   as long as the run (the death signal follows the thread that forked the worker).
 
+Items travel many to a message.  Groups the engine hands over one by one go out in
+chunks (a list of ``(data, ctx)``; one reply per chunk).  A process stage first in line
+with the default scheduler and a handler that takes no ``ctx`` is fed in *lots* instead
+(:meth:`ProcessRunner.start_lot`): the engine admits a slice of the source as one
+object, messages carry plain lists of data (``("L", [data, ...])``), and the reply is
+one list of outputs with the failed items listed apart, so that the coordinator spends
+per message, not per item, what it can.  Either way each worker publishes in shared
+memory which item runs and since when: a death or a timeout is charged to exactly that
+item, and a stop takes back what has not started.
+
 Workers are started with ``multiprocessing``'s ``fork`` method on Linux by default (as
 ``ProcessPoolExecutor`` did there before Python 3.14): scripts need no ``__main__`` guard
 and handlers need not be importable.  They are forked from the event-loop thread before
