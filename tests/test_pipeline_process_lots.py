@@ -253,6 +253,30 @@ def test_a_stop_without_drain_takes_back_the_unstarted_items_of_a_lot(
     assert p.report.done + rep.done == 80 and rep.skipped_done == p.report.done
 
 
+def test_a_draining_stop_finishes_every_admitted_lot_item_and_the_next_run_the_rest(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("LOTS_DIR", str(tmp_path))
+    jdir = str(tmp_path / "j")
+    ended = []
+
+    def on_complete(r):
+        ended.append(r)
+        if len(ended) == 3:
+            p.stop(drain=True)
+
+    p = Pipeline(range(80), [Stage("p", slow_note, kind="process", workers=2,
+                                   queue_size=16)],
+                 journal_dir=jdir, progress=False, on_complete=on_complete)
+    rep = p.run_all()
+    assert p._lots is not None and rep.state == "stopped"
+    assert rep.dead == 0 and rep.done == rep.accepted and 3 <= rep.done < 80
+    assert sum(_runs(str(tmp_path)).values()) == rep.done  # each ran once
+    rep2 = Pipeline(range(80), [Stage("p", slow_note, kind="process", workers=2)],
+                    journal_dir=jdir, progress=False).run_all()
+    assert rep2.state == "finished" and rep.done + rep2.done == 80
+    assert sum(_runs(str(tmp_path)).values()) == 80
+
+
 # -- kill -9 of a durable run in the middle of lots -------------------------------------
 
 KILL_CHILD = textwrap.dedent("""
