@@ -217,6 +217,31 @@ def test_per_item_stage_timings_of_lot_items_go_to_the_callback_without_a_listen
     assert sorted(heard) == sorted((str(i), i != 7) for i in range(30))
 
 
+def test_a_slow_source_is_taken_in_steps_so_results_come_before_it_ends():
+    import time
+    made = []
+    first_seen_at = []
+
+    def slow_source():
+        for i in range(300):
+            time.sleep(0.001)
+            made.append(i)
+            yield i
+
+    def on_complete(r):
+        if not first_seen_at:
+            first_seen_at.append(len(made))
+
+    p = Pipeline(slow_source(), [Stage("p", times_ten, kind="process", workers=2,
+                                       queue_size=4096)],
+                 progress=False, on_complete=on_complete)
+    rep = p.run_all()
+    assert p._lots is not None and rep.done == 300
+    # a lot stops taking from a slow source after a step (64 items) past 5 ms: the
+    # first results come back while the source is still being read
+    assert first_seen_at[0] < 300
+
+
 def slow_note(x):
     _note(x)
     import time

@@ -48,8 +48,11 @@ class _Halt(Exception):
     pass
 
 
-#: Most items a lot takes from the source at once (see Pipeline._feed_lots).
+#: Most items a lot takes from the source at once (see Pipeline._feed_lots), in steps
+#: of PULL_STEP items, and no longer than PULL_SECONDS when the source is slow.
 LOT_ADMIT = 4096
+PULL_STEP = 64
+PULL_SECONDS = 0.005
 
 
 class _Lot:
@@ -1169,15 +1172,28 @@ class Pipeline:
         k = self._lot_room(sr)
         if k <= 0:
             return
+        items: List[Any] = []
+        ended = False
         try:
-            items = list(itertools.islice(it, k))
-            if items:
-                self._offer_lot(sr, items, self._lot_index)
-                self._lot_index += len(items)
+            # A slow source must not hold the loop (completions wait) nor the items it
+            # gave (workers wait): take it in steps, and stop after PULL_SECONDS.
+            until = time.monotonic() + PULL_SECONDS
+            while len(items) < k:
+                step = min(PULL_STEP, k - len(items))
+                part = list(itertools.islice(it, step))
+                items += part
+                if len(part) < step:  # islice stops early only at the end
+                    ended = True
+                    break
+                if time.monotonic() > until:
+                    break
         except BaseException as exc:  # the source failed: the run fails with it
             self._lot_error = exc
-            items = []
-        if len(items) < k:  # exhausted (islice stops early only then) or failed
+            ended = True
+        if items:
+            self._offer_lot(sr, items, self._lot_index)
+            self._lot_index += len(items)
+        if ended:
             self._lot_it = None
             self._wake_feeder()
 
