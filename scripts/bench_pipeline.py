@@ -22,7 +22,7 @@ turn; seconds per item):
 * ``process``     a one-stage ``Pipeline`` with ``kind="process"``, W workers, same ``f``,
                   ``queue_size=256`` (P4: at most 258 items held, so messages of at most
                   about 64 items).
-* ``process-deep`` the same with ``queue_size=4096`` (messages of up to ~1000 items; the
+* ``process-deep`` the same with ``queue_size=4096`` (messages of about 800 items; the
                   pool's map holds every item, in chunks of n / 8).
 * ``pool-map-work``, ``process-work``: ``pool-map`` and ``process`` with a handler that
                   computes for 200 us per item (``--size // 10`` items): the ratio when
