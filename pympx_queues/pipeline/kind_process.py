@@ -292,7 +292,7 @@ class _Unit:
 
 class _Worker:
     __slots__ = ("proc", "conn", "fd", "jobs", "timer", "state", "replied", "piped",
-                 "items")
+                 "items", "msgs")
 
     def __init__(self, proc: Any, conn: Any, state: Any) -> None:
         self.proc = proc
@@ -304,6 +304,7 @@ class _Worker:
         self.replied = 0  # items replied so far (the head item is number replied + 1)
         self.piped = 0  # bytes of messages the worker may not have read yet
         self.items = 0  # items sent and not replied
+        self.msgs = 0  # messages sent and not wholly replied
 
     def running(self) -> int:
         """Position among the unreplied items of the one that runs now (-1: between
@@ -459,7 +460,7 @@ class ProcessRunner:
                 for w in sorted(self._all, key=_load):
                     if not pending or type(pending[0]) is not _Unit:
                         break
-                    if len(w.jobs) >= 2:
+                    if w.msgs >= 2:
                         continue  # the message it runs and the next one: enough
                     k = min(size, even - w.items)
                     if k <= 0 or (w.items and k < size // 2):
@@ -522,6 +523,7 @@ class ProcessRunner:
         w.piped += len(buf)
         w.jobs.extend(chunk)
         w.items += len(chunk)
+        w.msgs += 1
         self._arm(w)
         return True
 
@@ -572,6 +574,7 @@ class ProcessRunner:
         w.piped += len(buf)
         w.jobs.extend(parts)
         w.items += len(datas)
+        w.msgs += 1
         self._arm(w)
         return True
 
@@ -612,8 +615,9 @@ class ProcessRunner:
                 job = jobs.popleft()
                 w.replied += 1
                 w.items -= 1
-                if job.msg_bytes:
+                if job.msg_bytes:  # the last job of its message
                     w.piped -= job.msg_bytes
+                    w.msgs -= 1
                 if not job.abandoned:
                     ended.append((job, ("back", None) if r == NOT_STARTED else ("ok", r)))
             self._measure(now, len(reply))
@@ -658,7 +662,9 @@ class ProcessRunner:
             pos += take
             if unit.start >= unit.stop:
                 jobs.popleft()
-                w.piped -= unit.msg_bytes
+                if unit.msg_bytes:  # the last unit of its message
+                    w.piped -= unit.msg_bytes
+                    w.msgs -= 1
         self._measure(time.monotonic(), count)
         if not jobs and w.timer is not None:
             w.timer.cancel()
@@ -733,7 +739,7 @@ class ProcessRunner:
         culprit, at = w.locate(idx if 0 <= idx < w.items else 0)
         jobs = list(w.jobs)
         w.jobs.clear()
-        w.items = 0
+        w.items = w.msgs = 0
         if culprit is not None:
             keys = culprit.keys if type(culprit) is _Job else [culprit.lot.key(at)]
         if not kill:
