@@ -242,6 +242,25 @@ def test_a_slow_source_is_taken_in_steps_so_results_come_before_it_ends():
     assert first_seen_at[0] < 300
 
 
+def big_output(x):
+    return bytes([x % 256]) * (100_000 + x)  # each reply larger than a pipe's 64 KiB
+
+
+def test_replies_larger_than_a_pipe_come_back_whole_over_several_reads():
+    for src, kind in ((range(12), "lots"), ([(i,) for i in range(6)], "chunks")):
+        fn = big_output if kind == "lots" else big_output_ctx
+        p = Pipeline(src, [Stage("p", fn, kind="process", workers=2)], progress=False)
+        results = {r.key: r for r in p.run()}
+        n = len(src)
+        assert len(results) == n and all(r.ok for r in results.values())
+        for i in range(n):
+            assert results[str(i)].value == bytes([i % 256]) * (100_000 + i)
+
+
+def big_output_ctx(x, ctx):  # a handler taking ctx: the chunked per-item path
+    return big_output(x[0])
+
+
 def slow_note(x):
     _note(x)
     import time

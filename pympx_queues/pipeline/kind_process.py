@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import struct
 import sys
 import time
 import weakref
@@ -292,7 +293,7 @@ class _Unit:
 
 class _Worker:
     __slots__ = ("proc", "conn", "fd", "jobs", "timer", "state", "replied", "piped",
-                 "items", "msgs")
+                 "items", "msgs", "inbuf")
 
     def __init__(self, proc: Any, conn: Any, state: Any) -> None:
         self.proc = proc
@@ -305,6 +306,7 @@ class _Worker:
         self.piped = 0  # bytes of messages the worker may not have read yet
         self.items = 0  # items sent and not replied
         self.msgs = 0  # messages sent and not wholly replied
+        self.inbuf = b""  # the start of a reply not wholly read yet
 
     def running(self) -> int:
         """Position among the unreplied items of the one that runs now (-1: between
@@ -592,11 +594,39 @@ class ProcessRunner:
 
     # -- results
     def _readable(self, w: _Worker) -> None:
+        """Read what the worker's pipe holds (one ``read``, not the two of
+        ``Connection.recv``: a length, then the message) and handle every whole reply in
+        it, in order; EOF (the worker died) only once its earlier replies are in."""
         try:
-            reply = w.conn.recv()
-        except (EOFError, OSError):
+            data = os.read(w.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):  # pragma: no cover - spurious wake-up
+            return
+        except OSError:
+            data = b""
+        if not data:
             self._reap(w, fail=True)
             return
+        buf = w.inbuf + data if w.inbuf else data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            size, = _LEN.unpack_from(buf, pos)
+            head = 4
+            if size == -1:  # multiprocessing's framing of messages of 2 GiB and more
+                if end - pos < 12:
+                    break
+                size, = _LEN64.unpack_from(buf, pos + 4)
+                head = 12
+            if end - pos < head + size:
+                break
+            reply = pickle.loads(memoryview(buf)[pos + head:pos + head + size])
+            pos += head + size
+            self._reply(w, reply)
+            if w not in self._all:  # reaped meanwhile (an abandon): the rest is moot
+                return
+        w.inbuf = buf[pos:] if pos < end else b""
+
+    def _reply(self, w: _Worker, reply: Any) -> None:
         now = time.monotonic()
         jobs = w.jobs
         if type(reply) is tuple:  # a lot message's outputs (or the first of them)
@@ -832,6 +862,10 @@ class ProcessRunner:
 
 
 INF = float("inf")
+#: Bytes read from a worker's pipe at once (a pipe holds 64 KiB by default).
+READ_SIZE = 64 * 1024
+_LEN = struct.Struct("!i")  # multiprocessing.Connection's framing: a length, then bytes
+_LEN64 = struct.Struct("!Q")
 
 
 def _load(w: _Worker) -> int:
