@@ -18,6 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "scripts", "bench_pipeline.py")
 CASES = ("handwired", "memory", "flush", "fsync", "naive-fsync", "pool-map", "process",
+         "pool-map-warm", "process-deep",
          "pool-map-work", "process-work")
 
 

@@ -11,12 +11,20 @@ while it has free workers; a finished group's outputs are journaled (``S``, or `
 a batch group, ``Y`` after the last stage) and move to the next stage's buffer when it has
 room, else they wait (holding a worker slot of their stage: backpressure, P4).  A failed
 attempt is journaled (``E``), retried after its backoff, then dead-lettered (``L``).
+
+A process stage first in line (default scheduler, handler without ``ctx``, a plain
+iterable source) takes the source in *lots* instead: a slice of the source admitted in
+one step (``A`` records in one append), handed to the runner as one object, and its
+successes accounted for per reply message (one ``B`` record); an item becomes an
+:class:`ItemContext` only when it fails, comes back on a stop, moves on to a next stage
+or goes to a listener (see ``_offer_lot``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import queue as _queue
 import signal
@@ -40,11 +48,41 @@ class _Halt(Exception):
     pass
 
 
+#: Most items a lot takes from the source at once (see Pipeline._feed_lots), in steps
+#: of PULL_STEP items, and no longer than PULL_SECONDS when the source is slow.
+LOT_ADMIT = 4096
+PULL_STEP = 64
+PULL_SECONDS = 0.005
+
+
+class _Lot:
+    """Items admitted together for a process stage (see Pipeline._offer_lot): their
+    data, keys (None: by position), source positions and admission numbers."""
+
+    __slots__ = ("datas", "keys", "indices", "seqs", "admitted", "started")
+
+    def __init__(self, datas: List[Any], keys: Optional[List[str]], indices: Any,
+                 seqs: Any) -> None:
+        self.datas, self.keys, self.indices, self.seqs = datas, keys, indices, seqs
+        self.admitted = self.started = 0.0
+
+    def key(self, i: int) -> str:
+        keys = self.keys
+        return keys[i] if keys is not None else str(self.indices[i])
+
+
+class _Keyed:
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
 class _StageRun:
     """A stage's live state during a run (O(workers + queue_size) items)."""
 
     __slots__ = ("stage", "index", "sched", "runner", "running", "blocked", "stats",
-                 "retrying", "last", "futs", "slots")
+                 "retrying", "last", "futs", "slots", "lot_items")
 
     def __init__(self, stage: Stage, index: int, last: bool) -> None:
         self.stage = stage
@@ -59,12 +97,13 @@ class _StageRun:
         self.last = last
         self.futs: Dict[Any, Any] = {}  # running future -> (group, timer, started)
         self.slots = stage.workers  # groups running at once (a runner may pipeline more)
+        self.lot_items = 0  # items handed to the runner in lots, not ended yet
 
     def queued(self) -> int:
         """Items waiting for this stage: buffered, waiting for a retry, or handed to a
         runner that holds more groups than it has workers (they wait there for a worker,
         and count against the stage's queue_size)."""
-        extra = self.running - self.stage.workers
+        extra = self.running + self.lot_items - self.stage.workers
         return self.sched.buffered() + self.retrying + (extra if extra > 0 else 0)
 
 
@@ -157,8 +196,10 @@ class Pipeline:
                         else r.elapsed)
         for sr in list(self._runs) or []:
             st = StageStats(**sr.stats.__dict__)
-            extra = max(sr.running - sr.stage.workers, 0)  # handed over, not started
-            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values())) - extra
+            # handed over, not started
+            extra = max(sr.running + sr.lot_items - sr.stage.workers, 0)
+            st.in_flight = sum(len(v[0]) for v in list(sr.futs.values())) + \
+                sr.lot_items - extra
             st.queued = sr.sched.buffered() + len(sr.blocked) + sr.retrying + extra
             st.rate = st.done / out.elapsed if out.elapsed > 0 else 0.0
             out.stages[sr.stage.name] = st
@@ -372,6 +413,10 @@ class Pipeline:
             self._running = True
         loop = asyncio.get_running_loop()
         self._t0 = time.monotonic()
+        self._lots: Optional[_StageRun] = None
+        self._lot_it: Optional[Iterator[Any]] = None
+        self._lot_error: Optional[BaseException] = None
+        self._pull_due = False
         self._emit_fn = emit
         self._live = 0
         # P4 in items (rows): a stage holds up to queue_size buffered items plus workers
@@ -418,6 +463,7 @@ class Pipeline:
                 if sr.runner.direct:
                     sr.runner.done = functools.partial(self._ended, sr)
                 sr.slots = getattr(sr.runner, "slots", sr.stage.workers)
+            self._lots = self._lot_stage()
             for sr in self._runs:  # a scheduler that acts on its run (partitions: fail-fast)
                 attach = getattr(sr.sched, "attach", None)
                 if attach is not None:
@@ -577,6 +623,8 @@ class Pipeline:
                         return
                     self._offer_source(item, index)
                     index += 1
+            elif self._lots is not None:
+                await self._feed_lots(iter(source))
             else:
                 it = iter(source)
                 while True:
@@ -1194,6 +1242,249 @@ class Pipeline:
             if self._error is None:
                 self._error = exc
             self.stop(drain=False)
+
+    # ------------------------------------------------------------------ lots
+    # A process stage first in line, with the default scheduler and a handler that
+    # takes no ctx, gets the source's items in lots: taken from the source in one step,
+    # admitted with O(1) bookkeeping (per item only what keys, duplicates, resumes and
+    # the journal need), handed to the runner as one object and accounted for per reply
+    # message.  An item becomes an ItemContext only when it needs one: it failed (retry,
+    # dead letter), came back (a stop), or goes on to a next stage or to a listener.
+    def _lot_stage(self) -> Optional[_StageRun]:
+        sr = self._runs[0]
+        st = sr.stage
+        if (st.kind == "process" and st.scheduler is None and type(sr.sched) is
+                FifoScheduler and not st.batch and not st.sink and not st.takes_ctx
+                and getattr(sr.runner, "start_lot", None) is not None):
+            sr.runner.lot_done = functools.partial(self._lot_done, sr)
+            sr.runner.lot_fail = functools.partial(self._lot_fail, sr)
+            sr.runner.lot_back = functools.partial(self._lot_back, sr)
+            sr.runner.lot_settled = self._lots_settled
+            return sr
+        return None
+
+    def _lot_room(self, sr: _StageRun) -> int:
+        """Items admissible now (P4: the same bound as one by one; items done here and
+        waiting for room in the next stage hold theirs, as they hold workers there)."""
+        return min(self._cap - self._live,
+                   sr.stage.queue_size - sr.queued() - len(sr.blocked), LOT_ADMIT)
+
+    async def _feed_lots(self, it: Iterator[Any]) -> None:
+        """The feeder of a lot stage: the first lot, then whenever there is room.  A
+        reply that frees room also takes the next lot (``_pull_lot``, soon after
+        ``_release_many``: once per loop turn, no task switch per lot); this task waits
+        for the end."""
+        self._lot_it = it
+        self._lot_index = 0
+        try:
+            while self._lot_it is not None:
+                if not self._room():
+                    await self._wait_room()
+                if self._source_done or self._lot_it is None:
+                    break
+                self._pull_lot()
+                await asyncio.sleep(0)  # completions and dispatch before the next lot
+        finally:
+            self._lot_it = None
+        err, self._lot_error = self._lot_error, None
+        if err is not None:
+            raise err
+
+    def _pull_lot(self) -> None:
+        """Take the next lot from the source, as many items as there is room for; at
+        the source's end (or its error) the feeder task finishes."""
+        self._pull_due = False
+        it = self._lot_it
+        sr = self._lots
+        if it is None or sr is None or self._source_done:
+            return
+        k = self._lot_room(sr)
+        if k <= 0:
+            return
+        items: List[Any] = []
+        ended = False
+        try:
+            # A slow source must not hold the loop (completions wait) nor the items it
+            # gave (workers wait): take it in steps, and stop after PULL_SECONDS.
+            until = time.monotonic() + PULL_SECONDS
+            while len(items) < k:
+                step = min(PULL_STEP, k - len(items))
+                part = list(itertools.islice(it, step))
+                items += part
+                if len(part) < step:  # islice stops early only at the end
+                    ended = True
+                    break
+                if time.monotonic() > until:
+                    break
+        except BaseException as exc:  # the source failed: the run fails with it
+            self._lot_error = exc
+            ended = True
+        if items:
+            self._offer_lot(sr, items, self._lot_index)
+            self._lot_index += len(items)
+        if ended:
+            self._lot_it = None
+            self._wake_feeder()
+
+    def _offer_lot(self, sr: _StageRun, items: List[Any], index0: int) -> None:
+        """Admit ``items`` (source positions ``index0...``) as one lot."""
+        n = len(items)
+        now = time.monotonic()
+        key = self.key
+        replay = self._replay
+        rep = self._report
+        if key is None and replay is None:  # keys by position, nothing journaled
+            lot = _Lot(items, None, range(index0, index0 + n), range(self._seq, self._seq + n))
+            self._seq += n
+        else:
+            seen = self._seen
+            journal = self._journal
+            # a first run has nothing to skip: no look-up per key then
+            unfinished = replay.unfinished if replay is not None and replay.unfinished \
+                else None
+            done = replay.done if replay is not None and len(replay.done) else None
+            datas: List[Any] = []
+            keys: List[str] = []
+            indices: List[int] = []
+            seqs: List[int] = []  # admission numbers in source order (ordered results)
+            for off, item in enumerate(items):
+                i = index0 + off
+                if key is None:
+                    k = str(i)
+                else:
+                    k = key(item)
+                    if not isinstance(k, str):
+                        k = str(k)
+                if seen is not None and not seen.add(k):
+                    rep.duplicate_keys += 1
+                    log.warning("pipeline %r: duplicate key %r from the source skipped",
+                                self.name, k)
+                    continue
+                if unfinished is not None and k in unfinished:
+                    saved = unfinished[k]
+                    if saved.dead is not None:
+                        self._skip_journaled(k, i, None, saved.dead)
+                    continue  # resumed from the journal already (P1)
+                if done is not None and k in done:
+                    self._skip_journaled(k, i, done[k], None)
+                    continue
+                datas.append(item)
+                keys.append(k)
+                indices.append(i)
+                seqs.append(self._seq)
+                self._seq += 1
+            if journal is not None and keys:
+                bad = journal.accept_many(keys, indices, datas)  # one append for the lot
+                if bad:  # data that cannot be journaled: a dead letter each, as one by one
+                    next_seq = self._seq
+                    for n, _exc in bad:
+                        self._seq = seqs[n]  # _admit numbers it: its place in the source
+                        self._admit(ItemContext(keys[n], indices[n], datas[n]), journal=True)
+                    self._seq = next_seq
+                    for n, _exc in reversed(bad):
+                        del keys[n], indices[n], datas[n], seqs[n]
+            lot = _Lot(datas, keys, indices, seqs)
+        m = len(lot.datas)
+        if not m:
+            return
+        lot.admitted = lot.started = now
+        self._live += m
+        rep.accepted += m
+        rep.in_flight += m
+        sr.lot_items += m
+        sr.runner.start_lot(lot)
+
+    def _lot_item(self, sr: _StageRun, lot: "_Lot", i: int) -> ItemContext:
+        """Item ``i`` of a lot as an ItemContext of ``sr`` (attempt 1)."""
+        ctx = ItemContext(lot.key(i), lot.indices[i], lot.datas[i])
+        ctx._handle = lot.seqs[i]
+        ctx.admitted = lot.admitted
+        ctx.started = lot.started
+        ctx.stage = sr.stage.name
+        ctx.stage_index = sr.index
+        return ctx
+
+    def _lot_done(self, sr: _StageRun, lot: "_Lot", first: int, outputs: List[Any],
+                  errors: List[Any]) -> None:
+        """Items ``first...`` of ``lot`` ran: ``outputs`` in order (None for a failed
+        one), ``errors`` the failed ones as (position in outputs, error tuple)."""
+        seconds = time.monotonic() - lot.started
+        m = len(outputs)
+        sr.lot_items -= m
+        if errors:
+            bad = {pos for pos, _ in errors}
+            good = [first + pos for pos in range(m) if pos not in bad]
+            outs = [outputs[i - first] for i in good]
+        else:
+            good, outs = range(first, first + m), outputs
+        g = len(good)
+        if g:
+            sr.stats.busy_seconds += seconds * g
+            journaled = True
+            if self._journal is not None:
+                try:
+                    self._journal.batch_done([_Keyed(lot.key(i)) for i in good], sr.index,
+                                             outs, sr.last)
+                except EncodeError:  # one by one: only the outputs that cannot fail
+                    journaled = False
+            if sr.last and journaled and not self._listening and \
+                    self.on_stage_complete is None:  # nobody hears of each: in bulk
+                sr.stats.done += g
+                rep = self._report
+                rep.done += g
+                rep.in_flight -= g
+                j = self._journal
+                if j is not None and j.fsync:  # the items end once durable
+                    j.after_sync(functools.partial(self._release_many, g))
+                else:
+                    self._release_many(g)
+            else:
+                for i, out in zip(good, outs):
+                    self._succeeded(sr, self._lot_item(sr, lot, i), out, seconds,
+                                    journaled=journaled)
+        for pos, value in errors:
+            item = self._lot_item(sr, lot, first + pos)
+            ok, exc, err = self._unpack(sr, ("ok", value), item.attempt)
+            self._failed(sr, item, exc, err, seconds=seconds)
+        self._lot_ended()
+
+    def _lot_fail(self, sr: _StageRun, lot: "_Lot", i: int, exc: BaseException) -> None:
+        """Item ``i`` of ``lot`` failed in the coordinator's eyes (its worker died, it
+        ran past its timeout)."""
+        sr.lot_items -= 1
+        item = self._lot_item(sr, lot, i)
+        _ok, exc, err = self._unpack(sr, ("exc", exc), item.attempt)
+        self._failed(sr, item, exc, err, seconds=time.monotonic() - lot.started)
+        self._lot_ended()
+
+    def _lot_back(self, sr: _StageRun, lot: "_Lot", start: int, stop: int) -> None:
+        """Items ``start:stop`` of ``lot`` did not start (a stop; or data that does not
+        pickle): each goes to the scheduler as an item of its own, which starts it only
+        if the run still wants it (a drain does, a halt does not: P7)."""
+        sr.lot_items -= stop - start
+        for i in range(start, stop):
+            sr.sched.offer(self._lot_item(sr, lot, i))
+        self._lot_ended()
+
+    def _lot_ended(self) -> None:
+        self._pump()
+        if self._source_done or self._halted:
+            self._wake_idle()
+
+    def _lots_settled(self) -> None:
+        """The runner handled a reply: the next lot now if its items freed room."""
+        if self._pull_due:
+            self._pull_lot()
+
+    def _release_many(self, n: int) -> None:
+        self._live -= n
+        if self._lot_it is not None:
+            if not self._pull_due:  # the next lot once this turn's replies are in
+                self._pull_due = True
+                self._soon(self._pull_lot)
+        elif self._feeder_wait is not None and self._room():
+            self._wake_feeder()
+        self._wake_idle()
 
     def _abandon_all(self) -> None:
         for sr in self._runs:

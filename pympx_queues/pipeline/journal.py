@@ -760,6 +760,39 @@ class PipelineJournal:
         enc = self.encode(data, "the source item with key %r", key)
         self._append(KIND_ACCEPT, '{"k":%s,"i":%d,"d":%s}' % (_dumps_key(key), index, enc))
 
+    def accept_many(self, keys: Sequence[str], indices: Sequence[int],
+                    datas: Sequence[Any]) -> List[Tuple[int, EncodeError]]:
+        """:meth:`accept` for many items in one append (a lot of a process stage): one
+        writer call, one store into the mapped journal.  Returns the positions whose
+        data cannot be journaled, with their error; nothing of those is written."""
+        bad: List[Tuple[int, EncodeError]] = []
+        payloads = []
+        for n, (key, index, data) in enumerate(zip(keys, indices, datas)):
+            try:
+                enc = self.encode(data, "the source item with key %r", key)
+            except EncodeError as exc:
+                bad.append((n, exc))
+                continue
+            payloads.append('{"k":%s,"i":%d,"d":%s}' % (_dumps_key(key), index, enc))
+        if payloads:
+            self._append_many(KIND_ACCEPT, payloads)
+        return bad
+
+    def _append_many(self, kind: str, payloads: Sequence[str]) -> None:
+        """:meth:`_append` of several records of one kind, in one writer call."""
+        if self._writer is None:
+            raise PipelineError(f"pipeline {self.name!r}: its journal is closed")
+        if self._failed is not None:
+            raise self._failed
+        self._bytes += sum(len(p) for p in payloads) + 24 * len(payloads)
+        if self.fsync:
+            self._buf.extend((kind, p) for p in payloads)
+            self._kick_soon()
+        else:
+            self._writer.append([(kind, p) for p in payloads])  # in the page cache
+            if self._bytes > self.compact_bytes:
+                self.rotate()
+
     def stage_done(self, key: str, stage: int, output: Any) -> None:
         enc = self.encode(output, "the output of stage %r for key %r", self.stages[stage],
                           key)
