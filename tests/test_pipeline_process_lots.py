@@ -413,3 +413,22 @@ def test_a_durable_lot_run_killed_with_kill_9_resumes_with_nothing_lost_or_done_
     stored = collections.Counter(_logged(str(tmp_path), "store", "1") +
                                  _logged(str(tmp_path), "store", "2"))
     assert set(stored) == set(range(n))
+
+
+def slow_times_ten(x):
+    import time
+
+    time.sleep(0.005)  # work: the source ends long before the lots' replies come back
+    return x * 10
+
+
+def test_lots_in_flight_after_the_source_ended_are_not_taken_for_a_stall():
+    # Found when the stall check met lots: items sent in lots are neither in a stage's
+    # scheduler nor "running" groups; the check took them for items no one holds and
+    # failed the run with PipelineStalled.
+    p = Pipeline(range(120), [Stage("p", slow_times_ten, kind="process", workers=2,
+                                    queue_size=256)], progress=False)
+    results = _lot_run(p)
+    assert sorted(int(r.key) for r in results) == list(range(120))
+    assert all(r.ok and r.value == int(r.key) * 10 for r in results)
+    assert p.report.state == "finished" and p.report.done == 120

@@ -806,9 +806,11 @@ class Pipeline:
         return s0.queued() >= s0.stage.queue_size or self._live <= self._report.in_flight
 
     def _idle_stages(self) -> bool:
-        """Nothing runs in any stage and no retry is due (no event of ours is coming)."""
+        """Nothing runs in any stage and no retry is due (no event of ours is coming).
+        Items a process stage holds in lots (sent or queued in its runner) count as
+        running: their replies are coming."""
         for sr in self._runs:
-            if sr.running or sr.retrying:
+            if sr.running or sr.retrying or sr.lot_items:
                 return False
         return True
 
