@@ -512,22 +512,7 @@ class ProcessRunner:
                 return self._send(w, len(chunk) // 2)
             pending.appendleft(chunk[0])
             return False
-        try:
-            w.conn.send_bytes(buf)
-        except (OSError, EOFError):  # died meanwhile: its EOF handler reaps it
-            pending.extendleft(reversed(chunk))
-            self._reap(w, fail=True)
-            return True
-        self.messages += 1
-        if w.state[STATE_ALLOW] != INF:  # sent after a stop: these may start
-            w.state[STATE_ALLOW] = INF
-        chunk[-1].msg_bytes = len(buf)
-        w.piped += len(buf)
-        w.jobs.extend(chunk)
-        w.items += len(chunk)
-        w.msgs += 1
-        self._arm(w)
-        return True
+        return self._post(w, buf, chunk, len(chunk))
 
     def _send_unit(self, w: _Worker, k: int) -> bool:
         """Send up to ``k`` items of the lot units at the head of the pending jobs, as
@@ -563,19 +548,25 @@ class ProcessRunner:
             if len(datas) > 1:  # a smaller message; a single big item waits its turn
                 return self._send_unit(w, len(datas) // 2)
             return False
+        return self._post(w, buf, parts, len(datas))
+
+    def _post(self, w: _Worker, buf: bytes, entries: List[Any], items: int) -> bool:
+        """Write one message (``entries``: jobs or lot units, ``items`` items in all) to
+        ``w`` and book it as running there; on a broken pipe the entries go back to the
+        head of the pending jobs and the worker is reaped."""
         try:
             w.conn.send_bytes(buf)
         except (OSError, EOFError):  # died meanwhile: its EOF handler reaps it
-            pending.extendleft(reversed(parts))
+            self._pending.extendleft(reversed(entries))
             self._reap(w, fail=True)
             return True
         self.messages += 1
         if w.state[STATE_ALLOW] != INF:  # sent after a stop: these may start
             w.state[STATE_ALLOW] = INF
-        parts[-1].msg_bytes = len(buf)
+        entries[-1].msg_bytes = len(buf)
         w.piped += len(buf)
-        w.jobs.extend(parts)
-        w.items += len(datas)
+        w.jobs.extend(entries)
+        w.items += items
         w.msgs += 1
         self._arm(w)
         return True
@@ -619,6 +610,8 @@ class ProcessRunner:
                 head = 12
             if end - pos < head + size:
                 break
+            # A reply of one of this stage's own worker processes over its private pipe
+            # (what Connection.recv unpickles too); never a journal or a message.
             reply = pickle.loads(memoryview(buf)[pos + head:pos + head + size])
             pos += head + size
             self._reply(w, reply)
