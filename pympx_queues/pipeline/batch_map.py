@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..journal.format import dumps as _dumps
 from ..journal.format import encode_value as _encode_value
-from ._model import PipelineError, Scheduler, Stage
+from ._model import EncodeError, PipelineError, Scheduler, Stage
 from .engine import Pipeline
 from .switches import KillSwitchError, Outcome
 
@@ -282,6 +282,17 @@ def _digest(codec: Any, value: Any) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
+def _digest_at(codec: Any, row: Any, index: int) -> str:
+    """:func:`_digest` of the arguments of call ``index``; arguments the codec cannot
+    encode fail the durable map with an error naming the call (nothing is journaled
+    for it)."""
+    try:
+        return _digest(codec, row)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"batch_map: the arguments of call #{index} cannot be "
+                          f"journaled (a durable map journals them): {exc}") from None
+
+
 def _fmt_time(t: Optional[float]) -> str:
     if t is None:
         return "?"
@@ -304,7 +315,8 @@ class _Run:
         self.journal_dir = journal_dir
         self.pipeline: Any = None
         self.sched: Any = None
-        self.feed: Any = None  # the in-memory thread path's _Feed
+        self.feed: Any = None  # the thread lease path's _Feed
+        self.book: Any = None  # the durable thread lease path's _Book (its journal)
         self.args: Dict[int, Any] = {}  # in-flight rows (bounded by the engine)
         self.completed = 0
         self.failed = 0
@@ -351,12 +363,12 @@ class _Run:
 
     def journal_state(self) -> None:
         """Journal the counters (and the failures, when one was added)."""
-        p = self.pipeline
+        put = self.pipeline.set_state if self.book is None else self.book.journal.write_state
         if self.failures_dirty:
             self.failures_dirty = False
-            p.set_state(FAILURES, list(self.failures))
+            put(FAILURES, list(self.failures))
         self.dirty = False
-        p.set_state(STATE, self.state())
+        put(STATE, self.state())
 
     def journal_state_soon(self) -> None:
         """Successes: the counters are journaled once per coordinator turn, after the
@@ -496,40 +508,123 @@ class _Feed:
         self.n = i + 1
         return i, row
 
+    def fail(self, exc: BaseException) -> None:
+        """End the input with ``exc`` (raised by the map once the run has ended)."""
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+            self.done = True
+
     def tokens(self) -> Iterator[None]:
         """The engine's source: one item per lease, until the input ends."""
         while not self.done and self.run.trip is None:
             yield None
 
 
-class _Lease:
-    """The stage handler of the in-memory thread path: runs calls taken from the feed,
-    returns ``[(position, ok, result_or_CallFailed), ...]``."""
+class _Book:
+    """The journal of a durable thread map (``durability="flush"``), written by the
+    workers themselves: a call's record is stored (in the page cache: it survives
+    ``kill -9``) under :attr:`_Feed.lock`, before the call is counted and before its
+    worker takes the next one.  The record format is the engine path's: a ``Y`` record
+    with ``[digest, result]`` per finished call, an ``A`` record with ``[position,
+    digest, row]`` and a ``D`` record per failed one, so either path resumes the other's
+    journal.  Every write of the run (the switch's state included) happens under that
+    lock: the journal has one writer at a time."""
 
-    def __init__(self, call: _Call, feed: _Feed, run: _Run) -> None:
+    def __init__(self, journal: Any, codec: Any) -> None:
+        self.journal = journal
+        self.codec = codec
+        self.replay = journal.replay
+        self.rerun = bool(journal.replay.done or journal.replay.unfinished)
+        self.closed = False  # set under the feed's lock when the map ends
+
+    def lookup(self, i: int, row: Any, d: str) -> Optional[Tuple[bool, Any]]:
+        """``(ok, result or CallFailed)`` an earlier run journaled for position ``i``,
+        or None: the call runs (again).  Changed input raises InputChangedError."""
+        found = _stored(self.replay, self.journal, str(i))
+        if found is None:
+            return None
+        old, value, dead = found
+        _refuse_changed(self.journal, i, d, old, row, self.codec)
+        if dead is not None:
+            return False, CallFailed(i, str(dead.get("type", "")),
+                                     str(dead.get("message", "")),
+                                     str(dead.get("traceback", "")))
+        return (True, value) if value is not _RUN else None
+
+    def failed(self, i: int, d: str, row: Any, exc: BaseException, tb: str) -> None:
+        """Journal a failed call: accepted with its input, then dead (``redrive`` and
+        ``reset_kill_switch(retry_failed=True)`` re-run it).  An input the codec cannot
+        encode is not journaled: the next run calls it again."""
+        from ._model import ErrorInfo
+
+        j, key = self.journal, str(i)
+        try:
+            j.accept(key, i, [i, d, row])
+        except EncodeError:
+            return
+        j.dead(key, 0, ErrorInfo(type(exc).__name__, str(exc)[:2000], tb, "call", 1))
+
+
+_RUN = object()  # _stored: journaled as accepted, not finished (redriven): call it
+
+
+def _stored(replay: Any, journal: Any, key: str) -> Optional[Tuple[Any, Any, Any]]:
+    """What an earlier run journaled at ``key``: ``(digest, result, None)`` for a
+    finished call, ``(digest, _RUN, dead error or None)`` for one that was accepted but
+    did not finish (or failed), None when nothing."""
+    if key in replay.done:
+        v = replay.done[key]
+        if v is not None:
+            v = journal.decode(v)
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            return v[0], v[1], None
+        return None, v, None
+    saved = replay.unfinished.get(key)
+    if saved is None:
+        return None
+    data = journal.decode(saved.data)
+    old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
+    return old, _RUN, saved.dead
+
+
+class _Lease:
+    """The stage handler of the thread lease path: runs calls taken from the feed,
+    returns ``[(position, ok, result_or_CallFailed), ...]``.  Durable (``book``): each
+    call's result or failure is journaled as it ends, and positions an earlier run
+    finished return their journaled result without a call."""
+
+    def __init__(self, call: _Call, feed: _Feed, run: _Run, book: Optional[_Book] = None
+                 ) -> None:
         self.call = call
         self.feed = feed
         self.run = run
+        self.book = book
 
     def __call__(self, _token: Any, ctx: Any) -> List[Tuple[int, bool, Any]]:
         feed, run, build, fn = self.feed, self.run, self.call.build_row, self.call.fn
         lock = feed.lock
-        watch = run.ks is not None
+        book = self.book
+        if book is not None:
+            codec, encode, rerun = book.codec, book.journal.encode, book.rerun
+        watch = run.ks is not None or book is not None
         out: List[Tuple[int, bool, Any]] = []
         prev = getattr(_local, "cancelled", None)
         _local.cancelled = ctx.cancelled
         clock = time.monotonic
         end = clock() + LEASE_SECONDS
-        ended: Any = None  # (position, exception or None, row): for the switch to see
+        # the call that ended, for the switch to see (and its record, for the journal):
+        # (position, exception or None, row, digest, encoded record or traceback text)
+        ended: Any = None
         n = 0
         try:
             while True:
                 flip = False
-                # One lock for "the call that ended is counted (the switch may trip)"
-                # and "the next call starts": no call starts after a trip.
+                # One lock for "the call that ended is journaled and counted (the switch
+                # may trip)" and "the next call starts": no call starts after a trip.
                 with lock:
                     if ended is not None:
-                        flip = self._observe(ended, out)
+                        flip = self._ended(ended, out)
                         ended = None
                     got = feed.take_locked() if n < LEASE_CALLS and (
                         n == 0 or clock() < end) else None
@@ -539,27 +634,71 @@ class _Lease:
                     break
                 n += 1
                 i, row = got
+                d = None
+                if book is not None:
+                    try:
+                        d = _digest_at(codec, row, i)
+                        known = book.lookup(i, row, d) if rerun else None
+                    except (EncodeError, InputChangedError) as exc:
+                        feed.fail(exc)  # the map raises it; nothing journaled for it
+                        break
+                    if known is not None:  # counted by the run that called it
+                        out.append((i, known[0], known[1]))
+                        continue
                 args, kw = build(row)
                 try:
                     value = fn(*args, **kw)
                 except BaseException as exc:  # noqa: B902 - one call's failure, reported
-                    ended = (i, exc, row)
+                    ended = (i, exc, row, d, None)
                     continue
+                if book is not None:
+                    try:
+                        rec = encode([d, value], "the result of call #%d", i)
+                    except EncodeError as exc:
+                        ended = (i, exc, row, d, None)
+                        continue
+                    ended = (i, None, row, d, rec)
+                elif watch:
+                    ended = (i, None, row, d, None)
                 out.append((i, True, value))
-                if watch:
-                    ended = (i, None, row)
         finally:
             _local.cancelled = prev
+        if book is not None and run.dirty:  # the successes' counters, once per lease
+            with lock:
+                if run.dirty and not book.closed:
+                    run.journal_state()
         return out
 
-    def _observe(self, ended: Tuple[int, Any, Any], out: List[Any]) -> bool:
-        i, exc, row = ended
+    def _ended(self, ended: Tuple[Any, ...], out: List[Any]) -> bool:
+        """Under the feed's lock: journal the call that ended, count it, ask the switch.
+        True when the switch trips now."""
+        i, exc, row, d, rec = ended
+        run, book = self.run, self.book
         if exc is None:
-            return self.run.observe(i, True)
+            if book is not None:
+                if book.closed:
+                    return False  # the map has ended (halt="now"): the next run calls it
+                book.journal.done_encoded(str(i), rec)
+                if run.ks is None:
+                    run.completed += 1
+                    return False
+                flip = run.observe(i, True)
+                run.dirty = True
+                if flip:
+                    run.journal_state()
+                return flip
+            return run.observe(i, True)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         name, msg = type(exc).__name__, str(exc)
         out.append((i, False, CallFailed(i, name, msg, tb)))
-        return self.run.observe(i, False, name, msg, tb, row)
+        if book is not None and book.closed:
+            return False
+        if book is not None:
+            book.failed(i, d, row, exc, tb)
+        flip = run.observe(i, False, name, msg, tb, row)
+        if book is not None:  # failures and a trip: journaled before anything else
+            run.journal_state()
+        return flip
 
 
 def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
@@ -595,10 +734,11 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
     run = _Run(kill_switch, halt, run_id, journal_dir)
     sched = _MapScheduler(size, waves)
     run.sched = sched
-    # In memory on threads (a sliding window): workers take their calls themselves and
-    # hand results back in leases (_Feed).  Durable maps keep one engine item per call
-    # (each result journaled as it ends); waves need the scheduler's barrier.
-    leased = not durable and kind == "thread" and not waves
+    # On threads with a sliding window: workers take their calls themselves and hand
+    # results back in leases (_Feed); durable in flush mode, they journal each call as
+    # it ends (_Book).  fsync maps keep one engine item per call (the engine's group
+    # commit); waves need the scheduler's barrier.
+    leased = kind == "thread" and not waves and (not durable or durability == "flush")
     failures: List[CallFailed] = []
 
     def pairs(res: Any) -> Any:
@@ -626,9 +766,17 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                 _into[i] = value
         return count_and_keep
 
+    book: Optional[_Book] = None
     if leased:
         feed = run.feed = _Feed(_zip_strict(its, names), run)
-        stage = Stage("call", _Lease(call, feed, run), kind="thread", workers=size,
+        if durable:
+            from .journal import JsonCodec, PipelineJournal
+
+            j = PipelineJournal(journal_dir, run_id, durability=durability, codec=codec,
+                                stages=["call"], keep_results=True)
+            j.open()  # refused while another run of this journal is live
+            book = run.book = _Book(j, codec if codec is not None else JsonCodec())
+        stage = Stage("call", _Lease(call, feed, run, book), kind="thread", workers=size,
                       queue_size=1, scheduler=sched)
         p = Pipeline(feed.tokens(), [stage], durability=durability, name=run_id,
                      ordered=False, on_complete=hook(run.on_lease), progress=False)
@@ -650,7 +798,7 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                 replay = j.replay
             for i, row in enumerate(_zip_strict(its, names)):
                 if durable:
-                    d = _digest(codec_, row)
+                    d = _digest_at(codec_, row, i)
                     if replay is not None:
                         _check_same(replay, j, str(i), i, d, row, codec_)
                 else:
@@ -664,7 +812,13 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
     run.pipeline = p
     if kill_switch is not None and hasattr(kill_switch, "reset"):
         kill_switch.reset()  # each map counts from zero, or from its journal
-    if durable:
+    if book is not None:
+        states = book.journal.replay.states
+        run.load(states.get(STATE), states.get(FAILURES))
+        if run.trip is not None:
+            _close_book(book, run)
+            raise run.error()
+    elif durable:
         run.load(p.get_state(STATE), p.get_state(FAILURES))
         if run.trip is not None:
             p.close()
@@ -696,6 +850,8 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                     nxt += 1
     finally:
         p.close()
+        if book is not None:
+            _close_book(book, run)
     if leased and feed.error is not None:
         raise feed.error
     if run.trip is not None:
@@ -708,6 +864,19 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                             else ""))
     if failures and errors == "raise":
         raise BatchMapError(sorted(failures, key=lambda f: f.index), None)
+
+
+def _close_book(book: _Book, run: _Run) -> None:
+    """End a durable thread map's journal: the counters written, nothing after (a
+    call abandoned by ``halt="now"`` that ends later is not journaled: the next run
+    calls it again)."""
+    with run.feed.lock:
+        try:
+            if run.dirty and not book.closed:
+                run.journal_state()
+        finally:
+            book.closed = True
+            book.journal.end_run(finished=False)
 
 
 def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
@@ -738,17 +907,13 @@ def _legacy_digest(codec: Any, value: Any) -> str:
 
 def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str,
                 row: Any, codec: Any) -> None:
-    old = None
-    if key in replay.done:
-        v = replay.done[key]
-        if v is not None:
-            v = journal.decode(v)
-            old = v[0] if isinstance(v, (list, tuple)) and len(v) == 2 else None
-    elif key in replay.unfinished:
-        data = journal.decode(replay.unfinished[key].data)
-        old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
-    else:
-        return
+    found = _stored(replay, journal, key)
+    if found is not None:
+        _refuse_changed(journal, index, digest, found[0], row, codec)
+
+
+def _refuse_changed(journal: Any, index: int, digest: str, old: Any, row: Any,
+                    codec: Any) -> None:
     if old is not None and old != digest and old != _legacy_digest(codec, row):
         raise InputChangedError(
             f"batch_map: the input at position {index} differs from the one journaled "

@@ -806,6 +806,12 @@ class PipelineJournal:
         else:
             self._append(KIND_DONE, '{"k":%s}' % _dumps_key(key))
 
+    def done_encoded(self, key: str, enc: str) -> None:
+        """:meth:`done` of an output already encoded by :meth:`encode` (in the thread
+        that produced it).  Not thread-safe: callers that append from several threads
+        serialise their appends themselves."""
+        self._append(KIND_DONE, '{"k":%s,"o":%s}' % (_dumps_key(key), enc))
+
     def batch_done(self, group: Sequence[Any], stage: int, outputs: Sequence[Any],
                    last: bool) -> None:
         keys = [g.key for g in group]
