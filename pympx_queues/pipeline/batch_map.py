@@ -325,6 +325,7 @@ class _Run:
         self.trip: Optional[Dict[str, Any]] = None
         self.trip_seq: Optional[int] = None  # calls started when it tripped
         self.dirty = False  # counters changed since the state was last journaled
+        self.state_due = 0.0  # durable thread maps: next time successes' counters go out
         self.failures_dirty = False
         self._classify = getattr(ks, "counts_as_failure", None)
         self._describe = getattr(ks, "describe", None)
@@ -363,7 +364,7 @@ class _Run:
 
     def journal_state(self) -> None:
         """Journal the counters (and the failures, when one was added)."""
-        put = self.pipeline.set_state if self.book is None else self.book.journal.write_state
+        put = self.pipeline.set_state
         if self.failures_dirty:
             self.failures_dirty = False
             put(FAILURES, list(self.failures))
@@ -523,13 +524,14 @@ class _Feed:
 
 class _Book:
     """The journal of a durable thread map (``durability="flush"``), written by the
-    workers themselves: a call's record is stored (in the page cache: it survives
-    ``kill -9``) under :attr:`_Feed.lock`, before the call is counted and before its
-    worker takes the next one.  The record format is the engine path's: a ``Y`` record
-    with ``[digest, result]`` per finished call, an ``A`` record with ``[position,
-    digest, row]`` and a ``D`` record per failed one, so either path resumes the other's
-    journal.  Every write of the run (the switch's state included) happens under that
-    lock: the journal has one writer at a time."""
+    workers themselves: each worker thread appends to a journal file of its own
+    (:meth:`PipelineJournal.open_stream`; one shared file made the workers queue on its
+    lock: 12 us a call against 3 with eight threads), and a call's record is stored (in
+    the page cache: it survives ``kill -9``) before the call is counted and before its
+    worker takes the next one.  The records are the engine path's: a ``Y`` record with
+    ``[digest, result]`` per finished call, an ``A`` record with ``[position, digest,
+    row]`` and an ``L`` (dead) record per failed one, so either path resumes the other's
+    journal.  The switch's state goes to the run's main file, under the feed's lock."""
 
     def __init__(self, journal: Any, codec: Any) -> None:
         self.journal = journal
@@ -537,6 +539,38 @@ class _Book:
         self.replay = journal.replay
         self.rerun = bool(journal.replay.done or journal.replay.unfinished)
         self.closed = False  # set under the feed's lock when the map ends
+        self._local = threading.local()
+        self._streams: List[Any] = []
+        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._snap_seq = 0
+        self._state_seq = 0
+        self.closed_state = False
+
+    def stream(self) -> Any:
+        """The calling thread's journal file (opened at its first call)."""
+        w = getattr(self._local, "w", None)
+        if w is None:
+            with self._lock:
+                if self.closed:
+                    return None
+                w = self.journal.open_stream()
+                self._streams.append(w)
+            self._local.w = w
+        return w
+
+    def write(self, w: Any, records: List[Tuple[str, str]]) -> bool:
+        """Append ``records`` to the thread's file; False when the map has ended (the
+        call is then not journaled: the next run calls it again)."""
+        if self.closed or w is None:
+            return False
+        try:
+            w.append(records)
+        except ValueError:  # closed meanwhile (halt="now": the map ended)
+            if self.closed:
+                return False
+            raise
+        return True
 
     def lookup(self, i: int, row: Any, d: str) -> Optional[Tuple[bool, Any]]:
         """``(ok, result or CallFailed)`` an earlier run journaled for position ``i``,
@@ -552,18 +586,59 @@ class _Book:
                                      str(dead.get("traceback", "")))
         return (True, value) if value is not _RUN else None
 
-    def failed(self, i: int, d: str, row: Any, exc: BaseException, tb: str) -> None:
+    def failed(self, w: Any, i: int, d: str, row: Any, exc: BaseException,
+               tb: str) -> None:
         """Journal a failed call: accepted with its input, then dead (``redrive`` and
         ``reset_kill_switch(retry_failed=True)`` re-run it).  An input the codec cannot
         encode is not journaled: the next run calls it again."""
         from ._model import ErrorInfo
 
-        j, key = self.journal, str(i)
+        j = self.journal
         try:
-            j.accept(key, i, [i, d, row])
+            data = j.encode([i, d, row], "the arguments of call #%d", i)
         except EncodeError:
             return
-        j.dead(key, 0, ErrorInfo(type(exc).__name__, str(exc)[:2000], tb, "call", 1))
+        err = ErrorInfo(type(exc).__name__, str(exc)[:2000], tb, "call", 1)
+        self.write(w, j.dead_records(str(i), i, data, 0, err))
+
+    # The switch's state goes to the run's main file.  A snapshot is taken under the
+    # feed's lock (counters and switch as one), written after it is released (a write
+    # under that lock, where every call passes, stalled all workers), in snapshot order:
+    # an older one is dropped when a newer one was written already.  Failures and trips
+    # write theirs before releasing the lock, so nothing newer can overtake them.
+    def snapshot(self, run: "_Run") -> Tuple[int, Any, Dict[str, Any]]:
+        """Called with the feed's lock held."""
+        self._snap_seq += 1
+        failures = list(run.failures) if run.failures_dirty else None
+        run.failures_dirty = False
+        run.dirty = False
+        return self._snap_seq, failures, run.state()
+
+    def put_state(self, snap: Tuple[int, Any, Dict[str, Any]]) -> None:
+        seq, failures, state = snap
+        j = self.journal
+        with self._state_lock:
+            if seq <= self._state_seq or self.closed_state:
+                return
+            self._state_seq = seq
+            if failures is not None:
+                j.write_state(FAILURES, failures)
+            j.write_state(STATE, state)
+
+    def close(self, run: "_Run") -> None:
+        """Called with the feed's lock held: the last state, then nothing more."""
+        try:
+            if run.dirty or run.failures_dirty:
+                self.put_state(self.snapshot(run))
+        finally:
+            self.closed = True
+            with self._state_lock:
+                self.closed_state = True
+            with self._lock:
+                streams, self._streams = self._streams, []
+            for w in streams:
+                w.close()
+            self.journal.end_run(finished=False)
 
 
 _RUN = object()  # _stored: journaled as accepted, not finished (redriven): call it
@@ -591,8 +666,9 @@ def _stored(replay: Any, journal: Any, key: str) -> Optional[Tuple[Any, Any, Any
 class _Lease:
     """The stage handler of the thread lease path: runs calls taken from the feed,
     returns ``[(position, ok, result_or_CallFailed), ...]``.  Durable (``book``): each
-    call's result or failure is journaled as it ends, and positions an earlier run
-    finished return their journaled result without a call."""
+    call's result or failure is journaled as it ends (before it is counted and before
+    the worker takes its next call), and positions an earlier run ended return their
+    journaled result or failure without a call."""
 
     def __init__(self, call: _Call, feed: _Feed, run: _Run, book: Optional[_Book] = None
                  ) -> None:
@@ -607,21 +683,23 @@ class _Lease:
         book = self.book
         if book is not None:
             codec, encode, rerun = book.codec, book.journal.encode, book.rerun
+            record = book.journal.done_record
+            w = book.stream()
         watch = run.ks is not None or book is not None
         out: List[Tuple[int, bool, Any]] = []
         prev = getattr(_local, "cancelled", None)
         _local.cancelled = ctx.cancelled
         clock = time.monotonic
         end = clock() + LEASE_SECONDS
-        # the call that ended, for the switch to see (and its record, for the journal):
-        # (position, exception or None, row, digest, encoded record or traceback text)
+        # the call that ended, for the switch to see: (position, exception or None, row,
+        # traceback text)
         ended: Any = None
         n = 0
         try:
             while True:
                 flip = False
-                # One lock for "the call that ended is journaled and counted (the switch
-                # may trip)" and "the next call starts": no call starts after a trip.
+                # One lock for "the call that ended is counted (the switch may trip)"
+                # and "the next call starts": no call starts after a trip.
                 with lock:
                     if ended is not None:
                         flip = self._ended(ended, out)
@@ -634,7 +712,6 @@ class _Lease:
                     break
                 n += 1
                 i, row = got
-                d = None
                 if book is not None:
                     try:
                         d = _digest_at(codec, row, i)
@@ -649,55 +726,63 @@ class _Lease:
                 try:
                     value = fn(*args, **kw)
                 except BaseException as exc:  # noqa: B902 - one call's failure, reported
-                    ended = (i, exc, row, d, None)
+                    tb = "".join(traceback.format_exception(type(exc), exc,
+                                                            exc.__traceback__))
+                    if book is not None:
+                        if book.closed:
+                            break  # the map has ended: not journaled, not counted
+                        book.failed(w, i, d, row, exc, tb)
+                    ended = (i, exc, row, tb)
                     continue
                 if book is not None:
                     try:
                         rec = encode([d, value], "the result of call #%d", i)
                     except EncodeError as exc:
-                        ended = (i, exc, row, d, None)
+                        book.failed(w, i, d, row, exc, "")
+                        ended = (i, exc, row, "")
                         continue
-                    ended = (i, None, row, d, rec)
-                elif watch:
-                    ended = (i, None, row, d, None)
+                    if not book.write(w, [record(str(i), rec)]):
+                        break  # the map has ended: not journaled, not counted
+                if watch:
+                    ended = (i, None, row, None)
                 out.append((i, True, value))
         finally:
             _local.cancelled = prev
-        if book is not None and run.dirty:  # the successes' counters, once per lease
+        # The successes' counters: at a lease's end, at most once per LEASE_SECONDS for
+        # all workers (once per lease, short leases under load wrote more often, and each
+        # write under the lock made the next leases shorter still).
+        if book is not None and run.dirty and clock() >= run.state_due:
+            snap = None
             with lock:
-                if run.dirty and not book.closed:
-                    run.journal_state()
+                if run.dirty and not book.closed and clock() >= run.state_due:
+                    run.state_due = clock() + LEASE_SECONDS
+                    snap = book.snapshot(run)
+            if snap is not None:
+                book.put_state(snap)
         return out
 
     def _ended(self, ended: Tuple[Any, ...], out: List[Any]) -> bool:
-        """Under the feed's lock: journal the call that ended, count it, ask the switch.
-        True when the switch trips now."""
-        i, exc, row, d, rec = ended
+        """Under the feed's lock: count the call that ended (journaled already), ask the
+        switch.  True when the switch trips now."""
+        i, exc, row, tb = ended
         run, book = self.run, self.book
-        if exc is None:
-            if book is not None:
-                if book.closed:
-                    return False  # the map has ended (halt="now"): the next run calls it
-                book.journal.done_encoded(str(i), rec)
-                if run.ks is None:
-                    run.completed += 1
-                    return False
-                flip = run.observe(i, True)
-                run.dirty = True
-                if flip:
-                    run.journal_state()
-                return flip
-            return run.observe(i, True)
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        name, msg = type(exc).__name__, str(exc)
-        out.append((i, False, CallFailed(i, name, msg, tb)))
         if book is not None and book.closed:
             return False
-        if book is not None:
-            book.failed(i, d, row, exc, tb)
+        if exc is None:
+            if run.ks is None:  # (durable maps only: in memory nothing is watched)
+                run.completed += 1
+                return False
+            flip = run.observe(i, True)
+            if book is not None:
+                run.dirty = True
+                if flip:
+                    book.put_state(book.snapshot(run))
+            return flip
+        name, msg = type(exc).__name__, str(exc)
+        out.append((i, False, CallFailed(i, name, msg, tb)))
         flip = run.observe(i, False, name, msg, tb, row)
         if book is not None:  # failures and a trip: journaled before anything else
-            run.journal_state()
+            book.put_state(book.snapshot(run))
         return flip
 
 
@@ -871,12 +956,7 @@ def _close_book(book: _Book, run: _Run) -> None:
     call abandoned by ``halt="now"`` that ends later is not journaled: the next run
     calls it again)."""
     with run.feed.lock:
-        try:
-            if run.dirty and not book.closed:
-                run.journal_state()
-        finally:
-            book.closed = True
-            book.journal.end_run(finished=False)
+        book.close(run)
 
 
 def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
