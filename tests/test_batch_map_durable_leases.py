@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from pympx_queues.cli import main
-from pympx_queues.pipeline._model import EncodeError
+from pympx_queues.pipeline._model import EncodeError, PipelineError
 from pympx_queues.pipeline.batch_map import CallFailed, batch_map, reset_kill_switch
 from pympx_queues.pipeline.journal import KIND_ACCEPT, KIND_DONE, scan_pipeline
 from pympx_queues.pipeline.switches import AnyFailed, KillSwitchError
@@ -228,3 +228,43 @@ def test_either_shape_resumes_the_others_journal_after_kill_9(tmp_path, first, s
     ends = _ends(str(log))
     assert set(ends) == set(range(n))
     assert len(ends) - n <= 4 + 1  # only calls in flight at the kill ran twice
+
+
+def test_journal_files_stay_bounded_across_runs_and_many_threads(tmp_path):
+    from pympx_queues.pipeline.batch_map import MAX_STREAMS
+
+    for k in range(1, 5):
+        out = batch_map(lambda i: i, range(k * 300), size=40, journal_dir=str(tmp_path))
+        assert out == list(range(k * 300))
+        files = [f for f in os.listdir(str(tmp_path)) if f.endswith(".journal")]
+        # the snapshot of the earlier runs, this run's main file and its workers' files
+        assert len(files) <= 1 + 1 + MAX_STREAMS, files
+    res = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
+    st = json.loads(res.output)["pipelines"][0]
+    assert st["counts"]["done"] == 1200 and st["live"] is False
+
+
+def test_status_sees_a_running_map_as_live_and_refuses_a_second_run(tmp_path):
+    inside = threading.Event()
+    release = threading.Event()
+
+    def fn(i):
+        if i == 3:
+            inside.set()
+            assert release.wait(30)
+        return i
+
+    t = threading.Thread(target=lambda: batch_map(fn, range(8), size=2,
+                                                  journal_dir=str(tmp_path)))
+    t.start()
+    try:
+        assert inside.wait(30)
+        res = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
+        assert json.loads(res.output)["pipelines"][0]["live"] is True
+        with pytest.raises(PipelineError, match="a run is live"):
+            reset_kill_switch(str(tmp_path))
+    finally:
+        release.set()
+        t.join(30)
+    res = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
+    assert json.loads(res.output)["pipelines"][0]["live"] is False

@@ -522,6 +522,9 @@ class _Feed:
             yield None
 
 
+MAX_STREAMS = 8  # journal files a durable thread map's workers write at most
+
+
 class _Book:
     """The journal of a durable thread map (``durability="flush"``), written by the
     workers themselves: each worker thread appends to a journal file of its own
@@ -541,6 +544,7 @@ class _Book:
         self.closed = False  # set under the feed's lock when the map ends
         self._local = threading.local()
         self._streams: List[Any] = []
+        self._threads = 0
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._snap_seq = 0
@@ -548,14 +552,19 @@ class _Book:
         self.closed_state = False
 
     def stream(self) -> Any:
-        """The calling thread's journal file (opened at its first call)."""
+        """The calling thread's journal file (opened at its first call; past
+        :data:`MAX_STREAMS` threads share them, each one file: its writer has a lock)."""
         w = getattr(self._local, "w", None)
         if w is None:
             with self._lock:
                 if self.closed:
                     return None
-                w = self.journal.open_stream()
-                self._streams.append(w)
+                self._threads += 1
+                if len(self._streams) < MAX_STREAMS:
+                    w = self.journal.open_stream()
+                    self._streams.append(w)
+                else:
+                    w = self._streams[self._threads % MAX_STREAMS]
             self._local.w = w
         return w
 
