@@ -4,13 +4,15 @@ stop at once, and (with ``journal_dir``) a map that survives ``kill -9`` (issue 
 Built on the pipeline engine, a single-stage :class:`~pympx_queues.pipeline.Pipeline`,
 in one of two shapes:
 
-* one engine item per call (durable maps, waves, process/async/executor kinds): keys
-  are input positions (scoped by ``run_id``, the journal's pipeline name) and the kill
-  switch is evaluated in the engine's ``on_complete`` hook, in the coordinator;
-* in-memory thread maps with a sliding window: one engine item per *lease* (see
-  :class:`_Feed`): the workers take their calls from the input one at a time and hand
-  results back in piles; the switch is evaluated by the worker whose call ended, under
-  the lock that hands out the next call.
+* one engine item per call (``durability="fsync"``, waves, process/async/executor
+  kinds): keys are input positions (scoped by ``run_id``, the journal's pipeline name)
+  and the kill switch is evaluated in the engine's ``on_complete`` hook, in the
+  coordinator;
+* thread maps with a sliding window, in memory or durable in flush mode: one engine
+  item per *lease* (see :class:`_Feed`): the workers take their calls from the input one
+  at a time and hand results back in piles; the switch is evaluated by the worker whose
+  call ended, under the lock that hands out the next call; durable, the workers journal
+  each call themselves (:class:`_Book`), in the same records as the other shape.
 
 Either way the switch sees every completion as it happens (the last partial batch
 included).  When it trips:
