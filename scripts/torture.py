@@ -34,6 +34,13 @@ One script, five modes, each run by real tools that really produce the failure::
   journal), not_stored (never reached the sink), finished_stage_rerun, done_rerun,
   sink_dup (figure) and sink_dup_beyond_inflight (beyond the sink's workers per kill),
   orphan_workers (worker processes alive after their coordinator was killed).
+* ``map``: a durable ``batch_map`` (4 threads, 400 calls, some failing, a journaled
+  switch that does not trip) killed with SIGKILL ``--size`` times at random points,
+  then run to the end over the same input (issue 12); the rounds and checks are
+  ``pympx_queues.pipeline._torture_map.kill_rounds``: lost (a position without its
+  result or failure), wrong (a result unlike an uninterrupted run's), done_rerun (a call
+  whose position the journal had ended), rerun_beyond_inflight (calls run twice beyond
+  the 4 in flight per kill).
 
 Every run ends with one summary line per queue kind::
 
@@ -99,7 +106,7 @@ VIOLATION_KEYS = (
     "lost", "corrupt", "redelivered_done", "dup_beyond_inflight", "unrecoverable",
     "not_idempotent", "put_error_silent", "half_written_visible", "errors", "worker_errors",
     "failed_after_free", "finished_stage_rerun", "done_rerun", "sink_dup_beyond_inflight",
-    "orphan_workers", "not_stored",
+    "orphan_workers", "not_stored", "wrong", "rerun_beyond_inflight",
 )
 
 
@@ -1919,6 +1926,44 @@ def run_pipeline_torture(args: argparse.Namespace) -> List[Summary]:
 PL_ITEMS = 300  # items of the pipeline whose coordinator is killed
 
 
+def run_map_torture(args: argparse.Namespace) -> List[Summary]:
+    """``--size`` SIGKILLs of a durable batch_map, then a run to the end over the same
+    input (pympx_queues.pipeline._torture_map.kill_rounds)."""
+    from pympx_queues.pipeline._torture_map import kill_rounds
+
+    kills = args.size or 20
+    out = []
+    for durability in _durabilities(args, "flush"):
+        base = tempfile.mkdtemp(prefix="torture-map-", dir=os.getcwd())
+        s = new_summary("map", "batch_map", durability=durability)
+        try:
+            r = kill_rounds(base, size=MAP_CALLS, rounds=kills, seed=args.seed,
+                            durability=durability)
+        except RuntimeError as exc:  # a round hung or the final run failed
+            s["errors"] = 1
+            if args.verbose:
+                print(f"map torture: {exc}", file=sys.stderr)
+            out.append(s)
+            continue
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        s["calls"] = r["size"]
+        s["rounds"] = r["rounds"] + 1
+        s["kills"] = r["killed"]
+        s["lost"] = r["lost"]
+        s["wrong"] = r["wrong"]
+        s["done_rerun"] = r["done_rerun"]
+        s["reruns"] = r["reruns"]
+        s["rerun_beyond_inflight"] = r["rerun_beyond_inflight"]
+        s["errors"] = 0
+        s["seconds"] = r["seconds"]
+        out.append(s)
+    return out
+
+
+MAP_CALLS = 400  # calls of the map that is killed
+
+
 # =========================================================================== crashstates
 def _crash_child(adapter_name: str, root: str, durability: str, n: int, seed: int,
                  phase: int, rec_path: str) -> None:
@@ -2112,12 +2157,13 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", required=True,
-                    choices=["kill", "powercut", "enospc", "crashstates", "pipeline"])
+                    choices=["kill", "powercut", "enospc", "crashstates", "pipeline", "map"])
     ap.add_argument("--queue", default="both",
                     help="persistent | folder | both (also toy, toy-buggy: simulator self-test)")
     ap.add_argument("--size", type=int, default=None,
                     help="kill: SIGKILL rounds (default 20 persistent / 50 folder); "
                          "pipeline: coordinator SIGKILLs (20); "
+                         "map: SIGKILLs of a durable batch_map (20); "
                          "powercut: cuts (10); enospc: puts (200); crashstates: messages per "
                          "workload phase (8)")
     ap.add_argument("--seed", type=int, default=1)
@@ -2144,10 +2190,11 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     _quiet_library_logs()
-    if args.mode == "pipeline":
+    if args.mode in ("pipeline", "map"):
         _quiet_resource_tracker()
         worst = EXIT_OK
-        for s in run_pipeline_torture(args):
+        run = run_pipeline_torture if args.mode == "pipeline" else run_map_torture
+        for s in run(args):
             print(s.line(), flush=True)
             if s.violations():
                 worst = EXIT_VIOLATION

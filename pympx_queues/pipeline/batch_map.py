@@ -4,13 +4,15 @@ stop at once, and (with ``journal_dir``) a map that survives ``kill -9`` (issue 
 Built on the pipeline engine, a single-stage :class:`~pympx_queues.pipeline.Pipeline`,
 in one of two shapes:
 
-* one engine item per call (durable maps, waves, process/async/executor kinds): keys
-  are input positions (scoped by ``run_id``, the journal's pipeline name) and the kill
-  switch is evaluated in the engine's ``on_complete`` hook, in the coordinator;
-* in-memory thread maps with a sliding window: one engine item per *lease* (see
-  :class:`_Feed`): the workers take their calls from the input one at a time and hand
-  results back in piles; the switch is evaluated by the worker whose call ended, under
-  the lock that hands out the next call.
+* one engine item per call (``durability="fsync"``, waves, process/async/executor
+  kinds): keys are input positions (scoped by ``run_id``, the journal's pipeline name)
+  and the kill switch is evaluated in the engine's ``on_complete`` hook, in the
+  coordinator;
+* thread maps with a sliding window, in memory or durable in flush mode: one engine
+  item per *lease* (see :class:`_Feed`): the workers take their calls from the input one
+  at a time and hand results back in piles; the switch is evaluated by the worker whose
+  call ended, under the lock that hands out the next call; durable, the workers journal
+  each call themselves (:class:`_Book`), in the same records as the other shape.
 
 Either way the switch sees every completion as it happens (the last partial batch
 included).  When it trips:
@@ -39,7 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..journal.format import dumps as _dumps
 from ..journal.format import encode_value as _encode_value
-from ._model import PipelineError, Scheduler, Stage
+from ._model import EncodeError, PipelineError, Scheduler, Stage
 from .engine import Pipeline
 from .switches import KillSwitchError, Outcome
 
@@ -282,6 +284,17 @@ def _digest(codec: Any, value: Any) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
+def _digest_at(codec: Any, row: Any, index: int) -> str:
+    """:func:`_digest` of the arguments of call ``index``; arguments the codec cannot
+    encode fail the durable map with an error naming the call (nothing is journaled
+    for it)."""
+    try:
+        return _digest(codec, row)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"batch_map: the arguments of call #{index} cannot be "
+                          f"journaled (a durable map journals them): {exc}") from None
+
+
 def _fmt_time(t: Optional[float]) -> str:
     if t is None:
         return "?"
@@ -304,7 +317,8 @@ class _Run:
         self.journal_dir = journal_dir
         self.pipeline: Any = None
         self.sched: Any = None
-        self.feed: Any = None  # the in-memory thread path's _Feed
+        self.feed: Any = None  # the thread lease path's _Feed
+        self.book: Any = None  # the durable thread lease path's _Book (its journal)
         self.args: Dict[int, Any] = {}  # in-flight rows (bounded by the engine)
         self.completed = 0
         self.failed = 0
@@ -313,6 +327,7 @@ class _Run:
         self.trip: Optional[Dict[str, Any]] = None
         self.trip_seq: Optional[int] = None  # calls started when it tripped
         self.dirty = False  # counters changed since the state was last journaled
+        self.state_due = 0.0  # durable thread maps: next time successes' counters go out
         self.failures_dirty = False
         self._classify = getattr(ks, "counts_as_failure", None)
         self._describe = getattr(ks, "describe", None)
@@ -351,12 +366,12 @@ class _Run:
 
     def journal_state(self) -> None:
         """Journal the counters (and the failures, when one was added)."""
-        p = self.pipeline
+        put = self.pipeline.set_state
         if self.failures_dirty:
             self.failures_dirty = False
-            p.set_state(FAILURES, list(self.failures))
+            put(FAILURES, list(self.failures))
         self.dirty = False
-        p.set_state(STATE, self.state())
+        put(STATE, self.state())
 
     def journal_state_soon(self) -> None:
         """Successes: the counters are journaled once per coordinator turn, after the
@@ -496,31 +511,200 @@ class _Feed:
         self.n = i + 1
         return i, row
 
+    def fail(self, exc: BaseException) -> None:
+        """End the input with ``exc`` (raised by the map once the run has ended)."""
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+            self.done = True
+
     def tokens(self) -> Iterator[None]:
         """The engine's source: one item per lease, until the input ends."""
         while not self.done and self.run.trip is None:
             yield None
 
 
-class _Lease:
-    """The stage handler of the in-memory thread path: runs calls taken from the feed,
-    returns ``[(position, ok, result_or_CallFailed), ...]``."""
+MAX_STREAMS = 8  # journal files a durable thread map's workers write at most
 
-    def __init__(self, call: _Call, feed: _Feed, run: _Run) -> None:
+
+class _Book:
+    """The journal of a durable thread map (``durability="flush"``), written by the
+    workers themselves: each worker thread appends to a journal file of its own
+    (:meth:`PipelineJournal.open_stream`; one shared file made the workers queue on its
+    lock: 12 us a call against 3 with eight threads), and a call's record is stored (in
+    the page cache: it survives ``kill -9``) before the call is counted and before its
+    worker takes the next one.  The records are the engine path's: a ``Y`` record with
+    ``[digest, result]`` per finished call, an ``A`` record with ``[position, digest,
+    row]`` and an ``L`` (dead) record per failed one, so either path resumes the other's
+    journal.  The switch's state goes to the run's main file, under the feed's lock."""
+
+    def __init__(self, journal: Any, codec: Any) -> None:
+        self.journal = journal
+        self.codec = codec
+        self.replay = journal.replay
+        self.rerun = bool(journal.replay.done or journal.replay.unfinished)
+        self.closed = False  # set under the feed's lock when the map ends
+        self._local = threading.local()
+        self._streams: List[Any] = []
+        self._threads = 0
+        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._snap_seq = 0
+        self._state_seq = 0
+        self.closed_state = False
+
+    def stream(self) -> Any:
+        """The calling thread's journal file (opened at its first call; past
+        :data:`MAX_STREAMS` threads share them, each one file: its writer has a lock)."""
+        w = getattr(self._local, "w", None)
+        if w is None:
+            with self._lock:
+                if self.closed:
+                    return None
+                self._threads += 1
+                if len(self._streams) < MAX_STREAMS:
+                    w = self.journal.open_stream()
+                    self._streams.append(w)
+                else:
+                    w = self._streams[self._threads % MAX_STREAMS]
+            self._local.w = w
+        return w
+
+    def write(self, w: Any, records: List[Tuple[str, str]]) -> bool:
+        """Append ``records`` to the thread's file; False when the map has ended (the
+        call is then not journaled: the next run calls it again)."""
+        if self.closed or w is None:
+            return False
+        try:
+            w.append(records)
+        except ValueError:  # closed meanwhile (halt="now": the map ended)
+            if self.closed:
+                return False
+            raise
+        return True
+
+    def lookup(self, i: int, row: Any, d: str) -> Optional[Tuple[bool, Any]]:
+        """``(ok, result or CallFailed)`` an earlier run journaled for position ``i``,
+        or None: the call runs (again).  Changed input raises InputChangedError."""
+        found = _stored(self.replay, self.journal, str(i))
+        if found is None:
+            return None
+        old, value, dead = found
+        _refuse_changed(self.journal, i, d, old, row, self.codec)
+        if dead is not None:
+            return False, CallFailed(i, str(dead.get("type", "")),
+                                     str(dead.get("message", "")),
+                                     str(dead.get("traceback", "")))
+        return (True, value) if value is not _RUN else None
+
+    def failed(self, w: Any, i: int, d: str, row: Any, exc: BaseException,
+               tb: str) -> None:
+        """Journal a failed call: accepted with its input, then dead (``redrive`` and
+        ``reset_kill_switch(retry_failed=True)`` re-run it).  An input the codec cannot
+        encode is not journaled: the next run calls it again."""
+        from ._model import ErrorInfo
+
+        j = self.journal
+        try:
+            data = j.encode([i, d, row], "the arguments of call #%d", i)
+        except EncodeError:
+            return
+        err = ErrorInfo(type(exc).__name__, str(exc)[:2000], tb, "call", 1)
+        self.write(w, j.dead_records(str(i), i, data, 0, err))
+
+    # The switch's state goes to the run's main file.  A snapshot is taken under the
+    # feed's lock (counters and switch as one), written after it is released (a write
+    # under that lock, where every call passes, stalled all workers), in snapshot order:
+    # an older one is dropped when a newer one was written already.  Failures and trips
+    # write theirs before releasing the lock, so nothing newer can overtake them.
+    def snapshot(self, run: "_Run") -> Tuple[int, Any, Dict[str, Any]]:
+        """Called with the feed's lock held."""
+        self._snap_seq += 1
+        failures = list(run.failures) if run.failures_dirty else None
+        run.failures_dirty = False
+        run.dirty = False
+        return self._snap_seq, failures, run.state()
+
+    def put_state(self, snap: Tuple[int, Any, Dict[str, Any]]) -> None:
+        seq, failures, state = snap
+        j = self.journal
+        with self._state_lock:
+            if seq <= self._state_seq or self.closed_state:
+                return
+            self._state_seq = seq
+            if failures is not None:
+                j.write_state(FAILURES, failures)
+            j.write_state(STATE, state)
+
+    def close(self, run: "_Run") -> None:
+        """Called with the feed's lock held: the last state, then nothing more."""
+        try:
+            if run.dirty or run.failures_dirty:
+                self.put_state(self.snapshot(run))
+        finally:
+            self.closed = True
+            with self._state_lock:
+                self.closed_state = True
+            with self._lock:
+                streams, self._streams = self._streams, []
+            for w in streams:
+                w.close()
+            self.journal.end_run(finished=False)
+
+
+_RUN = object()  # _stored: journaled as accepted, not finished (redriven): call it
+
+
+def _stored(replay: Any, journal: Any, key: str) -> Optional[Tuple[Any, Any, Any]]:
+    """What an earlier run journaled at ``key``: ``(digest, result, None)`` for a
+    finished call, ``(digest, _RUN, dead error or None)`` for one that was accepted but
+    did not finish (or failed), None when nothing."""
+    if key in replay.done:
+        v = replay.done[key]
+        if v is not None:
+            v = journal.decode(v)
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            return v[0], v[1], None
+        return None, v, None
+    saved = replay.unfinished.get(key)
+    if saved is None:
+        return None
+    data = journal.decode(saved.data)
+    old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
+    return old, _RUN, saved.dead
+
+
+class _Lease:
+    """The stage handler of the thread lease path: runs calls taken from the feed,
+    returns ``[(position, ok, result_or_CallFailed), ...]``.  Durable (``book``): each
+    call's result or failure is journaled as it ends (before it is counted and before
+    the worker takes its next call), and positions an earlier run ended return their
+    journaled result or failure without a call."""
+
+    def __init__(self, call: _Call, feed: _Feed, run: _Run, book: Optional[_Book] = None
+                 ) -> None:
         self.call = call
         self.feed = feed
         self.run = run
+        self.book = book
 
     def __call__(self, _token: Any, ctx: Any) -> List[Tuple[int, bool, Any]]:
         feed, run, build, fn = self.feed, self.run, self.call.build_row, self.call.fn
         lock = feed.lock
-        watch = run.ks is not None
+        book = self.book
+        if book is not None:
+            codec, encode, rerun = book.codec, book.journal.encode, book.rerun
+            record = book.journal.done_record
+            w = book.stream()
+        watch = run.ks is not None or book is not None
         out: List[Tuple[int, bool, Any]] = []
         prev = getattr(_local, "cancelled", None)
         _local.cancelled = ctx.cancelled
         clock = time.monotonic
         end = clock() + LEASE_SECONDS
-        ended: Any = None  # (position, exception or None, row): for the switch to see
+        # the call that ended, for the switch to see: (position, exception or None, row,
+        # traceback text)
+        ended: Any = None
         n = 0
         try:
             while True:
@@ -529,7 +713,7 @@ class _Lease:
                 # and "the next call starts": no call starts after a trip.
                 with lock:
                     if ended is not None:
-                        flip = self._observe(ended, out)
+                        flip = self._ended(ended, out)
                         ended = None
                     got = feed.take_locked() if n < LEASE_CALLS and (
                         n == 0 or clock() < end) else None
@@ -539,27 +723,78 @@ class _Lease:
                     break
                 n += 1
                 i, row = got
+                if book is not None:
+                    try:
+                        d = _digest_at(codec, row, i)
+                        known = book.lookup(i, row, d) if rerun else None
+                    except (EncodeError, InputChangedError) as exc:
+                        feed.fail(exc)  # the map raises it; nothing journaled for it
+                        break
+                    if known is not None:  # counted by the run that called it
+                        out.append((i, known[0], known[1]))
+                        continue
                 args, kw = build(row)
                 try:
                     value = fn(*args, **kw)
                 except BaseException as exc:  # noqa: B902 - one call's failure, reported
-                    ended = (i, exc, row)
+                    tb = "".join(traceback.format_exception(type(exc), exc,
+                                                            exc.__traceback__))
+                    if book is not None:
+                        if book.closed:
+                            break  # the map has ended: not journaled, not counted
+                        book.failed(w, i, d, row, exc, tb)
+                    ended = (i, exc, row, tb)
                     continue
-                out.append((i, True, value))
+                if book is not None:
+                    try:
+                        rec = encode([d, value], "the result of call #%d", i)
+                    except EncodeError as exc:
+                        book.failed(w, i, d, row, exc, "")
+                        ended = (i, exc, row, "")
+                        continue
+                    if not book.write(w, [record(str(i), rec)]):
+                        break  # the map has ended: not journaled, not counted
                 if watch:
-                    ended = (i, None, row)
+                    ended = (i, None, row, None)
+                out.append((i, True, value))
         finally:
             _local.cancelled = prev
+        # The successes' counters: at a lease's end, at most once per LEASE_SECONDS for
+        # all workers (once per lease, short leases under load wrote more often, and each
+        # write under the lock made the next leases shorter still).
+        if book is not None and run.dirty and clock() >= run.state_due:
+            snap = None
+            with lock:
+                if run.dirty and not book.closed and clock() >= run.state_due:
+                    run.state_due = clock() + LEASE_SECONDS
+                    snap = book.snapshot(run)
+            if snap is not None:
+                book.put_state(snap)
         return out
 
-    def _observe(self, ended: Tuple[int, Any, Any], out: List[Any]) -> bool:
-        i, exc, row = ended
+    def _ended(self, ended: Tuple[Any, ...], out: List[Any]) -> bool:
+        """Under the feed's lock: count the call that ended (journaled already), ask the
+        switch.  True when the switch trips now."""
+        i, exc, row, tb = ended
+        run, book = self.run, self.book
+        if book is not None and book.closed:
+            return False
         if exc is None:
-            return self.run.observe(i, True)
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            if run.ks is None:  # (durable maps only: in memory nothing is watched)
+                run.completed += 1
+                return False
+            flip = run.observe(i, True)
+            if book is not None:
+                run.dirty = True
+                if flip:
+                    book.put_state(book.snapshot(run))
+            return flip
         name, msg = type(exc).__name__, str(exc)
         out.append((i, False, CallFailed(i, name, msg, tb)))
-        return self.run.observe(i, False, name, msg, tb, row)
+        flip = run.observe(i, False, name, msg, tb, row)
+        if book is not None:  # failures and a trip: journaled before anything else
+            book.put_state(book.snapshot(run))
+        return flip
 
 
 def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
@@ -595,10 +830,11 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
     run = _Run(kill_switch, halt, run_id, journal_dir)
     sched = _MapScheduler(size, waves)
     run.sched = sched
-    # In memory on threads (a sliding window): workers take their calls themselves and
-    # hand results back in leases (_Feed).  Durable maps keep one engine item per call
-    # (each result journaled as it ends); waves need the scheduler's barrier.
-    leased = not durable and kind == "thread" and not waves
+    # On threads with a sliding window: workers take their calls themselves and hand
+    # results back in leases (_Feed); durable in flush mode, they journal each call as
+    # it ends (_Book).  fsync maps keep one engine item per call (the engine's group
+    # commit); waves need the scheduler's barrier.
+    leased = kind == "thread" and not waves and (not durable or durability == "flush")
     failures: List[CallFailed] = []
 
     def pairs(res: Any) -> Any:
@@ -626,9 +862,17 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                 _into[i] = value
         return count_and_keep
 
+    book: Optional[_Book] = None
     if leased:
         feed = run.feed = _Feed(_zip_strict(its, names), run)
-        stage = Stage("call", _Lease(call, feed, run), kind="thread", workers=size,
+        if durable:
+            from .journal import JsonCodec, PipelineJournal
+
+            j = PipelineJournal(journal_dir, run_id, durability=durability, codec=codec,
+                                stages=["call"], keep_results=True)
+            j.open()  # refused while another run of this journal is live
+            book = run.book = _Book(j, codec if codec is not None else JsonCodec())
+        stage = Stage("call", _Lease(call, feed, run, book), kind="thread", workers=size,
                       queue_size=1, scheduler=sched)
         p = Pipeline(feed.tokens(), [stage], durability=durability, name=run_id,
                      ordered=False, on_complete=hook(run.on_lease), progress=False)
@@ -650,7 +894,7 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                 replay = j.replay
             for i, row in enumerate(_zip_strict(its, names)):
                 if durable:
-                    d = _digest(codec_, row)
+                    d = _digest_at(codec_, row, i)
                     if replay is not None:
                         _check_same(replay, j, str(i), i, d, row, codec_)
                 else:
@@ -664,7 +908,13 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
     run.pipeline = p
     if kill_switch is not None and hasattr(kill_switch, "reset"):
         kill_switch.reset()  # each map counts from zero, or from its journal
-    if durable:
+    if book is not None:
+        states = book.journal.replay.states
+        run.load(states.get(STATE), states.get(FAILURES))
+        if run.trip is not None:
+            _close_book(book, run)
+            raise run.error()
+    elif durable:
         run.load(p.get_state(STATE), p.get_state(FAILURES))
         if run.trip is not None:
             p.close()
@@ -696,6 +946,8 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                     nxt += 1
     finally:
         p.close()
+        if book is not None:
+            _close_book(book, run)
     if leased and feed.error is not None:
         raise feed.error
     if run.trip is not None:
@@ -708,6 +960,14 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
                             else ""))
     if failures and errors == "raise":
         raise BatchMapError(sorted(failures, key=lambda f: f.index), None)
+
+
+def _close_book(book: _Book, run: _Run) -> None:
+    """End a durable thread map's journal: the counters written, nothing after (a
+    call abandoned by ``halt="now"`` that ends later is not journaled: the next run
+    calls it again)."""
+    with run.feed.lock:
+        book.close(run)
 
 
 def batch_map_iter(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = None,
@@ -738,17 +998,13 @@ def _legacy_digest(codec: Any, value: Any) -> str:
 
 def _check_same(replay: Any, journal: Any, key: str, index: int, digest: str,
                 row: Any, codec: Any) -> None:
-    old = None
-    if key in replay.done:
-        v = replay.done[key]
-        if v is not None:
-            v = journal.decode(v)
-            old = v[0] if isinstance(v, (list, tuple)) and len(v) == 2 else None
-    elif key in replay.unfinished:
-        data = journal.decode(replay.unfinished[key].data)
-        old = data[1] if isinstance(data, (list, tuple)) and len(data) == 3 else None
-    else:
-        return
+    found = _stored(replay, journal, key)
+    if found is not None:
+        _refuse_changed(journal, index, digest, found[0], row, codec)
+
+
+def _refuse_changed(journal: Any, index: int, digest: str, old: Any, row: Any,
+                    codec: Any) -> None:
     if old is not None and old != digest and old != _legacy_digest(codec, row):
         raise InputChangedError(
             f"batch_map: the input at position {index} differs from the one journaled "

@@ -806,6 +806,32 @@ class PipelineJournal:
         else:
             self._append(KIND_DONE, '{"k":%s}' % _dumps_key(key))
 
+    def open_stream(self) -> "jr.JournalWriter":
+        """One more journal file of this run, for a thread that writes its own records
+        (a durable thread map's worker: appending to the run's one file from several
+        threads made them queue on its lock).  Same format and header; a rerun folds
+        every file of the pipeline, so records of different keys may go to different
+        files (all records of one key must go to the same one).  The caller closes it."""
+        self.open()
+        with jr.directory_lock(self.directory, self.name):  # not seen half-made
+            return jr.JournalWriter(self.directory, self.name, jr.new_run_id(),
+                                    durability=self.durability, header=self.header)
+
+    @staticmethod
+    def done_record(key: str, enc: str) -> Tuple[str, str]:
+        """The ``(kind, payload)`` of :meth:`done` for an output already encoded by
+        :meth:`encode`, for :meth:`open_stream`'s writers."""
+        return KIND_DONE, '{"k":%s,"o":%s}' % (_dumps_key(key), enc)
+
+    @staticmethod
+    def dead_records(key: str, index: int, data_enc: str, stage: int, err: Any
+                     ) -> List[Tuple[str, str]]:
+        """An item accepted with its input (already encoded) and dead at once: the
+        ``(kind, payload)`` records of :meth:`accept` and :meth:`dead`."""
+        return [(KIND_ACCEPT, '{"k":%s,"i":%d,"d":%s}' % (_dumps_key(key), index, data_enc)),
+                (KIND_DEAD, jr.dumps({"k": key, "s": stage, "a": err.attempt,
+                                      "e": err.to_json()}))]
+
     def batch_done(self, group: Sequence[Any], stage: int, outputs: Sequence[Any],
                    last: bool) -> None:
         keys = [g.key for g in group]
