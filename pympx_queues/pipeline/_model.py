@@ -428,6 +428,9 @@ class Scheduler:
 
     #: A Scheduler whose groups go to a handler as one list sets this True.
     batch = False
+    #: Groups taken may wait in a thread stage's queue before a thread starts them
+    #: (False: each group taken starts at once, e.g. nothing may start after a trip).
+    hand_ahead = True
 
     def __init__(self, size: int = 1) -> None:
         self._items: Deque[Any] = deque()

@@ -174,6 +174,8 @@ class _MapScheduler(Scheduler):
     waves (a new batch starts only when the previous one has ended); nothing starts
     once the switch has tripped."""
 
+    hand_ahead = False  # a call taken starts at once: nothing starts after a trip
+
     def __init__(self, size: int, waves: bool) -> None:
         super().__init__(1)
         self.wave = size

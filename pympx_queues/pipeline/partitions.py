@@ -174,6 +174,9 @@ class ClaimScheduler(Scheduler):
     this many times the mean (and more than chance explains).
     """
 
+    #: A batch taken starts at once: with fail_fast no batch starts after a failure.
+    hand_ahead = False
+
     batch = True
 
     def __init__(self, claims: Any = None, batch_size: int = 1000, *,
