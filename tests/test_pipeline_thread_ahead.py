@@ -81,6 +81,11 @@ def test_schedulers_that_forbid_waiting_groups_get_them_started_at_once(sched):
                                     queue_size=5), loop)
         assert runner.slots == 3 + 5  # ahead, at most the stage's queue
         runner.close()
+        for stage in (Stage("s", lambda x: x, kind="thread", workers=3, sink=True),
+                      Stage("s", lambda x: x, kind="thread", workers=3, timeout=5)):
+            runner = ThreadRunner(stage, loop)
+            assert runner.slots == 3  # a sink's pending record, a timeout: at the start
+            runner.close()
     finally:
         loop.close()
 

@@ -56,11 +56,14 @@ class ThreadRunner:
         # round trip through the loop for each (the wake of a sleeping thread per item
         # was most of a thread stage's cost).  Not when that would change what a group
         # handed over means: with a timeout (it counts from the attempt's start, the
-        # engine's clock runs from the hand-over) or a scheduler that refuses to have
-        # groups wait (``hand_ahead = False``: batch_map's, where nothing may start
+        # engine's clock runs from the hand-over), in a sink (its pending record, "the
+        # side effect may have started", is written at the hand-over) or with a
+        # scheduler that refuses to have groups wait (``hand_ahead = False``:
+        # batch_map's, where nothing may start
         # after its switch trips, also when running calls are let finish).  A queued
         # group that the run abandons (halt, stop without drain) never starts.
-        ahead = stage.timeout is None and getattr(stage.scheduler, "hand_ahead", True)
+        ahead = stage.timeout is None and not stage.sink and \
+            getattr(stage.scheduler, "hand_ahead", True)
         self.ahead = min(stage.workers * (AHEAD - 1), stage.queue_size) if ahead else 0
         self.slots = stage.workers + self.ahead
         self._handler = stage.handler
