@@ -612,3 +612,46 @@ def test_hosts_checker_a_killed_consumers_ack_counts_only_if_the_message_is_gone
     assert r["lost"] == 1 and r["acked_unlogged"] == 0, r
     r = hosts.check_logs(str(tmp_path), 2, 1, [], left={})  # not killed: really lost
     assert r["lost"] == 1, r
+
+
+def test_done_waits_for_a_silent_claim_of_another_host_and_delivers_it(
+        tmp_path, monkeypatch):
+    """A consumer of another host died holding a claim just before the stream ended:
+    the last consumer does not return DONE (leaving the message in wip/ for the next
+    run); it waits for the claim's lease, recovers it and delivers it."""
+    real = _fs.hostname()
+    w = WritableFolderQueue(tmp_path)
+    w.put_data("m.tsv", b"x")
+    w.close()
+    as_host(monkeypatch, "host-a")
+    a = reader(tmp_path, lease_timeout=1.0, recover_on_start=False)
+    held = a.get(timeout=5)  # host A dies now: no heartbeat, no ack
+    as_host(monkeypatch, real)
+    b = reader(tmp_path, lease_timeout=1.0)
+    got = b.get(timeout=30)
+    assert got is not DONE and got.endswith("m.tsv")
+    with open(got, "rb") as f:
+        assert f.read() == b"x"
+    b.task_done(got)
+    assert b.get(timeout=5) is DONE
+    with pytest.raises(FileNotFoundError, match="claim no longer held"):
+        a.task_done(held)  # host A back: fenced
+    b.close()
+
+
+def test_done_does_not_wait_for_a_claim_of_another_host_that_heartbeats(
+        tmp_path, monkeypatch):
+    real = _fs.hostname()
+    w = WritableFolderQueue(tmp_path)
+    w.put_data("m.tsv", b"x")
+    w.close()
+    as_host(monkeypatch, "host-a")
+    a = reader(tmp_path, lease_timeout=30.0, heartbeat_interval=0.05,
+               recover_on_start=False)
+    held = a.get(timeout=5)  # host A lives and works on it
+    as_host(monkeypatch, real)
+    b = reader(tmp_path, lease_timeout=30.0)
+    assert b.get(timeout=10) is DONE  # after A's next heartbeat, not after its lease
+    a.task_done(held)  # A's claim was left alone
+    a.close()
+    b.close()

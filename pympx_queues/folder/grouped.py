@@ -218,7 +218,9 @@ class ReadableGroupedFileFolderQueue(ReadableFolderQueue):
                     return got
                 if self._closed_at is None:
                     self._closed_at = time.monotonic()
-                if time.monotonic() - self._closed_at < self.listing_delay:
+                    self._closed_server = self._clock.now()
+                if time.monotonic() - self._closed_at < self.listing_delay or \
+                        self._waiting_for_hosts():
                     if not block:
                         raise Empty(f"no complete group in {self.path}")
                     self._wait_budget(deadline, timeout, "no complete group")

@@ -171,6 +171,8 @@ class ReadableFolderQueue(_Recovery):
         self._done_payloads: Dict[str, dict] = {}  # DONE file -> its JSON, read once
         self._done_unread: Dict[str, float] = {}  # DONE file -> first failed read
         self._closed_at: Optional[float] = None  # monotonic: when all were first closed
+        self._closed_server = 0.0  # the same moment on the file server's clock
+        self._hosts_waited = 0  # silent claims of other hosts DONE waited for (logged)
         _, ended = self._scan_control()
         # Runs already ended when this consumer was created are history (G6).
         self._history: Set[str] = set(ended) if self.run_id is None else set()
@@ -485,7 +487,9 @@ class ReadableFolderQueue(_Recovery):
                     return path
                 if self._closed_at is None:
                     self._closed_at = time.monotonic()
-                if time.monotonic() - self._closed_at >= self.listing_delay:
+                    self._closed_server = self._clock.now()
+                if time.monotonic() - self._closed_at >= self.listing_delay and \
+                        not self._waiting_for_hosts():
                     return self._end_of_stream(DONE, runs)
                 self._next_rescan = 0.0  # keep listing until listing_delay has passed
             if not block:
@@ -496,6 +500,19 @@ class ReadableFolderQueue(_Recovery):
                 if time.monotonic() >= self._next_recover:
                     self._auto_recover()
                 self._next_rescan = 0.0
+
+    def _waiting_for_hosts(self) -> bool:
+        """True while DONE must wait for claims of consumers on other hosts that have
+        shown no sign of life since the stream closed (:meth:`_silent_foreign_claims`;
+        logged once per count)."""
+        n = self._silent_foreign_claims(self._closed_server)
+        if n and n != self._hosts_waited:
+            log.info("%s: every producer closed; before DONE, waiting for %d claim(s) of "
+                     "consumers on other hosts that show no sign of life: each is "
+                     "settled, heartbeats, or is recovered when its lease (%s s) expires",
+                     self.path, n, self.lease_timeout)
+        self._hosts_waited = n
+        return n > 0
 
     def _wait_budget(self, deadline: Optional[float], timeout: Optional[float],
                      what: str) -> float:

@@ -159,6 +159,40 @@ class _Recovery(_Acknowledgement):
         finally:
             lock.release()
 
+    def _silent_foreign_claims(self, since: float) -> int:
+        """Claims in ``wip/`` held by consumers on other hosts that have shown no sign
+        of life (their claim, a heartbeat: the file's change time on the file server's
+        clock) since ``since``, when this consumer first found every producer closed.
+
+        Before DONE (G1, G6 across hosts): a consumer of another host that died holding
+        a claim is recovered only once its lease expires, and if every consumer left on
+        DONE before that, the message would wait in ``wip/`` for the next run.  So DONE
+        waits while such claims remain: each is settled by its owner, shows a heartbeat
+        (its owner lives: its claim is its own business), or expires and comes back
+        through recovery, here.  A claim of this host is judged by its process at once
+        (recovery), and this consumer's own claims are not waited for."""
+        n = 0
+        network = getattr(self, "_network", False)
+        for entry in list(_fs.scandir(self._wip)):
+            if entry.path in self._claims:
+                continue
+            parsed = L.parse_owned(entry.name)
+            if parsed is None or parsed.owner.is_local():
+                continue
+            st = _fs.lstat(entry.path)
+            if st is None:
+                continue
+            if max(st.st_mtime, st.st_ctime) <= since and network:
+                # this mount's cached attributes may miss the latest heartbeat (sshfs:
+                # up to 20 s): ask the server before waiting on it
+                fresh = _fs.fresh_lstat(entry.path, self._tmp)
+                if fresh is None or _fs.last_change(fresh, st) > since:
+                    continue
+            elif max(st.st_mtime, st.st_ctime) > since:
+                continue
+            n += 1
+        return n
+
     def _recover_claim(self, entry_path: str, name: str, parsed: L.OwnedName,
                        st: os.stat_result, abandoned: bool) -> Optional[str]:
         """Requeue (or dead-letter) a claim taken over as ``entry_path`` (listed as
