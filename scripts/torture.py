@@ -1881,6 +1881,34 @@ def get_adapter(name: str) -> Adapter:
 
 
 # =========================================================================== pipeline
+def _kill_round_modes(args: argparse.Namespace, mode: str, queue: str, kill_rounds: Any,
+                      size: int, fill: Any) -> List[Summary]:
+    """``--size`` SIGKILL rounds then a run to the end, once per durability mode, by a
+    ``kill_rounds(workdir, size=, rounds=, seed=, durability=)`` of the engine's; ``fill``
+    copies its findings into the summary."""
+    kills = args.size or 20
+    out = []
+    for durability in _durabilities(args, "flush"):
+        base = tempfile.mkdtemp(prefix=f"torture-{mode}-", dir=os.getcwd())
+        s = new_summary(mode, queue, durability=durability)
+        try:
+            r = kill_rounds(base, size=size, rounds=kills, seed=args.seed,
+                            durability=durability)
+        except RuntimeError as exc:  # a round hung or the final run failed
+            s["errors"] = 1
+            if args.verbose:
+                print(f"{mode} torture: {exc}", file=sys.stderr)
+            out.append(s)
+            continue
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        fill(s, r)
+        s["errors"] = 0
+        s["seconds"] = r["seconds"]
+        out.append(s)
+    return out
+
+
 def run_pipeline_torture(args: argparse.Namespace) -> List[Summary]:
     """``--size`` SIGKILLs of a durable pipeline's coordinator, then a run to the end, by
     the engine's own kill-round function (pympx_queues.pipeline._torture.kill_rounds: a
@@ -1889,22 +1917,7 @@ def run_pipeline_torture(args: argparse.Namespace) -> List[Summary]:
     """
     from pympx_queues.pipeline._torture import SINK_WORKERS, kill_rounds
 
-    kills = args.size or 20
-    out = []
-    for durability in _durabilities(args, "flush"):
-        base = tempfile.mkdtemp(prefix="torture-pipeline-", dir=os.getcwd())
-        s = new_summary("pipeline", "pipeline", durability=durability)
-        try:
-            r = kill_rounds(base, size=PL_ITEMS, rounds=kills, seed=args.seed,
-                            durability=durability)
-        except RuntimeError as exc:  # a round hung or the final run failed
-            s["errors"] = 1
-            if args.verbose:
-                print(f"pipeline torture: {exc}", file=sys.stderr)
-            out.append(s)
-            continue
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+    def fill(s: Summary, r: Dict[str, Any]) -> None:
         s["items"] = r["size"]
         s["rounds"] = r["rounds"] + 1
         s["kills"] = r["killed"]
@@ -1915,12 +1928,10 @@ def run_pipeline_torture(args: argparse.Namespace) -> List[Summary]:
         s["sink_dup"] = r["sink_duplicates"]
         s["sink_dup_beyond_inflight"] = max(0, r["sink_duplicates"] - r["killed"] * SINK_WORKERS)
         s["orphan_workers"] = r["orphans"]
-        s["errors"] = 0
-        s["seconds"] = r["seconds"]
         if args.verbose and r["lost_keys"]:
             print(f"pipeline torture: lost keys {r['lost_keys']}", file=sys.stderr)
-        out.append(s)
-    return out
+
+    return _kill_round_modes(args, "pipeline", "pipeline", kill_rounds, PL_ITEMS, fill)
 
 
 PL_ITEMS = 300  # items of the pipeline whose coordinator is killed
@@ -1931,34 +1942,14 @@ def run_map_torture(args: argparse.Namespace) -> List[Summary]:
     input (pympx_queues.pipeline._torture_map.kill_rounds)."""
     from pympx_queues.pipeline._torture_map import kill_rounds
 
-    kills = args.size or 20
-    out = []
-    for durability in _durabilities(args, "flush"):
-        base = tempfile.mkdtemp(prefix="torture-map-", dir=os.getcwd())
-        s = new_summary("map", "batch_map", durability=durability)
-        try:
-            r = kill_rounds(base, size=MAP_CALLS, rounds=kills, seed=args.seed,
-                            durability=durability)
-        except RuntimeError as exc:  # a round hung or the final run failed
-            s["errors"] = 1
-            if args.verbose:
-                print(f"map torture: {exc}", file=sys.stderr)
-            out.append(s)
-            continue
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+    def fill(s: Summary, r: Dict[str, Any]) -> None:
         s["calls"] = r["size"]
         s["rounds"] = r["rounds"] + 1
         s["kills"] = r["killed"]
-        s["lost"] = r["lost"]
-        s["wrong"] = r["wrong"]
-        s["done_rerun"] = r["done_rerun"]
-        s["reruns"] = r["reruns"]
-        s["rerun_beyond_inflight"] = r["rerun_beyond_inflight"]
-        s["errors"] = 0
-        s["seconds"] = r["seconds"]
-        out.append(s)
-    return out
+        for k in ("lost", "wrong", "done_rerun", "reruns", "rerun_beyond_inflight"):
+            s[k] = r[k]
+
+    return _kill_round_modes(args, "map", "batch_map", kill_rounds, MAP_CALLS, fill)
 
 
 MAP_CALLS = 400  # calls of the map that is killed
