@@ -268,3 +268,41 @@ def test_status_sees_a_running_map_as_live_and_refuses_a_second_run(tmp_path):
         t.join(30)
     res = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
     assert json.loads(res.output)["pipelines"][0]["live"] is False
+
+
+def test_a_long_run_writing_much_state_keeps_its_journal_bounded(tmp_path, monkeypatch):
+    """Every failure journals the switch's state (with the failures kept): the run's
+    main file rotates past compact_bytes, the closed part compacted, while the workers'
+    own files are live and left alone; a rerun finds every result and the counters."""
+    from pympx_queues.pipeline.journal import PipelineJournal
+    from pympx_queues.pipeline.switches import Count
+
+    orig = PipelineJournal.__init__
+
+    def small(self, *a, **kw):
+        kw["compact_bytes"] = 20_000
+        orig(self, *a, **kw)
+
+    monkeypatch.setattr(PipelineJournal, "__init__", small)
+    fn, calls = recorder(bad=set(range(0, 600, 3)))
+    out = batch_map(fn, range(600), size=4, journal_dir=str(tmp_path), errors="return",
+                    kill_switch=Count(10_000))
+    assert sum(isinstance(x, CallFailed) for x in out) == 200
+    files = sorted(f for f in os.listdir(str(tmp_path)) if f.endswith(".journal"))
+    sizes = [os.path.getsize(os.path.join(str(tmp_path), f)) for f in files]
+    snaps = [f for f in files if ".snap." in f]
+    assert snaps, files  # it rotated: the closed main files were compacted
+    # 200 writes of up to 100 failures with tracebacks: megabytes without rotation
+    assert sum(sizes) < 2_000_000, list(zip(files, sizes))
+    calls.clear()
+    again = batch_map(fn, range(600), size=4, journal_dir=str(tmp_path), errors="return",
+                      kill_switch=Count(10_000))
+    assert calls == [] and [type(x) for x in again] == [type(x) for x in out]
+    from pympx_queues.pipeline.batch_map import STATE
+
+    p = PipelineJournal(str(tmp_path), "batch_map", stages=["call"], keep_results=True)
+    p.open()
+    try:
+        assert p.replay.states[STATE]["counts"]["failed"] == 200
+    finally:
+        p.close()

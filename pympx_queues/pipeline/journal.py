@@ -504,6 +504,7 @@ class PipelineJournal:
         self._loop: Any = None
         self._run = None
         self._bytes = 0
+        self._streams: List[Any] = []  # open_stream()'s writers
 
     # -- values
     def encode(self, value: Any, what: str, *args: Any) -> str:
@@ -750,8 +751,11 @@ class PipelineJournal:
                 self._writer = jr.JournalWriter(self.directory, self.name, self._run,
                                                 durability=self.durability,
                                                 header=self.header)
+                live = [w.path for w in self._streams if not w.closed]
+                self._streams = [w for w in self._streams if not w.closed]
                 compact_dead(self.directory, self.name, self.header,
-                             keep_results=self.keep_results, exclude=[self._writer.path],
+                             keep_results=self.keep_results,
+                             exclude=[self._writer.path] + live,
                              durable=self.fsync, track_done=False)
             self._bytes = 0
         _run_all(after)
@@ -814,8 +818,10 @@ class PipelineJournal:
         files (all records of one key must go to the same one).  The caller closes it."""
         self.open()
         with jr.directory_lock(self.directory, self.name):  # not seen half-made
-            return jr.JournalWriter(self.directory, self.name, jr.new_run_id(),
-                                    durability=self.durability, header=self.header)
+            w = jr.JournalWriter(self.directory, self.name, jr.new_run_id(),
+                                 durability=self.durability, header=self.header)
+        self._streams.append(w)  # live: a rotation's compaction leaves it alone
+        return w
 
     @staticmethod
     def done_record(key: str, enc: str) -> Tuple[str, str]:
@@ -870,6 +876,9 @@ class PipelineJournal:
         with self._lock:
             self._writer.append([(KIND_STATE, text)])  # durable on return
         self.replay.states[name] = value
+        self._bytes += len(text) + 24
+        if self._bytes > self.compact_bytes:
+            self.rotate()  # a run that writes much state keeps a bounded journal too
 
     def clear_state(self, name: str) -> None:
         self.open()
