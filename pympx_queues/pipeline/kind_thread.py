@@ -2,6 +2,8 @@
 
 The threads take groups from one queue and put outcomes in one deque; the coordinator's
 loop is woken once for whatever has piled up since its last look (not once per item).
+The stage is handed groups ahead of its threads (:data:`AHEAD`), so that a thread that
+ends one finds the next waiting.
 
 A thread cannot be killed.  An attempt that runs past its stage's ``timeout`` (or is in
 flight when the run halts) is *abandoned*: the item's ``ctx.cancelled`` is set, the
@@ -57,11 +59,11 @@ class ThreadRunner:
         # was most of a thread stage's cost).  Not when that would change what a group
         # handed over means: with a timeout (it counts from the attempt's start, the
         # engine's clock runs from the hand-over), in a sink (its pending record, "the
-        # side effect may have started", is written at the hand-over) or with a
+        # side effect may have started", is written at the hand-over), or with a
         # scheduler that refuses to have groups wait (``hand_ahead = False``:
-        # batch_map's, where nothing may start
-        # after its switch trips, also when running calls are let finish).  A queued
-        # group that the run abandons (halt, stop without drain) never starts.
+        # batch_map's, where nothing may start after its switch trips, also when
+        # running calls are let finish; fail-fast partitions).  A queued group that the
+        # run abandons (halt, stop without drain) never starts.
         ahead = stage.timeout is None and not stage.sink and \
             getattr(stage.scheduler, "hand_ahead", True)
         self.ahead = min(stage.workers * (AHEAD - 1), stage.queue_size) if ahead else 0
