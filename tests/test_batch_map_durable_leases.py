@@ -306,3 +306,21 @@ def test_a_long_run_writing_much_state_keeps_its_journal_bounded(tmp_path, monke
         assert p.replay.states[STATE]["counts"]["failed"] == 200
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("halt", ["now", "soon"])
+def test_nothing_starts_after_the_switch_trips_in_a_durable_thread_map(tmp_path, halt):
+    fn, calls = recorder(bad={30})
+    with pytest.raises(KillSwitchError) as ei:
+        batch_map(fn, range(200), size=4, journal_dir=str(tmp_path),
+                  kill_switch=AnyFailed(), halt=halt)
+    counts = ei.value.counts
+    assert counts["started"] == counts["started_at_trip"]  # not one call after the trip
+    assert len(calls) == counts["started"]
+    assert ei.value.failures[0]["index"] == 30
+    # journaled: the next run raises at once and calls nothing
+    calls.clear()
+    with pytest.raises(KillSwitchError):
+        batch_map(fn, range(200), size=4, journal_dir=str(tmp_path),
+                  kill_switch=AnyFailed(), halt=halt)
+    assert calls == []
