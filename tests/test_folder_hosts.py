@@ -655,3 +655,24 @@ def test_done_does_not_wait_for_a_claim_of_another_host_that_heartbeats(
     a.task_done(held)  # A's claim was left alone
     a.close()
     b.close()
+
+
+def test_done_stops_waiting_for_a_claim_recovery_cannot_take_over(tmp_path, monkeypatch, caplog):
+    """No endless wait: a silent claim of another host that recovery cannot move (here
+    its takeover is refused) holds DONE back two leases and a recovery interval, then
+    DONE comes with a warning naming the way out."""
+    real = _fs.hostname()
+    w = WritableFolderQueue(tmp_path)
+    w.put_data("m.tsv", b"x")
+    w.close()
+    as_host(monkeypatch, "host-a")
+    a = reader(tmp_path, lease_timeout=0.3, recover_on_start=False)
+    a.get(timeout=5)  # host A dies holding it
+    as_host(monkeypatch, real)
+    b = reader(tmp_path, lease_timeout=0.3, recover_interval=0.1)
+    monkeypatch.setattr(type(b), "_take_over", lambda self, path, name: None)
+    with caplog.at_level("WARNING", logger="pympx_queues.folder"):
+        assert b.get(timeout=30) is DONE
+    assert "could not take them over" in caplog.text and "requeue" in caplog.text
+    assert len(os.listdir(os.path.join(str(tmp_path), "wip"))) == 1  # left for requeue
+    b.close()

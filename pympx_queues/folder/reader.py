@@ -512,6 +512,15 @@ class ReadableFolderQueue(_Recovery):
                      "settled, heartbeats, or is recovered when its lease (%s s) expires",
                      self.path, n, self.lease_timeout)
         self._hosts_waited = n
+        if n and self._clock.now() - self._closed_server > \
+                2 * self.lease_timeout + self.recover_interval:
+            # Recovery should have moved them by now; something keeps it from doing so
+            # (permissions, a file system refusing the rename): no endless wait.
+            log.warning("%s: %d claim(s) of consumers on other hosts still in wip/ %.0f s "
+                        "after the stream closed and recovery could not take them over; "
+                        "DONE without them (requeue them with `pympx-queues requeue`)",
+                        self.path, n, self._clock.now() - self._closed_server)
+            return False
         return n > 0
 
     def _wait_budget(self, deadline: Optional[float], timeout: Optional[float],

@@ -161,8 +161,11 @@ class _Recovery(_Acknowledgement):
 
     def _silent_foreign_claims(self, since: float) -> int:
         """Claims in ``wip/`` held by consumers on other hosts that have shown no sign
-        of life (their claim, a heartbeat: the file's change time on the file server's
-        clock) since ``since``, when this consumer first found every producer closed.
+        of life since ``since``, when this consumer first found every producer closed.
+        A sign of life is the claim's mtime, on the file server's clock: set when it was
+        claimed (on a network file system, see ``_start_lease``) and by each heartbeat.
+        Not its ctime: a recovery pass's probe (``_fs.fresh_lstat`` links the file)
+        changes that without any sign from the owner.
 
         Before DONE (G1, G6 across hosts): a consumer of another host that died holding
         a claim is recovered only once its lease expires, and if every consumer left on
@@ -180,16 +183,14 @@ class _Recovery(_Acknowledgement):
             if parsed is None or parsed.owner.is_local():
                 continue
             st = _fs.lstat(entry.path)
-            if st is None:
+            if st is None or st.st_mtime > since:
                 continue
-            if max(st.st_mtime, st.st_ctime) <= since and network:
+            if network:
                 # this mount's cached attributes may miss the latest heartbeat (sshfs:
                 # up to 20 s): ask the server before waiting on it
                 fresh = _fs.fresh_lstat(entry.path, self._tmp)
-                if fresh is None or _fs.last_change(fresh, st) > since:
+                if fresh is None or fresh.st_mtime > since:
                     continue
-            elif max(st.st_mtime, st.st_ctime) > since:
-                continue
             n += 1
         return n
 
