@@ -324,3 +324,32 @@ def test_nothing_starts_after_the_switch_trips_in_a_durable_thread_map(tmp_path,
         batch_map(fn, range(200), size=4, journal_dir=str(tmp_path),
                   kill_switch=AnyFailed(), halt=halt)
     assert calls == []
+
+
+@pytest.mark.parametrize("durability", ["flush", "fsync"])
+def test_failures_are_journaled_without_tracebacks_and_get_them_back_on_restart(
+        tmp_path, durability):
+    """The failures kept with the switch are written again at every failure: without
+    their tracebacks, which each failure's dead letter holds; a restart puts them back."""
+    from pympx_queues.pipeline.batch_map import FAILURES
+    from pympx_queues.pipeline.journal import PipelineJournal
+    from pympx_queues.pipeline.switches import Count
+
+    fn, _calls = recorder(bad={2, 5, 9})
+    with pytest.raises(KillSwitchError):
+        batch_map(fn, range(20), size=1, journal_dir=str(tmp_path), durability=durability,
+                  kill_switch=Count(3))
+    j = PipelineJournal(str(tmp_path), "batch_map", stages=["call"], keep_results=True)
+    j.open()
+    try:
+        kept = j.replay.states[FAILURES]
+    finally:
+        j.close()
+    assert [f["index"] for f in kept] == [2, 5, 9]
+    assert all("traceback" not in f for f in kept)
+    with pytest.raises(KillSwitchError) as again:
+        batch_map(fn, range(20), size=1, journal_dir=str(tmp_path), durability=durability,
+                  kill_switch=Count(3))
+    tbs = [f["traceback"] for f in again.value.failures]
+    assert [f["index"] for f in again.value.failures] == [2, 5, 9]
+    assert all("ValueError: bad" in tb for tb in tbs), tbs

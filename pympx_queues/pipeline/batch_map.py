@@ -334,14 +334,22 @@ class _Run:
         self._classify = getattr(ks, "counts_as_failure", None)
         self._describe = getattr(ks, "describe", None)
 
-    def load(self, state: Optional[Dict[str, Any]], failures: Optional[List[Any]]) -> None:
+    def load(self, state: Optional[Dict[str, Any]], failures: Optional[List[Any]],
+             dead: Optional[Dict[str, Any]] = None) -> None:
+        """The journaled counters and failures; ``dead``: the journal's dead letters
+        (key -> its Saved), where the failures' traceback texts are kept."""
         if not state:
             return
         c = state.get("counts", {})
         self.completed = c.get("completed", 0)
         self.failed = c.get("failed", 0)
         self.counted = c.get("counted", 0)
-        self.failures.extend(failures or state.get("failures", []))
+        for f in failures or state.get("failures", []):
+            if "traceback" not in f and dead:
+                saved = dead.get(str(f.get("index")))
+                err = saved.dead if saved is not None else None
+                f = dict(f, traceback=str((err or {}).get("traceback", "")))
+            self.failures.append(f)
         self.trip = state.get("tripped")
         if self.ks is not None and state.get("switch") is not None and \
                 hasattr(self.ks, "from_state"):
@@ -349,6 +357,13 @@ class _Run:
                 self.ks.from_state(state["switch"])
             except (ValueError, KeyError, TypeError):  # another switch now: count afresh
                 pass
+
+    def failures_to_journal(self) -> List[Dict[str, Any]]:
+        """The failures kept, for the journal: without their traceback texts, which
+        each failed call's dead letter holds already (the list is written again at every
+        failure: up to 100 tracebacks each time made a failure-heavy map write megabytes
+        for a few hundred calls).  :meth:`load` puts them back from the dead letters."""
+        return [{k: v for k, v in f.items() if k != "traceback"} for f in self.failures]
 
     def counts(self) -> Dict[str, int]:
         return {"completed": self.completed, "failed": self.failed,
@@ -371,7 +386,7 @@ class _Run:
         put = self.pipeline.set_state
         if self.failures_dirty:
             self.failures_dirty = False
-            put(FAILURES, list(self.failures))
+            put(FAILURES, self.failures_to_journal())
         self.dirty = False
         put(STATE, self.state())
 
@@ -622,7 +637,7 @@ class _Book:
     def snapshot(self, run: "_Run") -> Tuple[int, Any, Dict[str, Any]]:
         """Called with the feed's lock held."""
         self._snap_seq += 1
-        failures = list(run.failures) if run.failures_dirty else None
+        failures = run.failures_to_journal() if run.failures_dirty else None
         run.failures_dirty = False
         run.dirty = False
         return self._snap_seq, failures, run.state()
@@ -912,12 +927,13 @@ def _batch_map(fn: Callable, *iterables: Any, size: int = 8, kill_switch: Any = 
         kill_switch.reset()  # each map counts from zero, or from its journal
     if book is not None:
         states = book.journal.replay.states
-        run.load(states.get(STATE), states.get(FAILURES))
+        run.load(states.get(STATE), states.get(FAILURES), book.journal.replay.dead)
         if run.trip is not None:
             _close_book(book, run)
             raise run.error()
     elif durable:
-        run.load(p.get_state(STATE), p.get_state(FAILURES))
+        run.load(p.get_state(STATE), p.get_state(FAILURES),
+                 p._journal.replay.dead if p._journal is not None else None)
         if run.trip is not None:
             p.close()
             raise run.error()
